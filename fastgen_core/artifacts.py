@@ -1,0 +1,101 @@
+"""Artifact manifests and content digests.
+
+Every stage output is a folder holding its files and a `manifest.json` written last:
+content digests (sha256 per file and one over them all), the params digest, the digests of its
+inputs, the code version and the MLflow run id. A consumer checks an input's files against its
+manifest before using it, so a changed or truncated artifact is refused, never silently used.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+MANIFEST = "manifest.json"
+
+
+class DigestMismatch(Exception):
+    """An artifact's files differ from what its manifest records."""
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while b := f.read(chunk):
+            h.update(b)
+    return h.hexdigest()
+
+
+def digest_files(folder: str | Path) -> dict[str, str]:
+    """sha256 of every file under `folder` (relative POSIX paths), except the manifest."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): sha256_file(p)
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+
+
+def combine(files: dict[str, str]) -> str:
+    """One digest over a folder's (path, digest) pairs."""
+    return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
+
+
+def git_commit(cwd: str | Path | None = None) -> dict:
+    """The code version: commit hash and whether the work tree had uncommitted changes."""
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)
+        commit = run("rev-parse", "HEAD").stdout.strip() or None
+        dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip()) if commit else None
+        return {"git_commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"git_commit": None, "dirty": None}
+
+
+def read_manifest(folder: str | Path) -> dict:
+    return json.loads((Path(folder) / MANIFEST).read_text())
+
+
+def write_manifest(folder: str | Path, manifest: dict) -> dict:
+    """Digest the folder's files into `manifest` and write it (atomically) as the last file."""
+    files = digest_files(folder)
+    manifest = {**manifest, "files": files, "digest": combine(files)}
+    tmp = Path(folder) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+    os.replace(tmp, Path(folder) / MANIFEST)
+    return manifest
+
+
+def verify(folder: str | Path) -> dict:
+    """Check a folder against its manifest; return the manifest or raise DigestMismatch."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).exists():
+        raise DigestMismatch(f"{folder}: no {MANIFEST} (incomplete or foreign artifact)")
+    m = read_manifest(folder)
+    files = digest_files(folder)
+    bad = sorted(k for k in set(files) | set(m["files"]) if files.get(k) != m["files"].get(k))
+    if bad:
+        raise DigestMismatch(f"{folder}: content does not match its manifest: {', '.join(bad)}")
+    return m
+
+
+@contextmanager
+def atomic_dir(final: str | Path):
+    """Yield a fresh temporary folder next to `final`; on success replace `final` with it,
+    on failure delete it and leave `final` untouched."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,46 @@
+"""Typed settings shared by the library: data and networks.
+
+These are the leaves of the recipe schema (`fastgen_core.recipe`). They live here so that
+`data.py` and `nets.py` can import them without importing the whole recipe machinery.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    """Base for every recipe section: unknown fields are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class DataConfig(Strict):
+    kind: Literal["toy", "digits", "images"] = Field(
+        "toy", description="toy: 2D distributions with known density; digits: scikit-learn 8x8 digits; "
+        "images: an image folder / CIFAR-10 / MNIST from a local or s3:// root")
+    name: str = Field(
+        "8gaussians",
+        description="toy: 8gaussians | checkerboard | labelled_mixture | fractal; images: folder | cifar10 | mnist")
+    n_train: int = Field(20000, gt=0, description="toy: number of training samples drawn")
+    n_test: int = Field(5000, gt=0, description="toy: number of held-out ground-truth samples")
+    root: str | None = Field(None, description="images: local path or s3:// URI of the data root")
+    resolution: int | None = Field(None, gt=0, description="images: resize to this many pixels a side")
+    channels: int | None = Field(None, gt=0, description="images: 1 (grey) or 3 (RGB); None keeps the source's")
+    conditional: bool = Field(False, description="use class labels as a condition (class-conditional models)")
+    test_fraction: float = Field(0.221, gt=0, lt=1, description="digits/images: held-out fraction (fixed split)")
+    split_seed: int = Field(0, description="seed of the fixed train/test split and of toy sampling")
+
+
+class NetworkConfig(Strict):
+    arch: Literal["mlp", "unet", "classifier"] = Field(
+        "mlp", description="mlp for vectors, unet for images, classifier for the feature network")
+    width: int = Field(256, gt=0, description="mlp: hidden width; unet: base channel count")
+    depth: int = Field(4, gt=0, description="mlp: number of hidden residual blocks; unet: res blocks per level")
+    channel_mult: list[int] = Field([1, 2], description="unet: channel multiplier per resolution level")
+    emb_dim: int = Field(128, gt=0, description="width of the time/condition embedding")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout probability")
+    second_time: bool = Field(False, description="add an embedding of a second time s (flow maps, CTM)")
+    scalar_cond: bool = Field(False, description="add an embedding of a scalar condition (guidance w)")
+    cond_channels: int = Field(0, ge=0, description="extra input channels/features concatenated to x (image condition, self-conditioning)")

@@ -1,0 +1,386 @@
+"""Datasets: 2D toy distributions with known density, scikit-learn digits, and image folders.
+
+Everything is loaded into memory as float32 tensors. Toy samples are 2D points whose overall
+per-axis std is roughly 0.5-1 (EDM's sigma_data = 0.5 is assumed downstream); images are
+(C, H, W) in [-1, 1]. Every split and every toy sample is a pure function of `cfg.split_seed`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from fastgen_core.config import DataConfig
+
+OFF_SUPPORT_LOG_PROB = -30.0  # checkerboard log-density outside its support (finite on purpose)
+
+#----------------------------------------------------------------------------
+# Dataset container.
+
+
+@dataclass
+class Dataset:
+    """Train and held-out samples, labels and (for toy data) the true density."""
+
+    x: torch.Tensor                   # float32 train samples: (N, 2) toy, (N, C, H, W) in [-1, 1] images
+    y: torch.Tensor | None            # int64 train labels, or None
+    x_test: torch.Tensor              # held-out samples, same format
+    y_test: torch.Tensor | None
+    num_classes: int                  # 0 if unconditional (labels, if present, are for evaluation only)
+    density: ToyDensity | None        # the known density for toy data, else None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Per-sample shape, e.g. (2,) or (1, 8, 8)."""
+        return tuple(self.x.shape[1:])
+
+    @property
+    def is_image(self) -> bool:
+        return self.x.ndim == 4
+
+
+def load_data(cfg: DataConfig) -> Dataset:
+    """Load the dataset described by `cfg`."""
+    if cfg.kind == "toy":
+        return _load_toy(cfg)
+    if cfg.kind == "digits":
+        return _load_digits(cfg)
+    if cfg.kind == "images":
+        return _load_images(cfg)
+    raise ValueError(f"unknown data kind {cfg.kind!r}")
+
+#----------------------------------------------------------------------------
+# Toy densities.
+
+
+class ToyDensity:
+    """A known 2D density: a Gaussian mixture, or the uniform checkerboard.
+
+    Mixture: `means` (K, 2), `covs` (K, 2, 2), `weights` (K,), `stds` (K, 2) = per-axis marginal
+    stds, `labels` (K,) = class of each component. Modes are the components.
+    Checkerboard: uniform on `num_modes` black squares of side `cell`; `means` are the square
+    centres, `covs`/`stds` are None, `labels` = arange(num_modes). Modes are the squares.
+    """
+
+    def __init__(self, name: str, means, covs=None, weights=None, labels=None, cell: float | None = None):
+        self.name = name
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        k = len(self.means)
+        self.covs = None if covs is None else torch.as_tensor(covs, dtype=torch.float64)
+        w = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        self.weights = w / w.sum()
+        self.labels = torch.arange(k) if labels is None else torch.as_tensor(labels, dtype=torch.int64)
+        self.num_classes = int(self.labels.max()) + 1
+        self.cell = cell
+        if self.covs is not None:
+            self._chol = torch.linalg.cholesky(self.covs)
+            self._prec = torch.linalg.inv(self.covs)
+            self._logdet = torch.logdet(self.covs)
+
+    @property
+    def num_modes(self) -> int:
+        return len(self.means)
+
+    @property
+    def is_mixture(self) -> bool:
+        return self.covs is not None
+
+    @property
+    def stds(self) -> torch.Tensor | None:
+        return None if self.covs is None else self.covs.diagonal(dim1=-2, dim2=-1).sqrt()
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw n points; returns (x float32 (n, 2), y int64 (n,) class labels)."""
+        comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        if self.is_mixture:
+            z = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+            x = self.means[comp] + (self._chol[comp] @ z[:, :, None])[:, :, 0]
+        else:
+            u = torch.rand(n, 2, generator=generator, dtype=torch.float64) - 0.5
+            x = self.means[comp] + u * self.cell
+        return x.float(), self.labels[comp]
+
+    def _mahalanobis_sq(self, x: torch.Tensor) -> torch.Tensor:
+        """Squared Mahalanobis distance of each point to each component: (N, K)."""
+        d = x.double()[:, None, :] - self.means[None]
+        return torch.einsum("nki,kij,nkj->nk", d, self._prec, d)
+
+    def _cell_index(self, x: torch.Tensor) -> torch.Tensor:
+        """Checkerboard: index of the black square containing each point, -1 elsewhere."""
+        d = (x.double()[:, None, :] - self.means[None]).abs().amax(dim=-1)  # (N, K) Chebyshev distance
+        inside = d < self.cell / 2
+        return torch.where(inside.any(dim=1), inside.int().argmax(dim=1), -1).long()
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log-density (N,). Checkerboard: log of the uniform density on its support and
+        OFF_SUPPORT_LOG_PROB (-30) off it."""
+        if self.is_mixture:
+            log_n = -0.5 * (self._mahalanobis_sq(x) + self._logdet + 2 * math.log(2 * math.pi))
+            return torch.logsumexp(self.weights.log() + log_n, dim=1)
+        log_uniform = -math.log(self.num_modes * self.cell ** 2)
+        on = self._cell_index(x) >= 0
+        return torch.where(on, log_uniform, OFF_SUPPORT_LOG_PROB).double()
+
+    def mode_of(self, x: torch.Tensor) -> torch.Tensor:
+        """Mode index (N,) int64: mixture = component at the smallest Mahalanobis distance;
+        checkerboard = the square containing the point, -1 off support."""
+        if self.is_mixture:
+            return self._mahalanobis_sq(x).argmin(dim=1)
+        return self._cell_index(x)
+
+    def on_support(self, x: torch.Tensor, k: float = 3.0) -> torch.Tensor:
+        """Bool (N,): mixture = within k (Mahalanobis) standard deviations of some component
+        (k = 3 holds 1 - exp(-4.5) = 98.9% of a 2D Gaussian); checkerboard = inside a black square."""
+        if self.is_mixture:
+            return self._mahalanobis_sq(x).amin(dim=1) <= k ** 2
+        return self._cell_index(x) >= 0
+
+
+def eight_gaussians(radius: float = 1.0, std: float = 0.05) -> ToyDensity:
+    """8 equal isotropic Gaussians evenly spaced on a circle; neighbours ~15 std apart."""
+    angle = torch.arange(8, dtype=torch.float64) * (2 * math.pi / 8)
+    means = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return ToyDensity("8gaussians", means, covs=torch.eye(2, dtype=torch.float64).expand(8, 2, 2) * std ** 2)
+
+
+def checkerboard(n: int = 4, half_width: float = 1.0) -> ToyDensity:
+    """Uniform on the black squares (row + column even) of an n x n board on [-w, w]^2."""
+    cell = 2 * half_width / n
+    ij = [(i, j) for j in range(n) for i in range(n) if (i + j) % 2 == 0]
+    centres = torch.tensor([[-half_width + (i + 0.5) * cell, -half_width + (j + 0.5) * cell] for i, j in ij], dtype=torch.float64)
+    return ToyDensity("checkerboard", centres, cell=cell)
+
+
+def labelled_mixture(std: float = 0.1) -> ToyDensity:
+    """4 classes x 3 isotropic Gaussians on a 4 x 3 grid; class = (column + row) % 4, so every
+    class is spread over the plane and a model must use the label to pick its components."""
+    xs, ys = [-1.2, -0.4, 0.4, 1.2], [-0.8, 0.0, 0.8]
+    means = torch.tensor([[x, y] for y in ys for x in xs], dtype=torch.float64)
+    labels = torch.tensor([(i + j) % 4 for j in range(len(ys)) for i in range(len(xs))])
+    return ToyDensity("labelled_mixture", means, covs=torch.eye(2, dtype=torch.float64).expand(12, 2, 2) * std ** 2, labels=labels)
+
+
+def fractal(levels: int = 3, spread: float = math.radians(35), ratio: float = 0.7, target_std: float = 0.7) -> ToyDensity:
+    """Two interleaved branching trees of narrow elongated Gaussians (after the autoguidance toy).
+
+    Class 0 grows up from (-0.4, -1), class 1 grows down from (0.4, 1); each has a trunk of
+    length 1 and every segment spawns two children rotated by +-`spread` and `ratio` times as
+    long, for `levels` generations of branching (2 x 15 segments for levels = 3). The trees
+    overlap a little near the middle. A segment of length L is a Gaussian centred on its midpoint
+    with std L/4 along it and L/16 across it, weighted by L (roughly uniform mass per unit length).
+    The result is centred and uniformly scaled to an overall per-axis RMS std of `target_std`.
+    """
+    means, covs, weights, labels = [], [], [], []
+
+    def grow(start, angle, length, depth, label):
+        u = torch.tensor([math.cos(angle), math.sin(angle)], dtype=torch.float64)
+        rot = torch.stack([u, torch.stack([-u[1], u[0]])], dim=1)  # columns: along, across
+        means.append(start + u * length / 2)
+        covs.append(rot @ torch.diag(torch.tensor([length / 4, length / 16], dtype=torch.float64) ** 2) @ rot.T)
+        weights.append(length)
+        labels.append(label)
+        if depth < levels:
+            for turn in (-spread, spread):
+                grow(start + u * length, angle + turn, length * ratio, depth + 1, label)
+
+    for label, (x0, y0, angle) in enumerate([(-0.4, -1.0, math.pi / 2), (0.4, 1.0, -math.pi / 2)]):
+        grow(torch.tensor([x0, y0], dtype=torch.float64), angle, 1.0, 0, label)
+    means, covs, w = torch.stack(means), torch.stack(covs), torch.tensor(weights, dtype=torch.float64)
+    w = w / w.sum()
+    centre = (w[:, None] * means).sum(0)
+    total_cov = (w[:, None, None] * (covs + means[:, :, None] * means[:, None, :])).sum(0) - torch.outer(centre, centre)
+    scale = target_std / math.sqrt(total_cov.trace() / 2)
+    return ToyDensity("fractal", (means - centre) * scale, covs=covs * scale ** 2, weights=w, labels=labels)
+
+
+TOY_DENSITIES = {"8gaussians": eight_gaussians, "checkerboard": checkerboard,
+                 "labelled_mixture": labelled_mixture, "fractal": fractal}
+
+
+def _generator(seed: int, stream: int) -> torch.Generator:
+    """Independent deterministic stream per (seed, stream): train and test never share draws."""
+    return torch.Generator().manual_seed(2 * seed + stream)
+
+
+def _load_toy(cfg: DataConfig) -> Dataset:
+    """Toy samples. Labels: always for labelled_mixture; otherwise (component index for
+    8gaussians, square index for checkerboard, tree index for fractal) only if cfg.conditional."""
+    if cfg.name not in TOY_DENSITIES:
+        raise ValueError(f"unknown toy distribution {cfg.name!r}; expected one of {sorted(TOY_DENSITIES)}")
+    density = TOY_DENSITIES[cfg.name]()
+    x, y = density.sample(cfg.n_train, _generator(cfg.split_seed, 0))
+    x_test, y_test = density.sample(cfg.n_test, _generator(cfg.split_seed, 1))
+    if not (cfg.conditional or cfg.name == "labelled_mixture"):
+        y = y_test = None
+    num_classes = density.num_classes if cfg.conditional else 0
+    return Dataset(x, y, x_test, y_test, num_classes, density)
+
+#----------------------------------------------------------------------------
+# Fixed stratified split.
+
+
+def stratified_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted (train, test) indices. round(test_fraction * N) test items in total, shared among
+    classes in proportion to their size (largest remainder); members drawn at random by `seed`."""
+    labels = np.asarray(labels)
+    n = len(labels)
+    n_test = min(max(round(test_fraction * n), 1), n - 1)
+    classes, counts = np.unique(labels, return_counts=True)
+    quota = counts * n_test / n
+    take = np.floor(quota).astype(int)
+    extra = np.argsort(-(quota - take), kind="stable")[: n_test - take.sum()]
+    take[extra] += 1
+    rng = np.random.default_rng(seed)
+    test = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:t] for c, t in zip(classes, take)])
+    is_test = np.zeros(n, dtype=bool)
+    is_test[test] = True
+    return np.flatnonzero(~is_test), np.flatnonzero(is_test)
+
+
+def _split_dataset(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, num_classes: int) -> Dataset:
+    train, test = stratified_split(y.numpy(), cfg.test_fraction, cfg.split_seed)
+    train, test = torch.from_numpy(train), torch.from_numpy(test)
+    return Dataset(x[train], y[train], x[test], y[test], num_classes if cfg.conditional else 0, None)
+
+#----------------------------------------------------------------------------
+# scikit-learn digits.
+
+
+def _load_digits(cfg: DataConfig) -> Dataset:
+    """The 1797 8x8 digits bundled with scikit-learn, 0..16 mapped to [-1, 1], shape (1, 8, 8).
+    Labels are always returned; num_classes = 10 only if cfg.conditional."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().div(8).sub(1).reshape(-1, 1, 8, 8)
+    y = torch.from_numpy(digits.target).long()
+    return _split_dataset(x, y, cfg, num_classes=10)
+
+#----------------------------------------------------------------------------
+# Images: folder / CIFAR-10 / MNIST from a local path or an fsspec URI (s3://...).
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("FASTGEN_CACHE", Path.home() / ".cache" / "fastgen")) / "data"
+
+
+def local_root(root: str) -> Path:
+    """A local directory holding the tree at `root`. Local paths are used in place; remote URIs
+    (s3://...) are copied once into the cache, keyed by the URI and its file listing (names,
+    sizes, ETags), so changed remote data gets a fresh copy."""
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, path = fsspec.core.url_to_fs(root)
+    if isinstance(fs, LocalFileSystem):
+        if not Path(path).exists():
+            raise FileNotFoundError(f"data root not found: {root}")
+        return Path(path)
+    if not fs.exists(path):
+        raise FileNotFoundError(f"data root not found: {root}")
+    listing = sorted((name, info.get("size"), info.get("ETag") or info.get("mtime"))
+                     for name, info in fs.find(path, detail=True).items())
+    key = hashlib.sha256(repr((root, listing)).encode()).hexdigest()[:16]
+    dest = _cache_root() / key
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
+        try:
+            fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+            tmp.rename(dest)  # atomic: a half-copied tree is never mistaken for a complete one
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not dest.exists():  # else a concurrent loader finished the same copy first
+                raise
+    return dest
+
+
+def _pil_to_tensor(img, channels: int, resolution: int | None) -> torch.Tensor:
+    """PIL image -> uint8 (C, H, W): grey (1) or RGB (3); centre-cropped to a square and resized
+    (Lanczos) if `resolution` is set."""
+    from PIL import Image
+
+    img = img.convert("L" if channels == 1 else "RGB")
+    if resolution is not None and img.size != (resolution, resolution):
+        w, h = img.size
+        s = min(w, h)
+        img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        img = img.resize((resolution, resolution), Image.LANCZOS)
+    a = np.asarray(img, dtype=np.uint8).reshape(img.size[1], img.size[0], channels)
+    return torch.from_numpy(a.copy()).permute(2, 0, 1)
+
+
+def _to_float(images, labels, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack (PIL image, label) pairs into float32 (N, C, H, W) in [-1, 1] and int64 labels.
+    cfg.channels None keeps the source's: 1 if the first image is greyscale, else 3."""
+    images = list(images)
+    if not images:
+        raise ValueError("no images found")
+    channels = cfg.channels or (1 if images[0].mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    x = torch.stack([_pil_to_tensor(img, channels, cfg.resolution) for img in images])
+    return x.float().div(127.5).sub(1), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def scan_folder(root: Path) -> tuple[list[Path], list[int], list[str]]:
+    """ImageFolder layout (same order as torchvision's): classes are the sorted subfolders of
+    root, images the files with an image extension anywhere below each, in sorted order."""
+    classes = sorted(d.name for d in os.scandir(root) if d.is_dir())
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        for folder, _, files in sorted(os.walk(root / name, followlinks=True)):
+            for f in sorted(files):
+                if f.lower().endswith(IMAGE_EXTENSIONS):
+                    paths.append(Path(folder) / f)
+                    labels.append(label)
+    if not paths:
+        raise FileNotFoundError(f"no images in class subfolders of {root}")
+    return paths, labels, classes
+
+
+def _open_image(path: Path):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        img.load()
+        return img
+
+
+# Files torchvision's CIFAR10 / MNIST need under root (checked first: torchvision is slow to import).
+IMAGE_SOURCES = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "mnist": ("MNIST", "MNIST/raw")}
+
+
+def _load_images(cfg: DataConfig) -> Dataset:
+    """An ImageFolder tree (root/<class>/*.png; fixed stratified split), or CIFAR-10 / MNIST
+    in torchvision's layout under root (their own train/test files)."""
+    if cfg.root is None:
+        raise ValueError("data.root must be set for kind='images'")
+    if cfg.name != "folder" and cfg.name not in IMAGE_SOURCES:
+        raise ValueError(f"unknown image dataset {cfg.name!r}; expected folder | cifar10 | mnist")
+    root = local_root(cfg.root)
+    if cfg.name == "folder":
+        paths, labels, classes = scan_folder(root)
+        x, y = _to_float((_open_image(p) for p in paths), labels, cfg)
+        return _split_dataset(x, y, cfg, num_classes=len(classes))
+    cls_name, needed = IMAGE_SOURCES[cfg.name]
+    if not (root / needed).exists():
+        raise FileNotFoundError(f"{cfg.name} files not found: expected {needed} under {cfg.root}")
+    import torchvision
+
+    splits = []
+    for train in (True, False):
+        ds = getattr(torchvision.datasets, cls_name)(str(root), train=train, download=False)
+        splits.append(_to_float((img for img, _ in ds), ds.targets, cfg))
+    (x, y), (x_test, y_test) = splits
+    return Dataset(x, y, x_test, y_test, 10 if cfg.conditional else 0, None)

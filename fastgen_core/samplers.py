@@ -1,0 +1,72 @@
+"""Samplers shared by methods. A denoiser is any callable D(x, σ, **cond) -> x0 in the EDM
+convention (other conventions are wrapped by `noise.denoiser_in`)."""
+from __future__ import annotations
+
+import torch
+
+from .noise import EDM
+
+
+def _b(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+    """A scalar or per-sample (N,) noise level as a per-sample (N,) tensor."""
+    return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[0])
+
+
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return v.reshape(-1, *[1] * (x.ndim - 1))
+
+
+def heun_step(D, x: torch.Tensor, s_cur, s_next, **cond) -> torch.Tensor:
+    """One step of EDM's 2nd-order Heun solver of dx/dσ = (x − D(x, σ))/σ from s_cur to s_next
+    (floats or per-sample tensors); samples whose s_next is 0 take the Euler step."""
+    sc, sn = _b(s_cur, x), _b(s_next, x)
+    d = (x - D(x, sc, **cond)) / _col(sc, x)
+    x_e = x + _col(sn - sc, x) * d
+    if bool((sn > 0).any()):
+        sn_safe = torch.where(sn > 0, sn, torch.ones_like(sn))
+        d2 = (x_e - D(x_e, sn_safe, **cond)) / _col(sn_safe, x)
+        x_h = x + _col(sn - sc, x) * (d + d2) / 2
+        return torch.where(_col(sn > 0, x), x_h, x_e)
+    return x_e
+
+
+def euler_step(D, x: torch.Tensor, s_cur, s_next, **cond) -> torch.Tensor:
+    sc, sn = _b(s_cur, x), _b(s_next, x)
+    return x + _col(sn - sc, x) * (x - D(x, sc, **cond)) / _col(sc, x)
+
+
+@torch.no_grad()
+def edm_sample(D, z: torch.Tensor, noise: EDM, steps: int, solver: str = "heun", **cond) -> torch.Tensor:
+    """Solve the PF-ODE from x = σ_max·z down the Karras grid of `steps` levels to 0.
+    NFE: heun 2·steps − 1, euler steps."""
+    sigmas = noise.karras_sigmas(steps).tolist() + [0.0]
+    x = z * sigmas[0]
+    step = heun_step if solver == "heun" else euler_step
+    for s_cur, s_next in zip(sigmas[:-1], sigmas[1:]):
+        x = step(D, x, s_cur, s_next, **cond)
+    return x
+
+
+def teacher_sample(D, z: torch.Tensor, noise: EDM, nfe: int, **cond) -> torch.Tensor:
+    """Best use of an NFE budget for an ODE teacher: Euler for 1–2 NFE, Heun with
+    (nfe + 1) // 2 steps otherwise (2·steps − 1 ≤ nfe evaluations)."""
+    if nfe <= 2:
+        return edm_sample(D, z, noise, nfe, "euler", **cond)
+    return edm_sample(D, z, noise, (nfe + 1) // 2, "heun", **cond)
+
+
+def teacher_nfe(nfe: int) -> int:
+    """Evaluations `teacher_sample` actually spends for a budget of `nfe`."""
+    return nfe if nfe <= 2 else 2 * ((nfe + 1) // 2) - 1
+
+
+@torch.no_grad()
+def cm_multistep(f, z: torch.Tensor, taus: list[float], eps: float, **cond) -> torch.Tensor:
+    """Consistency-model multistep sampling (Song et al. 2023, Alg. 1):
+    x = τ_0·z; x0 = f(x, τ_0); for n ≥ 1: x = x0 + √(τ_n² − ε²)·z_n; x0 = f(x, τ_n)."""
+    x = z * taus[0]
+    x0 = f(x, _b(taus[0], x), **cond)
+    for tau in taus[1:]:
+        x = x0 + (tau**2 - eps**2) ** 0.5 * torch.randn_like(x0)
+        x0 = f(x, _b(tau, x), **cond)
+    return x0

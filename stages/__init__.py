@@ -1,0 +1,2 @@
+"""Stages: one module per stage kind, each a thin CLI + `run(ctx)`; plus the runtime they share
+(`runtime`: inputs, manifests, atomic outputs; `training`: local or Ray Train; `tracking`: MLflow)."""

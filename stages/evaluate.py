@@ -1,0 +1,112 @@
+"""Stage `evaluate`: every input model at every NFE, each metric with its floor (held-out real
+vs real, same sample count) and its spread over seeds.
+
+Inputs: `models` (list of model stages), and for images `features` (a feature_net stage).
+Outputs: `metrics.json` (model → nfe_K → metric statistics; `dvc metrics show` reads it),
+`samples/<model>_nfe<K>.npz` (the samples of every seed, so anyone can recompute a metric) and
+`plots/` (samples over the data or image grids, quality vs NFE).
+CLI: python -m stages.evaluate RECIPE.yaml STAGE
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import torch
+
+from fastgen_core import metrics as M
+from fastgen_core import plots
+from fastgen_core.models import load_model
+from fastgen_core.samplers import teacher_nfe
+
+from .runtime import StageError, main
+from .training import _data
+
+PRIMARY = {"toy": "swd", "image": "fd"}
+
+
+def _generate(model, n: int, nfe: int, seed: int, labels_pool, device) -> torch.Tensor:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    z = torch.randn((n, *model.shape), generator=g)
+    y = None
+    if model.num_classes > 0:
+        y = labels_pool[torch.randint(len(labels_pool), (n,), generator=g)].to(device)
+    torch.manual_seed(20_000 + seed)  # stochastic multistep samplers
+    return model.sample(z.to(device), nfe, y).float().cpu()
+
+
+def run(ctx) -> None:
+    cfg, recipe = ctx.spec.evaluate, ctx.recipe
+    data = _data(recipe.data.model_dump_json())
+    device = ctx.device
+    if data.is_image:
+        if "features" not in ctx.inputs:
+            raise StageError(f"{recipe.path}: stages.{ctx.name}.inputs.features: image data needs a feature_net stage")
+        fnet = load_model(ctx.input("features").path, device).nets["net"]
+
+        @torch.no_grad()
+        def feats(x):
+            return torch.cat([fnet.features(b.to(device)).cpu() for b in x.split(1024)])
+
+        ref = feats(data.x_test)
+        n = min(cfg.n_samples, len(data.x_test))
+        metric_fn = lambda s: {"fd": M.frechet_distance(feats(s), ref)}  # noqa: E731
+        real_pool = data.x  # floor: n real train images against the test split
+        real_for_seed = None
+    else:
+        n = cfg.n_samples
+        metric_fn = lambda s: M.toy_metrics(s, data.density, data.x_test)  # noqa: E731
+        real_pool = torch.cat([data.density.sample(n, torch.Generator().manual_seed(777 + i))[0] for i in range(1)])
+        real_for_seed = None
+    labels_pool = data.y_test if data.y_test is not None else None
+
+    results, curves = {}, {}
+    (ctx.out / "samples").mkdir()
+    (ctx.out / "plots").mkdir()
+    panels = {}
+    floor = None
+    for inp in ctx.inputs["models"]:
+        model = load_model(inp.path, device)
+        is_teacher = model.meta["method"] == "edm"
+        nfes = cfg.teacher_nfe if is_teacher else cfg.nfe
+        results[inp.stage], curves[inp.stage] = {}, {}
+        for nfe in nfes:
+            cache: dict[int, torch.Tensor] = {}
+
+            def samples_fn(seed, nfe=nfe, cache=cache, model=model):
+                cache[seed] = _generate(model, n, nfe, seed, labels_pool, device)
+                return cache[seed]
+
+            stats = M.with_floor(metric_fn, samples_fn, real_pool, n, cfg.seeds)
+            used = teacher_nfe(nfe) if is_teacher else nfe
+            key = f"nfe_{used}"
+            results[inp.stage][key] = {m: {k: round(v, 6) for k, v in s.items()} for m, s in stats.items()}
+            prim = PRIMARY["image" if data.is_image else "toy"]
+            curves[inp.stage][used] = (stats[prim]["mean"], stats[prim]["std"])
+            floor = stats[prim]["floor_mean"]
+            np.savez_compressed(ctx.out / "samples" / f"{inp.stage}_nfe{used}.npz",
+                                **{f"seed{s}": cache[s].numpy() for s in cfg.seeds})
+            panels[f"{inp.stage} ({used} NFE)"] = cache[cfg.seeds[0]].numpy()
+            print(f"[evaluate] {inp.stage} nfe={used}: " + ", ".join(
+                f"{m}={s['mean']:.4g}±{s['std']:.2g} (floor {s['floor_mean']:.4g})" for m, s in stats.items()),
+                file=sys.stderr)
+    (ctx.out / "metrics.json").write_text(json.dumps(results, indent=2))
+    if cfg.plots:
+        prim = PRIMARY["image" if data.is_image else "toy"]
+        plots.quality_vs_nfe(curves, floor, prim, ctx.out / "plots" / "quality_vs_nfe.png")
+        if data.is_image:
+            for title, s in panels.items():
+                plots.image_grid(s, ctx.out / "plots" / f"{title.split()[0]}_{title.split('(')[1].split()[0]}nfe.png", title)
+        else:
+            plots.scatter_2d(panels, data.x_test.numpy(), ctx.out / "plots" / "samples.png")
+        for p in sorted((ctx.out / "plots").iterdir()):
+            ctx.tracker.log_artifact(p, "plots")
+    ctx.tracker.log_artifact(ctx.out / "metrics.json")
+    flat = {f"{m}.{k}.{name}": s["mean"] for m, r in results.items() for k, d in r.items() for name, s in d.items()}
+    ctx.tracker.log_metrics(0, flat)
+    ctx.metrics = flat
+
+
+if __name__ == "__main__":
+    sys.exit(main("evaluate"))
