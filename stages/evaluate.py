@@ -36,6 +36,19 @@ def _generate(model, n: int, nfe: int, seed: int, labels_pool, device) -> torch.
     return model.sample(z.to(device), nfe, y).float().cpu()
 
 
+@torch.no_grad()
+def _coupling(model, pairs_dir, teacher_nfe_max: int, is_teacher: bool, device, n: int = 2000) -> dict:
+    """How well a model keeps the teacher's coupling: mean squared distance between its
+    deterministic sample from a pair's noise and the teacher ODE's sample from the same noise
+    (students at 1 NFE, the teacher at its largest NFE)."""
+    with np.load(pairs_dir / "pairs.npz") as z:
+        noise, target, label = (torch.from_numpy(z[k][:n]) for k in ("noise", "sample", "label"))
+    y = label.to(device) if model.num_classes > 0 else None
+    nfe = teacher_nfe_max if is_teacher else 1
+    x = model.sample(noise.to(device), nfe, y).float().cpu()
+    return {"nfe": teacher_nfe(nfe) if is_teacher else 1, "mse": round(float(((x - target) ** 2).flatten(1).sum(1).mean()), 6)}
+
+
 def run(ctx) -> None:
     cfg, recipe = ctx.spec.evaluate, ctx.recipe
     data = _data(recipe.data.model_dump_json())
@@ -53,12 +66,10 @@ def run(ctx) -> None:
         n = min(cfg.n_samples, len(data.x_test))
         metric_fn = lambda s: {"fd": M.frechet_distance(feats(s), ref)}  # noqa: E731
         real_pool = data.x  # floor: n real train images against the test split
-        real_for_seed = None
     else:
         n = cfg.n_samples
         metric_fn = lambda s: M.toy_metrics(s, data.density, data.x_test)  # noqa: E731
-        real_pool = torch.cat([data.density.sample(n, torch.Generator().manual_seed(777 + i))[0] for i in range(1)])
-        real_for_seed = None
+        real_pool = data.density.sample(n, torch.Generator().manual_seed(777))[0]  # fresh draws for the floor
     labels_pool = data.y_test if data.y_test is not None else None
 
     results, curves = {}, {}
@@ -91,6 +102,8 @@ def run(ctx) -> None:
             print(f"[evaluate] {inp.stage} nfe={used}: " + ", ".join(
                 f"{m}={s['mean']:.4g}±{s['std']:.2g} (floor {s['floor_mean']:.4g})" for m, s in stats.items()),
                 file=sys.stderr)
+        if "pairs" in ctx.inputs:
+            results[inp.stage]["coupling"] = _coupling(model, ctx.input("pairs").path, max(nfes), is_teacher, device)
     (ctx.out / "metrics.json").write_text(json.dumps(results, indent=2))
     if cfg.plots:
         prim = PRIMARY["image" if data.is_image else "toy"]
@@ -103,7 +116,8 @@ def run(ctx) -> None:
         for p in sorted((ctx.out / "plots").iterdir()):
             ctx.tracker.log_artifact(p, "plots")
     ctx.tracker.log_artifact(ctx.out / "metrics.json")
-    flat = {f"{m}.{k}.{name}": s["mean"] for m, r in results.items() for k, d in r.items() for name, s in d.items()}
+    flat = {f"{m}.{k}.{name}": s["mean"] if isinstance(s, dict) else s
+            for m, r in results.items() for k, d in r.items() for name, s in d.items()}
     ctx.tracker.log_metrics(0, flat)
     ctx.metrics = flat
 
