@@ -31,7 +31,7 @@ def recipe_files() -> list[Path]:
     return sorted((PROJECT / "params").glob("*.yaml"))
 
 
-def stage_entry(recipe, rel_path: str, name: str) -> dict:
+def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
     spec = recipe.stages[name]
     root = recipe.storage.root.rstrip("/")
     out = f"{root}/{recipe.name}/{name}"
@@ -49,7 +49,8 @@ def stage_entry(recipe, rel_path: str, name: str) -> dict:
     entry = {
         "cmd": f"python -m stages.{spec.kind} {rel_path} {name}",
         "deps": code + [f"{root}/{recipe.name}/{up}" for up in recipe.upstream(name)],
-        "params": [{rel_path: ["seed", "data", "noise", f"stages.{name}"]}],
+        # DVC requires listed keys to exist: defaults left out of the YAML are covered by the code deps
+        "params": [{rel_path: [k for k in ("seed", "data", "noise") if k in present] + [f"stages.{name}"]}],
     }
     if spec.kind == "evaluate":
         entry["outs"] = [f"{out}/samples", f"{out}/plots", f"{out}/manifest.json"]
@@ -64,10 +65,11 @@ def generate() -> str:
     for f in recipe_files():
         rel = f.relative_to(PROJECT).as_posix()
         recipe = load_recipe(rel if Path(rel).exists() else f)
+        present = set(yaml.safe_load(f.read_text()))
         if "://" in recipe.storage.root or Path(recipe.storage.root).is_absolute():
             continue  # remote/absolute storage is not a DVC-tracked output
         for name in recipe.order():
-            stages[f"{recipe.name}-{name}"] = stage_entry(recipe, rel, name)
+            stages[f"{recipe.name}-{name}"] = stage_entry(recipe, rel, name, present)
     return HEADER + yaml.safe_dump({"stages": stages}, sort_keys=False, width=120)
 
 

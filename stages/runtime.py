@@ -7,10 +7,13 @@ the Prefect flow and the tests all call it.
 from __future__ import annotations
 
 import argparse
+import contextvars
 import importlib
+import json
 import os
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +29,50 @@ PROJECT = Path(__file__).resolve().parent.parent
 
 class StageError(Exception):
     """A stage that cannot run with what it was given (one line, shown without a traceback)."""
+
+
+# --- timing ------------------------------------------------------------------------------------
+# run_stage measures its phases (seconds, time.perf_counter) and prints them as one line
+# `[fastgen-timing] {json}` on stderr when it returns; bench/pipeline.py parses it. Code running
+# inside a stage (stages/training.py) adds its own phases with `phase(name)` / `add_phase`.
+TIMING_PREFIX = "[fastgen-timing]"
+_timings: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fastgen_timings", default=None)
+
+
+def add_phase(name: str, seconds: float) -> None:
+    """Add `seconds` to phase `name` of the stage running in this context (no-op outside one)."""
+    t = _timings.get()
+    if t is not None:
+        t[name] = t.get(name, 0.0) + seconds
+
+
+@contextmanager
+def phase(name: str):
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        add_phase(name, time.perf_counter() - t0)
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere)."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                     if line.startswith("btime"))
+        return round(time.time() - (btime + start_ticks / os.sysconf("SC_CLK_TCK")), 3)
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+
+
+def _print_timing(recipe: Recipe, stage: str, t_entry: float, age: float | None, phases: dict,
+                  total: float, skipped: bool) -> None:
+    rec = {"recipe": recipe.name, "stage": stage, "kind": recipe.stages[stage].kind,
+           "backend": recipe.compute.backend, "skipped": skipped, "t_entry": round(t_entry, 3),
+           "process_age_at_entry_s": age, "total_s": round(total, 4),
+           "phases": {k: round(v, 4) for k, v in phases.items()}}
+    print(f"{TIMING_PREFIX} {json.dumps(rec)}", file=sys.stderr, flush=True)
 
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
@@ -97,47 +144,69 @@ def up_to_date(recipe: Recipe, stage: str, inputs: dict[str, list[Input]]) -> di
 
 def run_stage(recipe: Recipe | str, stage: str, force: bool = False) -> dict:
     """Run one stage of a recipe (if not up to date) and return its manifest."""
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    if stage not in recipe.stages:
-        raise StageError(f"{recipe.path}: stages: no stage named {stage!r} (have: {', '.join(recipe.stages)})")
+    t_entry, p0, age = time.time(), time.perf_counter(), process_age()
+    phases: dict[str, float] = {}
+    token = _timings.set(phases)
+    try:
+        with phase("recipe"):
+            if not isinstance(recipe, Recipe):
+                recipe = load_recipe(recipe)
+        if stage not in recipe.stages:
+            raise StageError(f"{recipe.path}: stages: no stage named {stage!r} (have: {', '.join(recipe.stages)})")
+        manifest, skipped = _run_stage(recipe, stage, force)
+        _print_timing(recipe, stage, t_entry, age, phases, time.perf_counter() - p0, skipped)
+        return manifest
+    finally:
+        _timings.reset(token)
+
+
+def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
     spec = recipe.stages[stage]
-    inputs = resolve_inputs(recipe, stage)
-    if not force and (m := up_to_date(recipe, stage, inputs)):
+    with phase("inputs"):
+        inputs = resolve_inputs(recipe, stage)
+        m = None if force else up_to_date(recipe, stage, inputs)
+    if m:
         print(f"[fastgen] {recipe.name}/{stage}: up to date", file=sys.stderr)
-        return m
-    kind = importlib.import_module(f"stages.{spec.kind}")
+        return m, True
+    with phase("import"):
+        kind = importlib.import_module(f"stages.{spec.kind}")
     t0 = time.time()
     params = recipe.stage_params(stage)
-    code = artifacts.git_commit(PROJECT)
+    with phase("git"):
+        code = artifacts.git_commit(PROJECT)
     tags = {"fastgen.kind": spec.kind, "fastgen.params_digest": recipe.digest(stage),
             "fastgen.dvc_stage": f"{recipe.name}-{stage}", "fastgen.git_commit": code["git_commit"],
             "fastgen.output": str(stage_dir(recipe, stage)),
             **{f"fastgen.input.{i.stage}": i.manifest["digest"] for ins in inputs.values() for i in ins},
             **{f"fastgen.upstream_run.{i.stage}": (i.manifest.get("mlflow") or {}).get("run_id")
                for ins in inputs.values() for i in ins}}
-    tr = tracking.start_stage_run(recipe, stage, params, tags)
+    with phase("mlflow_setup"):
+        tr = tracking.start_stage_run(recipe, stage, params, tags)
     ok = False
     try:
         with artifacts.atomic_dir(stage_dir(recipe, stage)) as tmp:
             ctx = StageContext(recipe, stage, tmp, inputs, tr)
-            kind.run(ctx)
-            manifest = artifacts.write_manifest(tmp, {
-                "recipe": recipe.name, "recipe_path": recipe.path, "stage": stage, "kind": spec.kind,
-                "params_digest": recipe.digest(stage), "params": params,
-                "inputs": {i.stage: {"role": role, "digest": i.manifest["digest"], "path": str(i.path)}
-                           for role, ins in inputs.items() for i in ins},
-                "code": code, "metrics": ctx.metrics,
-                "mlflow": {"run_id": tr.run_id, "parent_run_id": tr.parent_id} if tr.run_id else None,
-                "wall_s": round(time.time() - t0, 3),
-                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            })
-        tr.set_tags({"fastgen.output_digest": manifest["digest"]})
+            with phase("run"):
+                kind.run(ctx)
+            with phase("manifest"):
+                manifest = artifacts.write_manifest(tmp, {
+                    "recipe": recipe.name, "recipe_path": recipe.path, "stage": stage, "kind": spec.kind,
+                    "params_digest": recipe.digest(stage), "params": params,
+                    "inputs": {i.stage: {"role": role, "digest": i.manifest["digest"], "path": str(i.path)}
+                               for role, ins in inputs.items() for i in ins},
+                    "code": code, "metrics": ctx.metrics,
+                    "mlflow": {"run_id": tr.run_id, "parent_run_id": tr.parent_id} if tr.run_id else None,
+                    "wall_s": round(time.time() - t0, 3),
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                })
+        with phase("mlflow_end"):
+            tr.set_tags({"fastgen.output_digest": manifest["digest"]})
         ok = True
     finally:
-        tracking.end_stage_run(tr, ok)
+        with phase("mlflow_end"):
+            tracking.end_stage_run(tr, ok)
     print(f"[fastgen] {recipe.name}/{stage}: done in {time.time() - t0:.1f}s", file=sys.stderr)
-    return manifest
+    return manifest, False
 
 
 def main(kind: str | None = None, argv: list[str] | None = None) -> int:

@@ -25,12 +25,19 @@ from fastgen_core.models import load_model, save_model
 from fastgen_core.noise import EDM
 from fastgen_core.recipe import parse_recipe
 
+from .runtime import _timings, add_phase, phase
+
 
 @lru_cache(maxsize=4)
-def _data(data_json: str):
+def _load_data_cached(data_json: str):
     from fastgen_core.config import DataConfig
 
     return load_data(DataConfig.model_validate_json(data_json))
+
+
+def _data(data_json: str):
+    with phase("data"):
+        return _load_data_cached(data_json)
 
 
 def load_input(path: str | Path, device) -> object:
@@ -47,57 +54,98 @@ def load_input(path: str | Path, device) -> object:
 def build_method(recipe, stage: str, input_dirs: dict[str, list[str]], device="cpu"):
     spec = recipe.stages[stage]
     data = _data(recipe.data.model_dump_json())
-    mcfg = recipe.method_config(stage)
-    inputs = {}
-    for role, dirs in input_dirs.items():
-        loaded = [load_input(d, device) for d in dirs]
-        inputs[role] = loaded[0] if isinstance(spec.inputs[role], str) else loaded
-    ctx = Context(data, EDM(**recipe.noise.model_dump()), spec.network, inputs, torch.device(device), recipe.seed)
-    return get_method(mcfg.name).Method(mcfg, ctx)
+    with phase("model_setup"):
+        mcfg = recipe.method_config(stage)
+        inputs = {}
+        for role, dirs in input_dirs.items():
+            loaded = [load_input(d, device) for d in dirs]
+            inputs[role] = loaded[0] if isinstance(spec.inputs[role], str) else loaded
+        ctx = Context(data, EDM(**recipe.noise.model_dump()), spec.network, inputs, torch.device(device), recipe.seed)
+        return get_method(mcfg.name).Method(mcfg, ctx)
+
+
+def _dist_check(method) -> dict[str, float]:
+    """Evidence of data-parallel training, gathered from every worker after the loop: how many
+    distinct worker processes took part and how far their parameters diverged (0: gradients were
+    averaged every step, so the replicas stayed identical although each drew its own batches)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    flat = torch.cat([p.detach().reshape(-1) for p in method.nets.parameters()])
+    every = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(every, flat)
+    pids: list = [None] * world
+    dist.all_gather_object(pids, os.getpid())
+    return {"dist/workers": float(len(set(pids))),
+            "dist/param_divergence": max(float((t - every[0]).abs().max()) for t in every)}
 
 
 def fit(config: dict) -> None:
     """Per-worker training function (also called directly for local runs)."""
+    t_fit = time.perf_counter()
+    in_ray = config.get("ray", False)
+    # phases of this call: the stage's own timings when local, a fresh record on a Ray worker
+    token = _timings.set({}) if _timings.get() is None else None
+    timings = _timings.get()
     recipe = parse_recipe(config["recipe"], config["recipe_path"])
     stage, spec = config["stage"], recipe.stages[config["stage"]]
-    in_ray = config.get("ray", False)
     device = "cuda" if config.get("use_gpu") and torch.cuda.is_available() else "cpu"
     if in_ray and device == "cuda":
         import ray.train.torch
 
         device = ray.train.torch.get_device()
+    torch.manual_seed(recipe.seed)  # network initialisation: the same in every run and on every worker
     method = build_method(recipe, stage, config["input_dirs"], device)
+    rank, world = loop._world()
+    if world > 1:  # replicas start identical, as with DDP (gradients are then averaged every step)
+        with torch.no_grad():
+            for t in [*method.nets.parameters(), *method.nets.buffers()]:
+                torch.distributed.broadcast(t, src=0)
 
-    callback = None
-    if config.get("run_id"):
-        from mlflow import MlflowClient
-        from mlflow.entities import Metric
+    callback, client = None, None
+    if config.get("run_id") and rank == 0:  # only rank 0 logs
+        with phase("mlflow_worker"):
+            from mlflow import MlflowClient
+            from mlflow.entities import Metric
 
-        client = MlflowClient(config["tracking_uri"])
+            client = MlflowClient(config["tracking_uri"])
+            client.get_run(config["run_id"])  # opens the store now, not inside the first training step
 
         def callback(step, logs):
             ts = int(time.time() * 1000)
             client.log_batch(config["run_id"], metrics=[Metric(k, v, ts, step) for k, v in logs.items()])
 
-    states = loop.train(method, spec.train, config["ckpt_dir"], seed=recipe.seed, callback=callback,
-                        progress=config.get("progress", True))
-    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    with phase("train"):
+        states = loop.train(method, spec.train, config["ckpt_dir"], seed=recipe.seed, callback=callback,
+                            progress=config.get("progress", True))
+    facts = {"dist/world_size": float(world)}
+    if world > 1:
+        facts.update(_dist_check(method))
+    if rank == 0 and callback:
+        callback(spec.train.steps, facts)
 
     def save(out):
-        save_model(Path(out), config["method_name"], method.cfg, method.net_cfgs, states,
-                   method.ctx.data.shape, method.ctx.data.num_classes, method.ctx.noise, method.meta())
+        with phase("save"):
+            save_model(Path(out), config["method_name"], method.cfg, method.net_cfgs, states,
+                       method.ctx.data.shape, method.ctx.data.num_classes, method.ctx.noise, method.meta())
 
-    if not in_ray:
-        save(config["out"])
-        return
-    import ray.train
+    try:
+        if not in_ray:
+            save(config["out"])
+            return
+        import ray.train
 
-    with tempfile.TemporaryDirectory() as tmp:
-        if rank == 0:
-            save(tmp)
-            ray.train.report({"steps": spec.train.steps}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
-            ray.train.report({"steps": spec.train.steps})
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save(tmp)
+                report = {"steps": spec.train.steps, **facts, "timing/fit": time.perf_counter() - t_fit,
+                          **{f"timing/{k}": v for k, v in timings.items()}}
+                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            else:
+                ray.train.report({"steps": spec.train.steps, **facts})
+    finally:
+        if token is not None:
+            _timings.reset(token)
 
 
 def _ray_init(compute) -> None:
@@ -111,8 +159,11 @@ def _ray_init(compute) -> None:
     ray.init(**kw)
 
 
-def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -> None:
-    _ray_init(compute)
+def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -> dict:
+    """Train on Ray Train workers; copy rank 0's checkpoint into `out`; return rank 0's last report."""
+    with phase("ray_init"):
+        _ray_init(compute)
+    t0 = time.perf_counter()
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -122,12 +173,20 @@ def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -
                                      resources_per_worker={"CPU": compute.cpus_per_worker}),
         run_config=RunConfig(name=f"{config['stage']}-{int(time.time())}", storage_path=storage_path))
     result = trainer.fit()
+    metrics = dict(result.metrics or {})
+    # the worker's own phases (data, model_setup, train, save, ...) happened inside trainer.fit;
+    # what remains is Ray Train's fixed cost: worker start + imports, process group, reporting
+    for k, v in metrics.items():
+        if k.startswith("timing/") and k != "timing/fit":
+            add_phase(k[len("timing/"):], v)
+    add_phase("ray_trainer", time.perf_counter() - t0 - metrics.get("timing/fit", 0.0))
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run of stage {config['stage']!r} returned no checkpoint")
-    with result.checkpoint.as_directory() as d:
+    with phase("checkpoint_copy"), result.checkpoint.as_directory() as d:
         for p in Path(d).iterdir():
             if p.is_file():
                 shutil.copy2(p, out / p.name)
+    return metrics
 
 
 def train_stage(ctx) -> None:

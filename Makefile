@@ -1,0 +1,32 @@
+# Two entry points for a fresh machine with Python 3.11, pip, git and make:
+#   make run    install, then run the default recipe (params/toy_cd.yaml) end to end with `dvc repro`
+#   make test   install, then run the test suite
+# Both are idempotent. uv is bootstrapped into .tools/ and installs the locked environment (.venv).
+
+PYTHON ?= python3.11
+UV := .tools/bin/uv
+RECIPE ?= toy_cd
+
+.PHONY: run test install lint dvcgen clean
+
+$(UV):
+	$(PYTHON) -m venv .tools
+	.tools/bin/python -m pip install --quiet --disable-pip-version-check uv==0.13.9
+
+install: $(UV)
+	$(UV) sync --frozen --all-extras --python $(PYTHON)
+	.venv/bin/python -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)"
+
+run: install
+	.venv/bin/python -m stages.dvcgen --check
+	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc repro $(RECIPE)-eval
+	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc metrics show
+
+test: install
+	.venv/bin/python -m pytest -q
+
+dvcgen: install
+	.venv/bin/python -m stages.dvcgen
+
+clean:
+	rm -rf outputs mlflow.db
