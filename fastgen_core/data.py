@@ -135,6 +135,25 @@ class ToyDensity:
             return self._mahalanobis_sq(x).argmin(dim=1)
         return self._cell_index(x)
 
+    def denoiser(self, x: torch.Tensor, sigma: torch.Tensor, class_labels=None) -> torch.Tensor:
+        """The exact EDM denoiser E[x0 | x0 + σ·n = x] of a Gaussian mixture (an analytic teacher):
+        responsibilities under N(μ_k, Σ_k + σ²I), then μ_k + Σ_k(Σ_k + σ²I)⁻¹(x − μ_k).
+        `class_labels` (optional) restricts the mixture to that class's components."""
+        if not self.is_mixture:
+            raise TypeError("the exact denoiser is implemented for Gaussian mixtures only")
+        xd = x.double()
+        s2 = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).expand(x.shape[0])[:, None, None, None] ** 2
+        cov = self.covs[None] + s2 * torch.eye(2, dtype=torch.float64)            # (N, K, 2, 2)
+        d = xd[:, None, :] - self.means[None]                                      # (N, K, 2)
+        sol = torch.linalg.solve(cov, d[..., None])[..., 0]                       # (Σ+σ²I)⁻¹(x−μ)
+        logw = self.weights.log()[None] - 0.5 * ((d * sol).sum(-1) + torch.logdet(cov))
+        if class_labels is not None:
+            keep = self.labels[None, :] == class_labels.reshape(-1, 1).cpu()
+            logw = logw.masked_fill(~keep.to(logw.device), float("-inf"))
+        r = torch.softmax(logw, dim=1)                                            # (N, K)
+        mean_k = self.means[None] + (self.covs[None] @ sol[..., None])[..., 0]
+        return (r[..., None] * mean_k).sum(1).to(x.dtype)
+
     def on_support(self, x: torch.Tensor, k: float = 3.0) -> torch.Tensor:
         """Bool (N,): mixture = within k (Mahalanobis) standard deviations of some component
         (k = 3 holds 1 - exp(-4.5) = 98.9% of a 2D Gaussian); checkerboard = inside a black square."""
