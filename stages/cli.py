@@ -1,0 +1,50 @@
+"""`fastgen` command line.
+
+    fastgen validate params/*.yaml     check recipes (one line per problem; exit 2 on any)
+    fastgen stage RECIPE STAGE          run one stage (same as python -m stages.<kind>)
+    fastgen flow RECIPE                 run a recipe as a Prefect flow
+    fastgen dvcgen [--check]            (re)generate dvc.yaml from params/
+"""
+from __future__ import annotations
+
+import sys
+
+USAGE = __doc__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "validate":
+        from fastgen_core.recipe import RecipeError, load_recipe
+
+        bad = 0
+        for p in rest:
+            try:
+                r = load_recipe(p)
+                print(f"{p}: ok ({len(r.stages)} stages: {' -> '.join(r.order())})")
+            except RecipeError as e:
+                print("\n".join(e.problems), file=sys.stderr)
+                bad += 1
+        return 2 if bad else 0
+    if cmd == "stage":
+        from .runtime import main as stage_main
+
+        return stage_main(None, rest)
+    if cmd == "flow":
+        from flows.pipeline import main as flow_main
+
+        return flow_main(rest)
+    if cmd == "dvcgen":
+        from .dvcgen import main as gen_main
+
+        return gen_main(rest)
+    print(f"fastgen: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
