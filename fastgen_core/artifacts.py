@@ -43,6 +43,19 @@ def combine(files: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(sorted(files.items())).encode()).hexdigest()
 
 
+def tensors_digest(*tensors) -> str:
+    """Content digest of tensors (shape, dtype and bytes), e.g. a dataset's train/test arrays."""
+    h = hashlib.sha256()
+    for t in tensors:
+        if t is None:
+            h.update(b"none")
+            continue
+        t = t.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
 def git_commit(cwd: str | Path | None = None) -> dict:
     """The code version: commit hash and whether the work tree had uncommitted changes."""
     try:

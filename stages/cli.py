@@ -4,6 +4,8 @@
     fastgen stage RECIPE STAGE          run one stage (same as python -m stages.<kind>)
     fastgen flow RECIPE                 run a recipe as a Prefect flow
     fastgen dvcgen [--check]            (re)generate dvc.yaml from params/
+    fastgen lineage ARTIFACT [--json]   provenance tree of an artifact (from its manifests)
+    fastgen verify ARTIFACT|RECIPE      recompute digests; exit 1 on any mismatch
 """
 from __future__ import annotations
 
@@ -42,6 +44,10 @@ def main(argv: list[str] | None = None) -> int:
         from .dvcgen import main as gen_main
 
         return gen_main(rest)
+    if cmd in ("lineage", "verify"):
+        from . import lineage
+
+        return (lineage.main_lineage if cmd == "lineage" else lineage.main_verify)(rest)
     print(f"fastgen: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

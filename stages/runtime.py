@@ -174,9 +174,14 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
     params = recipe.stage_params(stage)
     with phase("git"):
         code = artifacts.git_commit(PROJECT)
+    with phase("data"):
+        from .training import _data
+
+        ds = _data(recipe.data.model_dump_json())
+        data_digest = artifacts.tensors_digest(ds.x, ds.y, ds.x_test, ds.y_test)
     tags = {"fastgen.kind": spec.kind, "fastgen.params_digest": recipe.digest(stage),
             "fastgen.dvc_stage": f"{recipe.name}-{stage}", "fastgen.git_commit": code["git_commit"],
-            "fastgen.output": str(stage_dir(recipe, stage)),
+            "fastgen.output": str(stage_dir(recipe, stage)), "fastgen.data_digest": data_digest,
             **{f"fastgen.input.{i.stage}": i.manifest["digest"] for ins in inputs.values() for i in ins},
             **{f"fastgen.upstream_run.{i.stage}": (i.manifest.get("mlflow") or {}).get("run_id")
                for ins in inputs.values() for i in ins}}
@@ -194,6 +199,7 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
                     "params_digest": recipe.digest(stage), "params": params,
                     "inputs": {i.stage: {"role": role, "digest": i.manifest["digest"], "path": str(i.path)}
                                for role, ins in inputs.items() for i in ins},
+                    "data": {"digest": data_digest, **recipe.data.model_dump(mode="json")},
                     "code": code, "metrics": ctx.metrics,
                     "mlflow": {"run_id": tr.run_id, "parent_run_id": tr.parent_id} if tr.run_id else None,
                     "wall_s": round(time.time() - t0, 3),
