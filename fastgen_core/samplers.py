@@ -70,3 +70,33 @@ def cm_multistep(f, z: torch.Tensor, taus: list[float], eps: float, **cond) -> t
         x = x0 + (tau**2 - eps**2) ** 0.5 * torch.randn_like(x0)
         x0 = f(x, _b(tau, x), **cond)
     return x0
+
+
+# ----------------------------------------------------------------------------- guidance
+# Both return a denoiser D(x, σ, **cond) usable wherever one is expected (edm_sample,
+# teacher_sample, heun_step, and as a distillation teacher).
+
+def autoguided(D_main, D_weak, w: float):
+    """Autoguidance (Karras et al. 2024, Eq. 2; METHODS.md §12):
+        D_w(x; σ) = D_weak(x; σ) + w·(D_main(x; σ) − D_weak(x; σ)).
+    w = 1 gives D_main; w > 1 extrapolates away from the weaker guide (same task, same
+    conditioning: it receives the same `**cond`)."""
+    def D(x, sigma, **cond):
+        d_weak = D_weak(x, sigma, **cond)
+        return d_weak + w * (D_main(x, sigma, **cond) - d_weak)
+    return D
+
+
+def cfg_guided(D, w: float, num_classes: int):
+    """Classifier-free guidance in the same form, for comparison with autoguidance:
+        D_w(x; σ, c) = D(x; σ, ∅) + w·(D(x; σ, c) − D(x; σ, ∅)),
+    with the null label ∅ = `num_classes` (the networks map it to "no label"). w = 1 is the
+    conditional denoiser (note: Ho & Salimans' (1 + w) convention is this w − 1). Without
+    class labels the denoiser is returned unguided."""
+    def Dw(x, sigma, class_labels=None, **cond):
+        if class_labels is None:
+            return D(x, sigma, **cond)
+        null = torch.full_like(class_labels, num_classes)
+        d_uncond = D(x, sigma, class_labels=null, **cond)
+        return d_uncond + w * (D(x, sigma, class_labels=class_labels, **cond) - d_uncond)
+    return Dw

@@ -1,0 +1,191 @@
+"""Consistency Trajectory Models (Kim et al. 2023, "Consistency Trajectory Model: Learning
+Probability Flow ODE Trajectory of Diffusion"; METHODS.md §10). EDM convention (σ = t).
+
+    G_θ(x_t, t, s) = (s/t)·x_t + (1 − s/t)·g_θ(x_t, t, s)        ⇒ G_θ(x, t, t) = x exactly,
+    g_θ(x_t, t, s) = c_skip(t)·x_t + c_out(t)·F_θ(c_in(t)·x_t, ¼ln t, s-label ¼ln s)
+(EDM preconditioning in t; the network gets a second time embedding, NetworkConfig.second_time).
+g_θ(x, t, t) is a denoiser (s → t makes G a score/Euler step), G(·, t, s) jumps along the PF-ODE.
+
+Loss (soft consistency matching, with the target network θ⁻ = EMA of θ):
+    t = σ_{n_t} on the Karras grid of N levels, s = σ_{n_s} with n_s > n_t, u = σ_{n_u} with
+    n_t < n_u ≤ min(n_t + max_teacher_steps, n_s);  x_t = x0 + t·z;
+    x_u = teacher Heun steps along the grid from t to u (`samplers.heun_step`), no gradients;
+    L_CTM = d( G_θ⁻(G_θ(x_t, t, s), s, σ_min),  stopgrad G_θ⁻(G_θ⁻(x_u, u, s), s, σ_min) )
+(both sides are compared in data space at σ_min; gradients flow through the inner G_θ only).
+Auxiliary DSM on g_θ(x, σ, σ) keeps the denoiser (EDM weighting λ(σ), ln σ ~ N(P_mean, P_std²)):
+    L = L_CTM + λ_DSM·E λ(σ)·‖g_θ(x0 + σ·n, σ, σ) − x0‖².
+The optional GAN term (with its adaptive weight) is NOT implemented: `gan: true` raises.
+Online and target passes share the dropout mask. The student starts from the teacher: its
+weights are copied and the new s-embedding (`embed.map_s`) is zero-initialised, so at the start
+g_θ(x, t, s) = D_teacher(x, t) and G is one DDIM/Euler step of the teacher from t to s.
+
+γ-sampling (the paper's Alg. of γ-sampling): times t_0 = σ_max > … > t_N = σ_min (Karras grid
+of N + 1 levels),  s = √(1−γ²)·(t_{n+1} − σ_min) + σ_min,
+    x ← G(x, t_n, s) + √(t_{n+1}² − s²)·z_n.
+γ = 0: deterministic long jumps (N NFE); γ = 1: s = σ_min, i.e. CM multistep sampling with
+f(x, t) = G(x, t, σ_min).
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..config import Strict
+from ..samplers import _b, _col, heun_step
+from ..tangents import new_seed, same_randomness
+from . import cd
+from .base import Method as _Base
+
+
+class Config(Strict):
+    name: Literal["ctm"] = "ctm"
+    N: int = Field(18, ge=2, description="Karras grid levels of the discretisation")
+    max_teacher_steps: int = Field(4, ge=1, description="most teacher Heun steps from t to u (unconfirmed cap)")
+    mu: float = Field(0.999, ge=0, lt=1, description="target-network EMA (0: stop-grad copy of the online weights; paper value unconfirmed)")
+    metric: Literal["l2", "pseudo_huber"] = Field("l2", description="distance d in data space (LPIPS at scale)")
+    dsm_weight: float = Field(1.0, ge=0, description="λ_DSM of the auxiliary denoising loss (unconfirmed)")
+    gan: bool = Field(False, description="GAN term with real data: not implemented (raises)")
+    gamma: float = Field(0.0, ge=0, le=1, description="γ of γ-sampling (0: deterministic, 1: CM multistep)")
+    init_from_teacher: bool = Field(True, description="copy the teacher's weights (s-embedding zero-initialised)")
+
+
+class TrajectoryFn(nn.Module):
+    """G_θ(x, t, s) and g_θ(x, t, s) of a raw network with a second time input."""
+
+    def __init__(self, net: nn.Module, noise):
+        super().__init__()
+        self.net, self.noise = net, noise
+
+    def g(self, x, t, s, **cond):
+        """g_θ = c_skip(t)·x + c_out(t)·F_θ(c_in(t)·x, ¼ln t, ¼ln s)."""
+        t, s = _b(t, x), _b(s, x)
+        c_skip, c_out, c_in, c_noise = self.noise.precond(t)
+        F = self.net(_col(c_in, x) * x, c_noise, s=s.log() / 4, **cond)
+        return _col(c_skip, x) * x + _col(c_out, x) * F
+
+    def forward(self, x, t, s, **cond):
+        """G_θ = (s/t)·x + (1 − s/t)·g_θ(x, t, s)."""
+        t, s = _b(t, x), _b(s, x)
+        ratio = _col(s / t, x)
+        return ratio * x + (1 - ratio) * self.g(x, t, s, **cond)
+
+
+def student_net_cfg(net_cfg):
+    """The teacher's network settings with the s-embedding switched on."""
+    return net_cfg.model_copy(update={"second_time": True})
+
+
+def init_from(student: nn.Module, teacher: nn.Module) -> None:
+    """Copy the teacher's weights; only the s-embedding may be missing; zero its projection."""
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    if unexpected or any(not k.startswith(("embed.map_s", "embed.fourier_s")) for k in missing):
+        raise ValueError(f"teacher and student networks differ: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        student.embed.map_s.weight.zero_()
+        student.embed.map_s.bias.zero_()
+
+
+def teacher_solve(D, x: torch.Tensor, sigmas: torch.Tensor, n_from: torch.Tensor, n_to: torch.Tensor,
+                  max_steps: int, **cond) -> torch.Tensor:
+    """Heun steps along the grid from σ_{n_from} to σ_{n_to} per sample (n_to − n_from ≤ max_steps)."""
+    last = len(sigmas) - 2
+    for k in range(max_steps):
+        active = (n_from + k) < n_to
+        if not bool(active.any()):
+            break
+        idx = (n_from + k).clamp(max=last)
+        x = torch.where(_col(active, x), heun_step(D, x, sigmas[idx], sigmas[idx + 1], **cond), x)
+    return x
+
+
+class Method(_Base):
+    def __init__(self, cfg: Config, ctx):
+        if cfg.gan:
+            raise NotImplementedError("ctm: the GAN term is not implemented (set gan: false)")
+        super().__init__(cfg, ctx)
+        teacher = ctx.inputs["teacher"]
+        net_cfg = student_net_cfg(ctx.network or teacher.meta_net_cfg("net"))
+        self.add_net("net", net_cfg)
+        if cfg.init_from_teacher:
+            init_from(self.nets["net"], teacher.nets["net"])
+        self.add_net("target", net_cfg, init_from=self.nets["net"])
+        self.nets["target"].requires_grad_(False)
+        self.G = TrajectoryFn(self.nets["net"], ctx.noise)
+        self.G_target = TrajectoryFn(self.nets["target"], ctx.noise)
+        self.D_teacher = teacher.denoiser()
+        self.sigmas = ctx.noise.karras_sigmas(cfg.N).to(ctx.device)
+
+    def indices(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """n_t ~ U{0..N−2}; n_s ~ U{n_t+1..N−1}; n_u ~ U{n_t+1..min(n_t + K, n_s)}."""
+        N, K = self.cfg.N, self.cfg.max_teacher_steps
+        u = lambda: torch.rand(n, device=device)  # noqa: E731
+        n_t = torch.randint(N - 1, (n,), device=device)
+        n_s = n_t + 1 + (u() * (N - 1 - n_t)).long().clamp(max=N - 2 - n_t)
+        hi = torch.minimum(n_t + K, n_s)
+        n_u = n_t + 1 + (u() * (hi - n_t)).long().clamp(max=hi - n_t - 1)
+        return n_t, n_s, n_u
+
+    def loss(self, group, batch, step):
+        x0, y = batch["x"], self.labels(batch)
+        cond = {} if y is None else {"class_labels": y}
+        noise, sig = self.ctx.noise, self.sigmas
+        n_t, n_s, n_u = self.indices(x0.shape[0], x0.device)
+        t, s, u = sig[n_t], sig[n_s], sig[n_u]
+        x_t = x0 + _col(t, x0) * torch.randn_like(x0)
+        with torch.no_grad():
+            x_u = teacher_solve(self.D_teacher, x_t, sig, n_t, n_u, self.cfg.max_teacher_steps, **cond)
+        eps = noise.sigma_min
+        seed = new_seed()
+        with same_randomness(seed, x0):
+            online = self.G_target(self.G(x_t, t, s, **cond), s, eps, **cond)
+        with torch.no_grad(), same_randomness(seed, x0):
+            target = self.G_target(self.G_target(x_u, u, s, **cond), s, eps, **cond)
+        l_ctm = cd.distance(online, target, self.cfg.metric).mean()
+        # DSM on g_θ(x, σ, σ)
+        sigma = noise.sample_sigma(x0.shape[0], device=x0.device)
+        g = self.G.g(x0 + _col(sigma, x0) * torch.randn_like(x0), sigma, sigma, **cond)
+        l_dsm = (noise.loss_weight(sigma) * ((g - x0) ** 2).flatten(1).mean(1)).mean()
+        return l_ctm + self.cfg.dsm_weight * l_dsm, {"ctm": l_ctm.item(), "dsm": l_dsm.item()}
+
+    @torch.no_grad()
+    def after_step(self, step):
+        for pt, p in zip(self.nets["target"].parameters(), self.nets["net"].parameters()):
+            pt.lerp_(p, 1 - self.cfg.mu)
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def gamma_s(t_next: float, gamma: float, sigma_min: float) -> float:
+    """s = √(1−γ²)·(t_{n+1} − σ_min) + σ_min."""
+    return (1 - gamma**2) ** 0.5 * (t_next - sigma_min) + sigma_min
+
+
+@torch.no_grad()
+def gamma_sample(G, z: torch.Tensor, times: list[float], gamma: float, sigma_min: float, **cond) -> torch.Tensor:
+    """γ-sampling from x = t_0·z over times t_0 > … > t_N = σ_min (N evaluations of G):
+    x ← G(x, t_n, s) + √(t_{n+1}² − s²)·z_n. One z_n is drawn per step, also when its scale is 0,
+    so γ = 1 consumes the random stream exactly like `samplers.cm_multistep`."""
+    x = z * times[0]
+    for t_cur, t_next in zip(times[:-1], times[1:]):
+        s = gamma_s(t_next, gamma, sigma_min)
+        x = G(x, _b(t_cur, x), _b(s, x), **cond)
+        n = torch.randn_like(x)
+        x = x + max(t_next**2 - s**2, 0.0) ** 0.5 * n
+    return x
+
+
+def consistency_fn(model):
+    """f(x, σ) = G(x, σ, σ_min): the CTM used as a consistency model (EDM convention)."""
+    G = TrajectoryFn(model.nets["net"], model.noise)
+    return lambda x, sigma, **cond: G(x, sigma, model.noise.sigma_min, **cond)
+
+
+def sample(model, z, nfe, class_labels=None):
+    times = model.noise.karras_sigmas(nfe + 1).tolist()
+    times[-1] = model.noise.sigma_min
+    cond = {} if class_labels is None else {"class_labels": class_labels}
+    G = TrajectoryFn(model.nets["net"], model.noise)
+    return gamma_sample(G, z, times, model.cfg.gamma, model.noise.sigma_min, **cond)

@@ -1,0 +1,238 @@
+"""sCM: continuous-time consistency models in TrigFlow (Lu & Song 2024, "Simplifying,
+Stabilizing and Scaling Continuous-Time Consistency Models"; METHODS.md §4). sCD and sCT.
+
+TrigFlow: x_t = cos t·x0 + sin t·z, z ~ N(0, σ_d² I), t ∈ [0, π/2]; an EDM
+noise level σ is the time t = arctan(σ/σ_d) (conversions: `noise.to_edm/from_edm("trigflow")`).
+
+    consistency model (the paper's TrigFlow parameterisation):
+        f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, c_noise(t))
+    ODE velocity dx_t/dt:
+        sCT: cos t·z − sin t·x0                                  (one-sample estimate)
+        sCD: σ_d·F_teacher = (cos t·x_t − x̂0_teacher(x_t, t))/sin t   (EDM teacher at σ = σ_d·tan t)
+    tangent (the paper's training algorithm, with warmup r and normalisation):
+        g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + σ_d·dF⁻/dt),   g ← g/(‖g‖ + c)
+        cos t·sin t·dF⁻/dt = JVP of (x, t) ↦ F_θ⁻(x/σ_d, c_noise(t)) along (cos t·sin t·dx_t/dt, cos t·sin t)
+    loss with the learned adaptive weighting w_φ(t):
+        L(θ, φ) = e^{w_φ(t)}/D·‖F_θ(x_t/σ_d, t) − F_θ⁻(x_t/σ_d, t) − g‖² − w_φ(t)
+    with θ⁻ = stopgrad θ (no EMA target), t = arctan(σ/σ_d), ln σ ~ N(−1.0, 1.4²), t clamped to
+    [arctan(σ_min/σ_d), arctan(σ_max/σ_d)] (away from 0 and π/2), r = min(1, step/warmup_steps).
+    The forward pass and the JVP run under the same dropout mask.
+
+Time label c_noise (a choice, `Config.c_noise`):
+    "edm" (default): c_noise(t) = ¼·ln(σ_d·tan t), the EDM label of the matched σ. Then the
+        student can start *exactly* from the EDM teacher: with σ = σ_d·tan t one has
+        c_in(σ)·(x_t/cos t) = x_t/σ_d, c_skip(σ) = cos²t, c_out(σ) = σ_d·sin t, so the teacher's
+        x̂0 = cos t·x_t + σ_d·sin t·F_EDM(x_t/σ_d, ¼ln σ), i.e. F_θ = −F_EDM makes f_θ = x̂0_teacher.
+        Initialisation copies the teacher's weights and negates its output layer. The JVP is
+        well conditioned because its time tangent is cos t·sin t·dc_noise/dt = ¼.
+    "t": c_noise(t) = t (the paper's identity time embedding). The EDM teacher's weights do not
+        fit this label, so the student then trains from scratch (init_from_teacher must be off).
+
+Sampling: 1 step x0 = f(x_T, t_max) with x_T = σ_d·sin(t_max)·z (the EDM input
+σ_max·z rescaled by cos t_max), t_max = arctan(σ_max/σ_d); 2 steps re-noise x0 at t_mid = 1.1
+(**unconfirmed**, METHODS.md) and apply f again; more steps use the Karras grid mapped to t.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..config import Strict
+from ..nets import FourierFeatures
+from ..noise import denoiser_in, from_edm
+from ..samplers import _b, _col
+from ..tangents import jvp, new_seed, normalise, same_randomness, warmup
+from .base import Group
+from .base import Method as _Base
+
+
+class Config(Strict):
+    name: Literal["scm"] = "scm"
+    variant: Literal["scd", "sct"] = Field("scd", description="scd: ODE velocity from an EDM teacher; sct: one-sample estimate, no teacher")
+    jvp: Literal["func", "fd"] = Field("func", description="dF/dt by torch.func.jvp, or by a central finite difference")
+    fd_eps: float = Field(1e-3, gt=0, description="finite-difference step (jvp: fd)")
+    warmup_steps: int = Field(10000, ge=0, description="tangent warmup: r rises linearly 0 → 1 over this many steps")
+    tangent_c: float = Field(0.1, gt=0, description="tangent normalisation g/(‖g‖ + c)")
+    P_mean: float = Field(-1.0, description="ln σ ~ N(P_mean, P_std²), t = arctan(σ/σ_d)")
+    P_std: float = Field(1.4, gt=0, description="see P_mean")
+    c_noise: Literal["edm", "t"] = Field("edm", description="time label: ¼·ln(σ_d·tan t) (allows teacher init) or t")
+    init_from_teacher: bool = Field(True, description="start from the EDM teacher (F_θ = −F_EDM; needs c_noise: edm)")
+    weight_width: int = Field(128, gt=0, description="width of the adaptive weighting MLP w_φ(t)")
+    t_mid: float = Field(1.1, gt=0, lt=math.pi / 2, description="2-step sampling: intermediate time (unconfirmed)")
+
+
+# ----------------------------------------------------------------------------- TrigFlow pieces
+
+def c_noise(t: torch.Tensor, kind: str, sigma_data: float) -> torch.Tensor:
+    """Network time label: t, or ¼·ln σ with σ = σ_d·tan t (see module docstring)."""
+    return t if kind == "t" else torch.log(sigma_data * torch.tan(t)) / 4
+
+
+def F_theta(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float, kind: str, **cond) -> torch.Tensor:
+    """F_θ(x_t/σ_d, c_noise(t))."""
+    return net(x_t / sigma_data, c_noise(t, kind, sigma_data), **cond)
+
+
+def f_theta(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float, kind: str, **cond) -> torch.Tensor:
+    """f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, c_noise(t))."""
+    t = _b(t, x_t)
+    F = F_theta(net, x_t, t, sigma_data, kind, **cond)
+    return _col(torch.cos(t), x_t) * x_t - _col(torch.sin(t), x_t) * sigma_data * F
+
+
+def t_range(noise) -> tuple[float, float]:
+    """[t_min, t_max] = arctan(σ_min/σ_d), arctan(σ_max/σ_d): t kept away from 0 and π/2."""
+    sd = noise.sigma_data
+    return math.atan(noise.sigma_min / sd), math.atan(noise.sigma_max / sd)
+
+
+def sample_t(n: int, P_mean: float, P_std: float, noise, device=None) -> torch.Tensor:
+    """t = arctan(σ/σ_d), ln σ ~ N(P_mean, P_std²), clamped to `t_range`."""
+    sigma = (P_mean + P_std * torch.randn(n, device=device)).exp()
+    t_min, t_max = t_range(noise)
+    return from_edm("trigflow", sigma, noise.sigma_data).clamp(t_min, t_max)
+
+
+def dxt_dt_sct(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """sCT velocity estimate dx_t/dt = cos t·z − sin t·x0 (z ~ N(0, σ_d² I), the noise of x_t)."""
+    return _col(torch.cos(t), x0) * z - _col(torch.sin(t), x0) * x0
+
+
+def dxt_dt_scd(D_trig, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+    """sCD velocity σ_d·F_teacher = (cos t·x_t − x̂0_teacher(x_t, t))/sin t, where D_trig is the EDM
+    teacher wrapped by `noise.denoiser_in("trigflow", ...)` (queried at σ = σ_d·tan t)."""
+    x0_hat = D_trig(x_t, t, **cond)
+    return (_col(torch.cos(t), x_t) * x_t - x0_hat) / _col(torch.sin(t), x_t)
+
+
+def tangent_g(F_minus: torch.Tensor, cs_dF_dt: torch.Tensor, dxt_dt: torch.Tensor, x_t: torch.Tensor,
+              t: torch.Tensor, r: float, sigma_data: float) -> torch.Tensor:
+    """g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·cos t·sin t·x_t − r·σ_d·(cos t·sin t·dF⁻/dt)."""
+    cos, sin = _col(torch.cos(t), x_t), _col(torch.sin(t), x_t)
+    return -cos**2 * (sigma_data * F_minus - dxt_dt) - r * cos * sin * x_t - r * sigma_data * cs_dF_dt
+
+
+def dF_dt(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tensor, sigma_data: float,
+          kind: str, mode: str = "func", eps: float = 1e-3, seed: int | None = None, **cond):
+    """(F⁻, cos t·sin t·dF⁻/dt) along the ODE, from ONE JVP of (x, t) ↦ F_θ(x/σ_d, c_noise(t))
+    with tangents (cos t·sin t·dx_t/dt, cos t·sin t) (or a central difference, mode "fd")."""
+    cs = torch.cos(t) * torch.sin(t)
+    fn = lambda x, tt: F_theta(net, x, tt, sigma_data, kind, **cond)  # noqa: E731
+    return jvp(fn, (x_t, t), (_col(cs, x_t) * dxt_dt, cs), mode=mode, eps=eps, seed=seed)
+
+
+class AdaptiveWeight(nn.Module):
+    """w_φ(t): a small MLP on fixed Fourier features of t; zero-initialised output (w = 0)."""
+
+    def __init__(self, width: int = 128, seed: int = 3):
+        super().__init__()
+        self.fourier = FourierFeatures(width, seed=seed)
+        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, 1))
+        nn.init.zeros_(self.mlp[-1].weight)
+        nn.init.zeros_(self.mlp[-1].bias)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.fourier(t.reshape(-1))).reshape(-1)
+
+
+def negate_output(net: nn.Module) -> None:
+    """F_θ = −F_EDM: negate the (linear or conv) output layer `net.out` in place."""
+    with torch.no_grad():
+        net.out.weight.neg_()
+        if net.out.bias is not None:
+            net.out.bias.neg_()
+
+
+# ----------------------------------------------------------------------------- method
+
+class Method(_Base):
+    def __init__(self, cfg: Config, ctx):
+        super().__init__(cfg, ctx)
+        teacher = ctx.inputs.get("teacher")
+        if cfg.variant == "scd" and teacher is None:
+            raise ValueError("sCD needs a `teacher` input (an EDM model)")
+        net_cfg = ctx.network or (teacher.meta_net_cfg("net") if teacher is not None else None)
+        if net_cfg is None:
+            raise ValueError("sCT without a teacher needs the stage's `network`")
+        init = cfg.init_from_teacher and teacher is not None
+        if init and cfg.c_noise != "edm":
+            raise ValueError("init_from_teacher needs c_noise: edm (the teacher's time label); "
+                             "set init_from_teacher: false to train a c_noise: t student from scratch")
+        self.add_net("net", net_cfg, init_from=teacher.nets["net"] if init else None)
+        if init:
+            negate_output(self.nets["net"])
+        self.nets["weight"] = AdaptiveWeight(cfg.weight_width).to(ctx.device)
+        self.sd = ctx.noise.sigma_data
+        self.D_trig = denoiser_in("trigflow", teacher.denoiser(), self.sd) if teacher is not None else None
+
+    def groups(self):
+        return [Group("net", list(self.nets["net"].parameters()) + list(self.nets["weight"].parameters()))]
+
+    def loss(self, group, batch, step):
+        cfg, sd, net = self.cfg, self.sd, self.nets["net"]
+        x0, y = batch["x"], self.labels(batch)
+        cond = {} if y is None else {"class_labels": y}
+        t = sample_t(x0.shape[0], cfg.P_mean, cfg.P_std, self.ctx.noise, x0.device)
+        z = sd * torch.randn_like(x0)
+        x_t = _col(torch.cos(t), x0) * x0 + _col(torch.sin(t), x0) * z
+        if cfg.variant == "sct":
+            v = dxt_dt_sct(x0, z, t)
+        else:
+            with torch.no_grad():
+                v = dxt_dt_scd(self.D_trig, x_t, t, **cond)
+        r = warmup(step, cfg.warmup_steps)
+        seed = new_seed()
+        with same_randomness(seed, x0):
+            F = F_theta(net, x_t, t, sd, cfg.c_noise, **cond)
+        F_minus, cs_dF = dF_dt(net, x_t, t, v, sd, cfg.c_noise, cfg.jvp, cfg.fd_eps, seed, **cond)
+        g = normalise(tangent_g(F_minus, cs_dF, v, x_t, t, r, sd), cfg.tangent_c)
+        w = self.nets["weight"](t).float()
+        D = x0[0].numel()
+        sq = (F.float() - F_minus.float() - g.float()).pow(2).flatten(1).sum(1)
+        loss = (torch.exp(w) / D * sq - w).mean()
+        return loss, {"r": r, "w": w.mean().item(), "sq": (sq / D).mean().item()}
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def trig_times(noise, nfe: int, t_mid: float = 1.1) -> list[float]:
+    """Sampling times: [t_max] (1 step), [t_max, t_mid] (2 steps), else the Karras grid of
+    nfe + 1 levels without its last, mapped to t = arctan(σ/σ_d)."""
+    t_max = t_range(noise)[1]
+    if nfe == 1:
+        return [t_max]
+    if nfe == 2:
+        return [t_max, t_mid]
+    return from_edm("trigflow", noise.karras_sigmas(nfe + 1)[:-1].double(), noise.sigma_data).tolist()
+
+
+@torch.no_grad()
+def trig_multistep(net, z: torch.Tensor, times: list[float], sigma_data: float, kind: str, **cond) -> torch.Tensor:
+    """x = σ_d·sin(t_0)·z; x0 = f(x, t_0); for n ≥ 1: x = cos t_n·x0 + sin t_n·σ_d·z_n; x0 = f(x, t_n)."""
+    x = sigma_data * math.sin(times[0]) * z
+    x0 = f_theta(net, x, torch.tensor(times[0]), sigma_data, kind, **cond)
+    for t in times[1:]:
+        x = math.cos(t) * x0 + math.sin(t) * sigma_data * torch.randn_like(x0)
+        x0 = f_theta(net, x, torch.tensor(t), sigma_data, kind, **cond)
+    return x0
+
+
+def consistency_fn(model):
+    """f(x, σ) in the EDM convention (x = x0 + σ·n): f_θ(cos t·x, t) at t = arctan(σ/σ_d)."""
+    cfg, sd, net = model.cfg, model.noise.sigma_data, model.nets["net"]
+
+    def f(x, sigma, **cond):
+        t = from_edm("trigflow", _b(sigma, x), sd)
+        return f_theta(net, _col(torch.cos(t), x) * x, t, sd, cfg.c_noise, **cond)
+    return f
+
+
+def sample(model, z, nfe, class_labels=None):
+    cfg = model.cfg
+    cond = {} if class_labels is None else {"class_labels": class_labels}
+    times = trig_times(model.noise, nfe, cfg.t_mid)
+    return trig_multistep(model.nets["net"], z, times, model.noise.sigma_data, cfg.c_noise, **cond)

@@ -1,0 +1,64 @@
+"""Shared machinery of the continuous-time consistency / flow-map objectives (sCM, AYF):
+time derivatives of a network along a direction by ONE forward-mode JVP (or a central finite
+difference where JVPs are unsupported), tangent normalisation and warmup, and running several
+passes of a network under the same dropout mask.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Literal, Sequence
+
+import torch
+
+
+def new_seed() -> int:
+    """A seed drawn from the global generator (so runs stay reproducible under `torch.manual_seed`)."""
+    return int(torch.randint(2**62, ()).item())
+
+
+@contextlib.contextmanager
+def same_randomness(seed: int, like: torch.Tensor | None = None):
+    """Run the body with the RNG seeded by `seed`, restoring the previous RNG state afterwards:
+    two passes under the same seed draw the same dropout masks (online/target, forward/JVP)."""
+    devices = [like.device] if like is not None and like.is_cuda else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
+def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor],
+        mode: Literal["func", "fd"] = "func", eps: float = 1e-3,
+        seed: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(*primals), ∂fn(*primals)·tangents), without gradients.
+
+    mode "func": one `torch.func.jvp` (forward-mode AD, exact).
+    mode "fd":   central difference [fn(p + ε·v) − fn(p − ε·v)] / (2ε) (error O(ε²)), plus one
+                 plain evaluation for the primal output.
+    With `seed`, every evaluation runs under `same_randomness(seed)` (same dropout mask as a
+    forward pass made under the same seed)."""
+    ctx = (lambda: same_randomness(seed, primals[0])) if seed is not None else contextlib.nullcontext
+    with torch.no_grad():
+        if mode == "func":
+            with ctx():
+                out, d = torch.func.jvp(fn, tuple(primals), tuple(tangents))
+            return out, d
+        if mode == "fd":
+            with ctx():
+                out = fn(*primals)
+            with ctx():
+                plus = fn(*[p + eps * v for p, v in zip(primals, tangents)])
+            with ctx():
+                minus = fn(*[p - eps * v for p, v in zip(primals, tangents)])
+            return out, (plus - minus) / (2 * eps)
+    raise ValueError(f"unknown jvp mode {mode!r}")
+
+
+def normalise(g: torch.Tensor, c: float = 0.1) -> torch.Tensor:
+    """Tangent normalisation g ← g / (‖g‖ + c), the norm taken per sample over all its dims."""
+    norm = g.flatten(1).norm(dim=1).reshape(-1, *[1] * (g.ndim - 1))
+    return g / (norm + c)
+
+
+def warmup(step: int, steps: int, r_max: float = 1.0) -> float:
+    """Tangent warmup r = r_max·min(1, step / steps) (r = r_max at once when steps = 0)."""
+    return r_max if steps <= 0 else r_max * min(1.0, step / steps)

@@ -1,0 +1,422 @@
+"""Consistency-family methods (METHODS.md §1, §3, §4, §10): CT schedules, sCM and AYF JVPs against
+finite differences, boundary conditions of CTM and flow maps, γ = 1 CTM sampling equals CM
+multistep sampling, teacher initialisations, short NaN-free loop runs with the analytic mixture
+teacher, and the 1D Gaussian analysis of CM vs flow-map multistep sampling."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from fastgen_core import loop
+from fastgen_core.config import DataConfig, NetworkConfig
+from fastgen_core.data import load_data
+from fastgen_core.methods import ayf, ct, ctm, scm
+from fastgen_core.methods.base import Context
+from fastgen_core.models import LoadedModel
+from fastgen_core.nets import build_network
+from fastgen_core.noise import EDM, EDMDenoiser, denoiser_in
+from fastgen_core.recipe import TrainConfig
+from fastgen_core.samplers import cm_multistep, heun_step
+from fastgen_core.tangents import jvp
+
+torch.set_default_dtype(torch.float32)
+NCFG = NetworkConfig(arch="mlp", width=32, depth=2, emb_dim=16)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: intra-op threads only contend on a shared 2-core machine (100x slower)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(DataConfig(kind="toy", name="8gaussians", n_train=1000, n_test=100))
+
+
+class FakeTeacher:
+    """LoadedModel-like teacher: `nets`, `noise`, `meta_net_cfg`, `denoiser`. analytic=True: the
+    exact mixture denoiser; else the EDM denoiser of its (random, non-zero-output) network."""
+
+    def __init__(self, data, analytic=True, net_cfg=NCFG, seed=0):
+        torch.manual_seed(seed)
+        net = build_network(net_cfg, data.shape, data.num_classes)
+        nn.init.normal_(net.out.weight, std=0.3)
+        nn.init.normal_(net.out.bias, std=0.3)
+        self.nets, self.noise, self.net_cfg = nn.ModuleDict({"net": net.requires_grad_(False)}), EDM(), net_cfg
+        self.analytic, self.density = analytic, data.density
+
+    def meta_net_cfg(self, name="net"):
+        return self.net_cfg
+
+    def denoiser(self, name="net"):
+        if self.analytic:
+            return lambda x, sigma, **k: self.density.denoiser(x, sigma)
+        return EDMDenoiser(self.nets[name], self.noise)
+
+
+def _method(mod, data, teacher=None, network=None, **cfg):
+    inputs = {} if teacher is None else {"teacher": teacher}
+    return mod.Method(mod.Config(**cfg), Context(data, EDM(), network, inputs))
+
+
+def _loaded(method):
+    """The trained method as a LoadedModel (its online weights), for the samplers."""
+    meta = {"method": method.cfg.name, "method_config": method.cfg.model_dump(mode="json")}
+    return LoadedModel(meta, method.nets, method.ctx.noise)
+
+
+def _randomise_output(net, std=0.3):
+    with torch.no_grad():
+        nn.init.normal_(net.out.weight, std=std)
+        nn.init.normal_(net.out.bias, std=std)
+        if hasattr(net.embed, "map_s"):
+            nn.init.normal_(net.embed.map_s.weight, std=0.3)
+
+
+class Net64(nn.Module):
+    """A small smooth float64 network with the repository's calling convention (the library's
+    nets compute their time embedding in float32, so float64 checks use this one)."""
+
+    def __init__(self, dim=2, second_time=False, width=24, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.w1 = nn.Parameter(torch.randn(dim + 2, width, generator=g, dtype=torch.float64) / 2)
+        self.w2 = nn.Parameter(torch.randn(width, dim, generator=g, dtype=torch.float64) / 4)
+        self.second_time = second_time
+
+    def forward(self, x, t, s=None, class_labels=None):
+        t = torch.as_tensor(t, dtype=x.dtype).expand(x.shape[0])
+        s = torch.zeros_like(t) if s is None else torch.as_tensor(s, dtype=x.dtype).expand(x.shape[0])
+        h = torch.cat([x, t[:, None], s[:, None]], 1) @ self.w1
+        return torch.tanh(h) @ self.w2 + torch.sin(3 * t)[:, None] * x
+
+
+# ----------------------------------------------------------------------------- CT
+
+def test_ct_schedules_match_the_formula():
+    K, s0, s1, mu0 = 1000, 2, 150, 0.9
+    assert ct.N_k(0, K, s0, s1) == s0 == 2
+    assert ct.N_k(K, K, s0, s1) == s1 + 1 == 151
+    k = 370
+    want = math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
+    assert ct.N_k(k, K, s0, s1) == want
+    Ns = [ct.N_k(k, K, s0, s1) for k in range(0, K + 1, 10)]
+    assert Ns == sorted(Ns)
+    assert ct.mu_k(0, K, s0, s1, mu0) == pytest.approx(mu0)                      # exp(s0 ln μ0 / s0)
+    assert ct.mu_k(K, K, s0, s1, mu0) == pytest.approx(math.exp(s0 * math.log(mu0) / 151))
+    assert ct.mu_k(K, K, s0, s1, mu0) > ct.mu_k(0, K, s0, s1, mu0)
+
+
+def test_ct_target_ema_and_short_run(data):
+    m = _method(ct, data, network=NCFG, K=40, s1=20)
+    assert "teacher" not in m.ctx.inputs
+    before = [p.clone() for p in m.nets["target"].parameters()]
+    loop.train(m, TrainConfig(steps=40, batch_size=64, lr=1e-3), None, progress=False)
+    assert m.N(0) == 2 and m.N(40) == 21
+    moved = any(not torch.equal(b, p) for b, p in zip(before, m.nets["target"].parameters()))
+    assert moved and all(torch.isfinite(p).all() for p in m.nets.parameters())
+    x = ct.sample(_loaded(m), torch.randn(50, 2), 2)
+    assert torch.isfinite(x).all()
+
+
+# ----------------------------------------------------------------------------- sCM
+
+def test_scm_jvp_equals_finite_difference_float64():
+    torch.manual_seed(0)
+    net, sd = Net64(), 0.5
+    x, t = torch.randn(16, 2, dtype=torch.float64), torch.rand(16, dtype=torch.float64) * 1.4 + 0.05
+    v = torch.randn(16, 2, dtype=torch.float64)
+    cs = torch.cos(t) * torch.sin(t)
+    for kind in ("edm", "t"):
+        F, cs_dF = scm.dF_dt(net, x, t, v, sd, kind, mode="func")
+        h = 1e-6  # reference: central difference of F along (cs·v, cs), in float64
+        Fp = scm.F_theta(net, x + h * cs[:, None] * v, t + h * cs, sd, kind)
+        Fm = scm.F_theta(net, x - h * cs[:, None] * v, t - h * cs, sd, kind)
+        ref = (Fp - Fm) / (2 * h)
+        assert torch.equal(F, scm.F_theta(net, x, t, sd, kind))
+        assert ((cs_dF - ref).norm() / ref.norm()).item() < 1e-3
+        _, fd = scm.dF_dt(net, x, t, v, sd, kind, mode="fd", eps=1e-3)   # the fallback
+        assert ((fd - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_scm_jvp_real_network_and_shared_dropout():
+    torch.manual_seed(1)
+    net = build_network(NCFG.model_copy(update={"dropout": 0.5}), (2,))
+    _randomise_output(net)
+    net.train()
+    x, t, v = torch.randn(32, 2), torch.rand(32) * 1.4 + 0.05, torch.randn(32, 2)
+    F_func, d_func = scm.dF_dt(net, x, t, v, 0.5, "edm", mode="func", seed=7)
+    F_fd, d_fd = scm.dF_dt(net, x, t, v, 0.5, "edm", mode="fd", eps=1e-3, seed=7)
+    from fastgen_core.tangents import same_randomness
+    with same_randomness(7):
+        F = scm.F_theta(net, x, t, 0.5, "edm")
+    assert torch.equal(F, F_func) and torch.equal(F, F_fd)            # one dropout mask for all passes
+    assert ((d_func - d_fd).norm() / d_func.norm()).item() < 1e-2      # float32: looser than float64
+
+
+def test_scm_student_starts_as_the_teacher(data):
+    teacher = FakeTeacher(data, analytic=False)
+    m = _method(scm, data, teacher)
+    D_trig = denoiser_in("trigflow", teacher.denoiser(), 0.5)
+    x, t = torch.randn(64, 2), torch.rand(64) * 1.5 + 0.02
+    assert torch.allclose(scm.f_theta(m.nets["net"], x, t, 0.5, "edm"), D_trig(x, t), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="c_noise"):
+        _method(scm, data, teacher, c_noise="t")
+
+
+@pytest.mark.parametrize("variant", ["scd", "sct"])
+def test_scm_loss_backward_and_short_run(data, variant):
+    teacher = FakeTeacher(data, analytic=True)
+    m = _method(scm, data, teacher, variant=variant, init_from_teacher=False, warmup_steps=20, weight_width=16)
+    loss, logs = m.loss("net", {"x": data.x[:64]}, 3)
+    loss.backward()
+    assert torch.isfinite(loss)
+    grads = [p.grad for p in m.nets.parameters() if p.grad is not None]
+    assert len(grads) > 0 and all(torch.isfinite(g).all() for g in grads)
+    assert m.nets["weight"].mlp[-1].weight.grad.abs().sum() > 0       # w_φ is trained jointly
+    m.nets.zero_grad()
+    loop.train(m, TrainConfig(steps=50, batch_size=64, lr=1e-3), None, progress=False)  # raises on NaN/inf
+    assert all(torch.isfinite(p).all() for p in m.nets.parameters())
+    for nfe in (1, 2, 4):
+        assert torch.isfinite(scm.sample(_loaded(m), torch.randn(100, 2), nfe)).all()
+
+
+def test_scm_tangent_vanishes_at_the_exact_consistency_model():
+    """Data N(0, c²I): the exact TrigFlow CM is f*(x_t, t) = c·x_t/std_t, std_t² = cos²t·c² + sin²t·σ_d².
+    With F = F* and the sCD velocity of the exact EDM denoiser c²/(c² + σ²)·x (through
+    denoiser_in("trigflow")), the tangent g (r = 1) is zero: the fixed point of the objective."""
+    c, sd = 0.7, 0.5
+    std = lambda t: torch.sqrt(torch.cos(t) ** 2 * c * c + torch.sin(t) ** 2 * sd * sd)  # noqa: E731
+
+    class FStar(nn.Module):  # F*(x_t/σ_d, t) = (cos t·x_t − f*)/(sin t·σ_d), time label t (c_noise "t")
+        def forward(self, x_in, t, **k):
+            x, t = sd * x_in, t[:, None]
+            return (torch.cos(t) * x - c * x / std(t)) / (torch.sin(t) * sd)
+
+    D_trig = denoiser_in("trigflow", lambda x, s, **k: c**2 / (c**2 + s.reshape(-1, 1) ** 2) * x, sd)
+    x_t = torch.randn(32, 3, dtype=torch.float64)
+    t = torch.rand(32, dtype=torch.float64) * 1.4 + 0.1
+    v = scm.dxt_dt_scd(D_trig, x_t, t)
+    F, cs_dF = scm.dF_dt(FStar(), x_t, t, v, sd, "t")
+    assert scm.tangent_g(F, cs_dF, v, x_t, t, 1.0, sd).abs().max().item() < 1e-10
+    # and a wrong model gives a non-zero tangent
+    assert scm.tangent_g(1.1 * F, cs_dF, v, x_t, t, 1.0, sd).abs().max().item() > 1e-2
+
+
+# ----------------------------------------------------------------------------- CTM
+
+def test_ctm_boundary_and_teacher_init(data):
+    teacher = FakeTeacher(data, analytic=False)
+    m = _method(ctm, data, teacher)
+    x, t, s = torch.randn(64, 2), torch.rand(64) * 10 + 0.01, torch.rand(64) * 0.01 + 0.002
+    D = teacher.denoiser()
+    want = (s / t)[:, None] * x + (1 - s / t)[:, None] * D(x, t)       # one teacher Euler/DDIM step
+    assert torch.allclose(m.G(x, t, s), want, atol=1e-5)
+    _randomise_output(m.nets["net"])
+    assert torch.equal(m.G(x, t, t), x)                                # G(x, t, t) = x exactly
+    assert not torch.allclose(m.G(x, t, s), want, atol=1e-3)
+
+
+def test_ctm_gamma1_sampling_is_cm_multistep(data):
+    m = _method(ctm, data, FakeTeacher(data, analytic=False))
+    _randomise_output(m.nets["net"])
+    model, noise = _loaded(m), EDM()
+    z = torch.randn(200, 2)
+    for nfe in (1, 2, 4):
+        f = lambda x, tau, **k: m.G(x, tau, noise.sigma_min)  # noqa: E731  CM f(x, τ) = G(x, τ, σ_min)
+        taus = noise.karras_sigmas(nfe + 1)[:-1].tolist()
+        torch.manual_seed(5)
+        cm = cm_multistep(f, z, taus, noise.sigma_min)
+        torch.manual_seed(5)
+        times = noise.karras_sigmas(nfe + 1).tolist()
+        times[-1] = noise.sigma_min
+        g1 = ctm.gamma_sample(m.G, z, times, 1.0, noise.sigma_min)
+        assert torch.allclose(cm, g1, atol=1e-6), nfe
+    # γ = 0 is deterministic; the module-level sampler uses the config's γ
+    m.cfg = m.cfg.model_copy(update={"gamma": 0.0})
+    a, b = ctm.sample(_loaded(m), z, 3), ctm.sample(_loaded(m), z, 3)
+    assert torch.equal(a, b)
+
+
+def test_ctm_teacher_solve_and_loss(data):
+    teacher = FakeTeacher(data, analytic=True)
+    m = _method(ctm, data, teacher, N=8, max_teacher_steps=3, mu=0.9)
+    sig, D = m.sigmas, teacher.denoiser()
+    x = torch.randn(3, 2) * 5
+    n_from, n_to = torch.tensor([0, 2, 5]), torch.tensor([3, 3, 7])
+    got = ctm.teacher_solve(D, x, sig, n_from, n_to, 3)
+    for i in range(3):
+        xi = x[i:i + 1]
+        for n in range(int(n_from[i]), int(n_to[i])):
+            xi = heun_step(D, xi, sig[n], sig[n + 1])
+        assert torch.allclose(got[i:i + 1], xi, atol=1e-5)
+    n_t, n_s, n_u = m.indices(4096, "cpu")
+    assert bool(((n_t < n_u) & (n_u <= n_s) & (n_s <= 7) & (n_u - n_t <= 3)).all())
+    loss, logs = m.loss("net", {"x": data.x[:64]}, 0)
+    loss.backward()
+    assert torch.isfinite(loss) and logs["dsm"] > 0
+    loop.train(m, TrainConfig(steps=20, batch_size=64, lr=1e-3), None, progress=False)
+    assert torch.isfinite(ctm.sample(_loaded(m), torch.randn(100, 2), 2)).all()
+    with pytest.raises(NotImplementedError):
+        _method(ctm, data, teacher, gan=True)
+
+
+# ----------------------------------------------------------------------------- AYF
+
+def test_flow_map_boundary_and_teacher_init(data):
+    teacher = FakeTeacher(data, analytic=False)
+    m = _method(ayf, data, teacher)
+    net, noise = m.nets["net"], EDM()
+    x, t, s = torch.randn(64, 2), torch.rand(64) * 0.9 + 0.05, torch.rand(64) * 0.05
+    v = ayf.velocity(denoiser_in("fm", teacher.denoiser()), x, t)
+    assert torch.allclose(ayf.F_theta(net, noise, x, t, s), v, atol=1e-4, rtol=1e-4)  # F_θ = v_teacher at init
+    _randomise_output(net)
+    assert torch.equal(ayf.flow_map(net, noise, x, t, t), x)          # f(x, t, t) = x exactly
+
+
+def test_ayf_jvp_equals_finite_difference_float64():
+    torch.manual_seed(0)
+    net, noise = Net64(second_time=True, seed=2), EDM()
+    x = torch.randn(16, 2, dtype=torch.float64)
+    t = torch.rand(16, dtype=torch.float64) * 0.8 + 0.1
+    s = t * (0.3 + 0.7 * torch.rand(16, dtype=torch.float64))  # away from s ≈ 0, where the s label
+    v = torch.randn(16, 2, dtype=torch.float64)                # ¼·ln σ(s) is too stiff for an ε = 1e-3 difference
+    for tangents in [(v, torch.ones_like(t), torch.zeros_like(s)),                 # EMD: d/dt along the ODE
+                     (torch.zeros_like(v), torch.zeros_like(t), torch.ones_like(s))]:  # LMD: ∂/∂s
+        F, d = ayf.dF(net, noise, x, t, s, tangents, mode="func")
+        h = 1e-6
+        fp = ayf.F_theta(net, noise, *[p + h * q for p, q in zip((x, t, s), tangents)])
+        fm = ayf.F_theta(net, noise, *[p - h * q for p, q in zip((x, t, s), tangents)])
+        ref = (fp - fm) / (2 * h)
+        assert ((d - ref).norm() / ref.norm()).item() < 1e-3
+        assert torch.equal(F, ayf.F_theta(net, noise, x, t, s))
+        _, fd = ayf.dF(net, noise, x, t, s, tangents, mode="fd", eps=1e-3)
+        assert ((fd - ref).norm() / ref.norm()).item() < 1e-3
+
+
+def test_ayf_tangents_vanish_at_the_exact_flow_map():
+    """Data N(0, c²I) in FM time: the exact flow map is f*(x_t, t, s) = (std_s/std_t)·x_t,
+    std_t² = t² + (1 − t)²c², so F* = (x_t − f*)/(t − s). With the exact teacher velocity (the exact
+    EDM denoiser through denoiser_in("fm")), both the EMD and the LMD tangents (r = 1) are zero."""
+    c = 0.7
+    std = lambda t: torch.sqrt(t * t + (1 - t) ** 2 * c * c)  # noqa: E731
+
+    def F_star(x, t, s):
+        return (x - (std(s) / std(t))[:, None] * x) / (t - s)[:, None]
+
+    D_fm = denoiser_in("fm", lambda x, sig, **k: c**2 / (c**2 + sig.reshape(-1, 1) ** 2) * x)
+    x = torch.randn(32, 3, dtype=torch.float64)
+    t = torch.rand(32, dtype=torch.float64) * 0.8 + 0.15
+    s = t * torch.rand(32, dtype=torch.float64) * 0.9
+    v = ayf.velocity(D_fm, x, t)
+    F, dF_dt = jvp(F_star, (x, t, s), (v, torch.ones_like(t), torch.zeros_like(s)))
+    assert ayf.tangent_emd(F, v, dF_dt, t, s, 1.0).abs().max().item() < 1e-10
+    F, dF_ds = jvp(F_star, (x, t, s), (torch.zeros_like(x), torch.zeros_like(t), torch.ones_like(s)))
+    f = x + (s - t)[:, None] * F
+    assert ayf.tangent_lmd(F, ayf.velocity(D_fm, f, s), dF_ds, t, s, 1.0).abs().max().item() < 1e-10
+    assert ayf.tangent_emd(1.1 * F, v, dF_dt, t, s, 1.0).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("objective", ["emd", "lmd"])
+def test_ayf_loss_and_short_run(data, objective):
+    m = _method(ayf, data, FakeTeacher(data, analytic=True), objective=objective, init_from_teacher=False,
+                warmup_steps=20)
+    loss, _ = m.loss("net", {"x": data.x[:64]}, 1)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in m.nets.parameters() if p.grad is not None)
+    m.nets.zero_grad()
+    loop.train(m, TrainConfig(steps=30, batch_size=64, lr=1e-3), None, progress=False)
+    for nfe in (1, 3):
+        assert torch.isfinite(ayf.sample(_loaded(m), torch.randn(100, 2), nfe)).all()
+    assert m.cfg.r_max < 1
+
+
+def test_ayf_autoguided_teacher_needs_a_guide(data):
+    teacher = FakeTeacher(data, analytic=False)
+    with pytest.raises(ValueError, match="guide"):
+        _method(ayf, data, teacher, guidance=2.0)
+    guide = FakeTeacher(data, analytic=False, seed=1)
+    m = ayf.Method(ayf.Config(guidance=2.0), Context(data, EDM(), None, {"teacher": teacher, "guide": guide}))
+    x, t = torch.randn(8, 2), torch.rand(8) * 0.8 + 0.1
+    v_main = ayf.velocity(denoiser_in("fm", teacher.denoiser()), x, t)
+    v_weak = ayf.velocity(denoiser_in("fm", guide.denoiser()), x, t)
+    assert torch.allclose(ayf.velocity(m.D_fm, x, t), 2.0 * v_main + (1 - 2.0) * v_weak, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- 1D Gaussian (METHODS §3)
+
+def test_gaussian_exact_maps_are_exact_at_every_step_count():
+    """With the exact optimum, CM multistep is exact in distribution too (each re-noised input has
+    the right marginal), so any degradation with steps comes from model error, not from f*."""
+    for n in (1, 2, 3, 4, 8, 16, 64):
+        assert ayf.gaussian_cm_multistep_w2(ayf.gaussian_optimal_cm, n) < 1e-12
+        assert ayf.gaussian_flow_map_w2(ayf.gaussian_flow_map, n) < 1e-12
+    x = torch.randn(5)
+    assert torch.allclose(ayf.gaussian_flow_map(x, 0.7, 0.0), ayf.gaussian_optimal_cm(x, 0.7))
+
+
+def test_gaussian_imperfect_cm_degrades_with_steps_flow_map_does_not():
+    """The same relative error δ in F for both (an error of a jump scales with its length t − s):
+    CM multistep re-traverses the low-noise region at every step, so its W2 rises again beyond a
+    few steps without bound; the flow map covers [0, 1] once and its W2 never rises."""
+    d = 0.1
+    cm = lambda x, t: ayf.gaussian_perturbed_cm(x, t, 0.5, d)  # noqa: E731
+    fmap = lambda x, t, s: ayf.gaussian_perturbed_flow_map(x, t, s, 0.5, d)  # noqa: E731
+    steps = [1, 2, 3, 4, 5, 6, 8, 12, 16, 32, 64]
+    w_cm = [ayf.gaussian_cm_multistep_w2(cm, n) for n in steps]
+    w_fm = [ayf.gaussian_flow_map_w2(fmap, n) for n in steps]
+    best = steps[w_cm.index(min(w_cm))]
+    assert best <= 6
+    tail = w_cm[steps.index(6):]
+    assert all(b > a for a, b in zip(tail, tail[1:]))                  # rises beyond a few steps
+    assert w_cm[-1] > w_cm[1]                                          # 64 steps worse than 2
+    assert all(b <= a + 1e-12 for a, b in zip(w_fm, w_fm[1:]))         # flow map never gets worse
+    assert w_fm[-1] < w_cm[-1]
+    # Monte-Carlo check of the closed form (CM, 16 steps)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(400_000, generator=g, dtype=torch.float64)
+    times = ayf.uniform_times(16)
+    x0 = cm(x, times[0])
+    for t in times[1:]:
+        x0 = cm((1 - t) * x0 + t * torch.randn(x.shape, generator=g, dtype=torch.float64), t)
+    assert abs(abs(x0.std().item() - 0.5) - w_cm[steps.index(16)]) < 3e-3
+
+
+# ----------------------------------------------------------------------------- artifacts
+
+def test_real_teacher_save_load_and_sample_every_method(data, tmp_path):
+    """With a saved-and-loaded EDM teacher (a real LoadedModel): each method builds, takes a few
+    loop steps, saves, loads back and samples through `LoadedModel.sample`."""
+    from fastgen_core.methods import edm
+    from fastgen_core.models import load_model, save_model
+
+    def save_and_load(method, states, name):
+        out = tmp_path / name
+        out.mkdir()
+        save_model(out, method.cfg.name, method.cfg, method.net_cfgs, states, data.shape, data.num_classes,
+                   method.ctx.noise, method.meta())
+        return load_model(out)
+
+    cfg = TrainConfig(steps=5, batch_size=32, lr=1e-3)
+    t = edm.Method(edm.Config(), Context(data, EDM(), NCFG))
+    teacher = save_and_load(t, loop.train(t, cfg, None, progress=False), "teacher")
+    cases = {"ct": (ct, dict(K=5), None, NCFG), "scd": (scm, {}, teacher, None),
+             "sct": (scm, dict(variant="sct", c_noise="t", init_from_teacher=False), None, NCFG),
+             "ctm": (ctm, dict(gamma=0.5), teacher, None), "ayf": (ayf, dict(objective="lmd"), teacher, None)}
+    for name, (mod, kw, teach, net) in cases.items():
+        m = _method(mod, data, teach, network=net, **kw)
+        model = save_and_load(m, loop.train(m, cfg, None, progress=False), name)
+        assert model.meta["method"] == mod.__name__.rsplit(".", 1)[-1]
+        for nfe in (1, 2):
+            x = model.sample(torch.randn(64, 2), nfe)
+            assert x.shape == (64, 2) and torch.isfinite(x).all(), (name, nfe)
+        f = mod.consistency_fn(model)                                   # for fastgen_core.editing
+        assert torch.isfinite(f(torch.randn(8, 2), torch.full((8,), 2.0))).all()
