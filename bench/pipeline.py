@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -66,8 +67,9 @@ def tiny(raw: dict) -> dict:
     return raw
 
 
-# phase (stages/runtime.py, stages/training.py) -> column; `run` is split by the phases inside it
-OUTSIDE_RUN = {"recipe": "other", "inputs": "data", "import": "other", "git": "other",
+# phase (stages/runtime.py, stages/training.py) -> column. `run` (the stage's own code) is split
+# by the phases nested in it (`run/<name>`); what is left of it is the stage's own work.
+OUTSIDE_RUN = {"recipe": "other", "inputs": "data", "import": "other", "git": "other", "data": "data",
                "mlflow_setup": "mlflow", "manifest": "other", "mlflow_end": "mlflow"}
 INSIDE_RUN = {"data": "data", "model_setup": "data", "mlflow_worker": "mlflow", "ray_init": "ray_init",
               "ray_trainer": "ray_train", "train": "compute", "save": "other", "checkpoint_copy": "other"}
@@ -83,22 +85,56 @@ def breakdown(wall: float, launched: float, rec: dict | None) -> dict:
     out["teardown"] = wall - out["startup"] - rec["total_s"]
     inside = 0.0
     for name, sec in rec["phases"].items():
-        if name in INSIDE_RUN:
-            out[INSIDE_RUN[name]] += sec
+        if name.startswith("run/"):
+            out[INSIDE_RUN.get(name[4:], "other")] += sec
             inside += sec
         elif name != "run":
             out[OUTSIDE_RUN.get(name, "other")] += sec
-    rest = max(rec["phases"].get("run", 0.0) - inside, 0.0)  # the stage's own code between the phases
+    rest = max(rec["phases"].get("run", 0.0) - inside, 0.0)  # the stage's code between the phases
     out["compute" if rec["kind"] not in TRAINING_KINDS else "other"] += rest
     out = {"wall": wall, **out, "overhead": wall - out["compute"]}
     return {k: round(v, 3) for k, v in out.items()}
 
 
-def start_cluster(env: dict, num_cpus: int) -> str:
+class SessionCPU(threading.Thread):
+    """CPU seconds of every process in session `sid` (a stage process started in a new session:
+    with it its Ray daemons, actors and workers), sampled from /proc every `every` seconds; each
+    process's last sample counts, so at most `every` s of CPU per process goes unseen."""
+
+    def __init__(self, sid: int, every: float = 0.2):
+        super().__init__(daemon=True)
+        self.sid, self.every, self.cpu, self.done = sid, every, {}, threading.Event()
+        self.tck = os.sysconf("SC_CLK_TCK")
+
+    def sample(self) -> None:
+        for d in os.listdir("/proc"):
+            if d.isdigit():
+                try:
+                    f = Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()
+                except OSError:
+                    continue
+                if int(f[3]) == self.sid:  # fields after the name: state ppid pgrp session ...
+                    self.cpu[int(d)] = (int(f[11]) + int(f[12])) / self.tck  # utime + stime
+
+    def run(self) -> None:
+        while not self.done.wait(self.every):
+            self.sample()
+
+    def total(self) -> tuple[float, int]:
+        self.done.set()
+        self.join()
+        return sum(self.cpu.values()), len(self.cpu)
+
+
+def start_cluster(env: dict, num_cpus: int, tuned: bool) -> str:
     """`ray start --head` a local cluster the stages attach to through RAY_ADDRESS."""
-    ray_bin = Path(sys.executable).with_name("ray")
-    subprocess.run([str(ray_bin), "start", "--head", f"--num-cpus={num_cpus}", "--include-dashboard=false",
-                    "--disable-usage-stats"], env=env, check=True, capture_output=True, text=True)
+    from stages.training import _LOCAL_RAY_SYSTEM_CONFIG
+
+    cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--num-cpus={num_cpus}",
+           "--include-dashboard=false", "--disable-usage-stats"]
+    if tuned:
+        cmd.append(f"--system-config={json.dumps(_LOCAL_RAY_SYSTEM_CONFIG)}")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, text=True)
     return "auto"
 
 
@@ -176,8 +212,13 @@ def main(argv=None) -> int:
                        env=env, check=True, capture_output=True)
         setup["mlflow_db_init_s"] = round(time.perf_counter() - t, 3)
     if a.backend == "ray" and a.reuse_cluster:
+        tuned = env.get("FASTGEN_RAY_TUNING", "fast") != "default"
+        if tuned:  # _ray_init leaves an existing cluster's settings alone: set them for the drivers
+            from stages.training import _LOCAL_RAY_ENV
+
+            env = {**_LOCAL_RAY_ENV, **env}
         t = time.perf_counter()
-        env["RAY_ADDRESS"] = start_cluster(env, max(os.cpu_count() or 1, a.num_workers))
+        env["RAY_ADDRESS"] = start_cluster(env, max(os.cpu_count() or 1, a.num_workers), tuned)
         setup["ray_start_head_s"] = round(time.perf_counter() - t, 3)
 
     rows, log_dir = [], work / "logs"
@@ -187,8 +228,16 @@ def main(argv=None) -> int:
             kind = recipe.stages[stage].kind
             cmd = [sys.executable, "-m", f"stages.{kind}", str(rpath), stage, "--force"]
             launched, t0 = time.time(), time.perf_counter()
-            p = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True)
+            with subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, start_new_session=True) as proc:
+                # CPU time of the stage's whole process tree: less sensitive than wall time to
+                # other jobs on a shared machine
+                meter = SessionCPU(proc.pid)
+                meter.start()
+                stdout, stderr = proc.communicate()
             wall = time.perf_counter() - t0
+            cpu, n_procs = meter.total()
+            p = subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
             (log_dir / f"{stage}.log").write_text(p.stdout + p.stderr)
             if p.returncode:
                 print(p.stderr[-4000:], file=sys.stderr)
@@ -196,13 +245,13 @@ def main(argv=None) -> int:
                 return 1
             rec = next((json.loads(line[len(PREFIX):]) for line in p.stderr.splitlines()
                         if line.startswith(PREFIX)), None)
-            rows.append({"stage": stage, "kind": kind, **breakdown(wall, launched, rec),
-                         "phases": rec["phases"] if rec else None})
+            rows.append({"stage": stage, "kind": kind, **breakdown(wall, launched, rec), "cpu": round(cpu, 3), "processes": n_procs,
+                         "load_avg_1m": round(os.getloadavg()[0], 2), "phases": rec["phases"] if rec else None})
     finally:
         if a.backend == "ray" and a.reuse_cluster:
             stop_cluster(env)
 
-    tot = {c: round(sum(r.get(c, 0.0) for r in rows), 3) for c in ["wall", *COLUMNS, "overhead"]}
+    tot = {c: round(sum(r.get(c, 0.0) for r in rows), 3) for c in ["wall", *COLUMNS, "overhead", "cpu", "processes"]}
     result = {"recipe": str(a.recipe), "tiny": a.tiny, "backend": a.backend,
               "num_workers": a.num_workers if a.backend == "ray" else None,
               "ray_tuning": os.environ.get("FASTGEN_RAY_TUNING") if a.ray_tuning is None else a.ray_tuning,
@@ -215,11 +264,14 @@ def main(argv=None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
 
-    hdr = f"{'stage':<10}{'wall':>8}" + "".join(f"{c:>11}" for c in COLUMNS) + f"{'overhead':>10}"
+    hdr = f"{'stage':<10}{'wall':>8}" + "".join(f"{c:>10}" for c in COLUMNS) + f"{'overhead':>10}{'cpu':>8}{'procs':>6}"
+    print(f"seconds; {a.backend} backend{' (tiny)' if a.tiny else ''}; overhead = wall - compute; "
+          "cpu = CPU seconds of the stage's whole process tree (Ray's included, unless\n"
+          "a reused cluster's), procs = processes in it")
     print(hdr)
     for r in [*rows, {"stage": "total", **tot}]:
-        print(f"{r['stage']:<10}{r.get('wall', 0):>8.2f}" + "".join(f"{r.get(c, 0):>11.2f}" for c in COLUMNS)
-              + f"{r.get('overhead', 0):>10.2f}")
+        print(f"{r['stage']:<10}{r.get('wall', 0):>8.2f}" + "".join(f"{r.get(c, 0):>10.2f}" for c in COLUMNS)
+              + f"{r.get('overhead', 0):>10.2f}{r.get('cpu', 0):>8.1f}{r.get('processes', 0):>6.0f}")
     print(f"setup (untimed per stage): {setup}; logs: {log_dir}; wrote {out}")
     return 0
 

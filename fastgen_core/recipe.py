@@ -87,6 +87,9 @@ class ComputeConfig(Strict):
     num_workers: int = Field(1, gt=0, description="ray: number of training workers")
     use_gpu: bool = Field(False, description="ray: one GPU per worker; local: use CUDA if available")
     cpus_per_worker: int = Field(1, gt=0, description="ray: CPUs reserved per worker")
+    threads: int | None = Field(
+        None, gt=0, description="CPU threads per process/worker for torch (None: torch's default). Small "
+        "models on a shared CPU run fastest with 1: two threads contending with other jobs can be 10-100x slower")
 
 
 class TrackingConfig(Strict):

@@ -28,9 +28,12 @@ def stage_task(recipe: Recipe, stage: str, force: bool = False) -> dict:
 
 
 @flow(name="fastgen-recipe", flow_run_name="{recipe.name}")
-def pipeline(recipe: Recipe, recipe_path: str = "<recipe>", force: bool = False) -> dict[str, dict]:
-    """Run every stage of `recipe` in dependency order; returns stage -> {digest, metrics}."""
-    recipe._path = recipe_path
+def pipeline(recipe: Recipe, recipe_path: str | None = None, force: bool = False) -> dict[str, dict]:
+    """Run every stage of `recipe` in dependency order; returns stage -> {digest, metrics}.
+    `recipe_path` restores the recipe's file path where the recipe arrives without it (a
+    deployment's JSON parameters); by default the recipe keeps its own."""
+    if recipe_path is not None:
+        recipe._path = recipe_path
     own = "FASTGEN_INVOCATION" not in os.environ  # one MLflow parent run for this flow run
     if own:
         os.environ["FASTGEN_INVOCATION"] = f"prefect-{uuid.uuid4().hex[:12]}"

@@ -34,7 +34,8 @@ class StageError(Exception):
 # --- timing ------------------------------------------------------------------------------------
 # run_stage measures its phases (seconds, time.perf_counter) and prints them as one line
 # `[fastgen-timing] {json}` on stderr when it returns; bench/pipeline.py parses it. Code running
-# inside a stage (stages/training.py) adds its own phases with `phase(name)` / `add_phase`.
+# inside a stage (stages/training.py) adds its own phases with `phase(name)` / `add_phase`; those
+# are reported as `run/<name>`, parts of the stage's `run` phase.
 TIMING_PREFIX = "[fastgen-timing]"
 _timings: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fastgen_timings", default=None)
 
@@ -53,6 +54,20 @@ def phase(name: str):
         yield
     finally:
         add_phase(name, time.perf_counter() - t0)
+
+
+@contextmanager
+def _sub_phases(prefix: str):
+    """Phases recorded inside the block are stored as `<prefix>/<name>` (nested in `prefix`)."""
+    outer, inner = _timings.get(), {}
+    token = _timings.set(inner)
+    try:
+        yield
+    finally:
+        _timings.reset(token)
+        if outer is not None:
+            for k, v in inner.items():
+                outer[f"{prefix}/{k}"] = outer.get(f"{prefix}/{k}", 0.0) + v
 
 
 def process_age() -> float | None:
@@ -162,6 +177,8 @@ def run_stage(recipe: Recipe | str, stage: str, force: bool = False) -> dict:
 
 def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
     spec = recipe.stages[stage]
+    if recipe.compute.threads:
+        torch.set_num_threads(recipe.compute.threads)
     with phase("inputs"):
         inputs = resolve_inputs(recipe, stage)
         m = None if force else up_to_date(recipe, stage, inputs)
@@ -191,7 +208,7 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
     try:
         with artifacts.atomic_dir(stage_dir(recipe, stage)) as tmp:
             ctx = StageContext(recipe, stage, tmp, inputs, tr)
-            with phase("run"):
+            with phase("run"), _sub_phases("run"):
                 kind.run(ctx)
             with phase("manifest"):
                 manifest = artifacts.write_manifest(tmp, {

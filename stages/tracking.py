@@ -10,6 +10,8 @@ The invocation a stage belongs to: `$FASTGEN_INVOCATION` if set (the Prefect flo
 from __future__ import annotations
 
 import os
+import re
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -23,6 +25,11 @@ def tracking_uri(recipe) -> str:
 
 def _proc_start(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+
+
+# Kept here, not in os.environ: a flow started later in this process must see no
+# FASTGEN_INVOCATION and make its own, instead of adopting these stages' parent run.
+_solo: str | None = None
 
 
 def invocation_id() -> str:
@@ -40,9 +47,10 @@ def invocation_id() -> str:
                 break
     except (OSError, ValueError, IndexError):
         pass
-    inv = f"solo-{uuid.uuid4().hex[:12]}"
-    os.environ["FASTGEN_INVOCATION"] = inv
-    return inv
+    global _solo
+    if _solo is None:  # one for every stage this process runs outside dvc and a flow
+        _solo = f"solo-{uuid.uuid4().hex[:12]}"
+    return _solo
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -80,14 +88,29 @@ class Tracker:
                 self.client.set_tag(self.run_id, k, str(v))
 
 
-def _experiment(client, name: str) -> str:
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Where a new experiment keeps its artifacts: next to a SQLite store's database file
+    (`<db folder>/mlruns/<experiment>`), not in MLflow's default `./mlruns` of whatever the working
+    directory happens to be; None (the server's default) for other stores."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):]).resolve()
+    return (db.parent / "mlruns" / re.sub(r"[^A-Za-z0-9_.-]", "_", experiment)).as_uri()
+
+
+def _experiment(client, name: str, uri: str) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
     try:
-        return client.create_experiment(name)
+        return client.create_experiment(name, artifact_location=artifact_location(uri, name))
     except Exception:  # created concurrently
         return client.get_experiment_by_name(name).experiment_id
+
+
+# Stages of one invocation running concurrently in this process (Prefect threads) must find or
+# create the same parent run: the search-then-create below is not atomic on its own.
+_parent_lock = threading.Lock()
 
 
 def start_stage_run(recipe, stage: str, params: dict, tags: dict) -> Tracker:
@@ -97,16 +120,17 @@ def start_stage_run(recipe, stage: str, params: dict, tags: dict) -> Tracker:
 
     uri = tracking_uri(recipe)
     client = MlflowClient(uri)
-    exp = _experiment(client, recipe.tracking.experiment or recipe.name)
     inv = invocation_id()
-    found = client.search_runs([exp], f"tags.`fastgen.invocation` = '{inv}' and tags.`fastgen.level` = 'pipeline'",
-                               max_results=1)
-    if found:
-        parent = found[0].info.run_id
-    else:
-        parent = client.create_run(exp, run_name=f"{recipe.name}", tags={
-            "fastgen.invocation": inv, "fastgen.level": "pipeline", "fastgen.recipe": recipe.name,
-            "fastgen.recipe_path": recipe.path, "fastgen.recipe_digest": recipe.digest()}).info.run_id
+    with _parent_lock:
+        exp = _experiment(client, recipe.tracking.experiment or recipe.name, uri)
+        found = client.search_runs([exp], f"tags.`fastgen.invocation` = '{inv}' and tags.`fastgen.level` = 'pipeline'",
+                                   max_results=1)
+        if found:
+            parent = found[0].info.run_id
+        else:
+            parent = client.create_run(exp, run_name=f"{recipe.name}", tags={
+                "fastgen.invocation": inv, "fastgen.level": "pipeline", "fastgen.recipe": recipe.name,
+                "fastgen.recipe_path": recipe.path, "fastgen.recipe_digest": recipe.digest()}).info.run_id
     run = client.create_run(exp, run_name=stage, tags={
         "mlflow.parentRunId": parent, "fastgen.invocation": inv, "fastgen.level": "stage",
         "fastgen.recipe": recipe.name, "fastgen.stage": stage, **{k: str(v) for k, v in tags.items()}})
@@ -124,4 +148,6 @@ def end_stage_run(tr: Tracker, ok: bool) -> None:
     if tr.client:
         status = "FINISHED" if ok else "FAILED"
         tr.client.set_terminated(tr.run_id, status)
-        tr.client.set_terminated(tr.parent_id, status)
+        # the parent is FAILED once any stage failed: a later stage's success does not undo that
+        if not ok or tr.client.get_run(tr.parent_id).info.status != "FAILED":
+            tr.client.set_terminated(tr.parent_id, status)

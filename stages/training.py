@@ -88,6 +88,8 @@ def fit(config: dict) -> None:
     token = _timings.set({}) if _timings.get() is None else None
     timings = _timings.get()
     recipe = parse_recipe(config["recipe"], config["recipe_path"])
+    if recipe.compute.threads:
+        torch.set_num_threads(recipe.compute.threads)
     stage, spec = config["stage"], recipe.stages[config["stage"]]
     device = "cuda" if config.get("use_gpu") and torch.cuda.is_available() else "cpu"
     if in_ray and device == "cuda":
@@ -148,14 +150,35 @@ def fit(config: dict) -> None:
             _timings.reset(token)
 
 
+# Ray Train defaults that cost seconds per stage on a short single-node job and buy nothing there.
+# Applied (unless already set) only when this process starts its own local runtime; measured with
+# bench/pipeline.py. FASTGEN_RAY_TUNING=default starts Ray as before, for comparison.
+_LOCAL_RAY_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0",              # no usage-stats collection/reporting
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # one actor process less (no preemptible nodes here)
+    "RAY_TRAIN_METRICS_ENABLED": "0",            # no controller/worker metrics callbacks
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",  # the controller polls workers every 0.5 s, not 2 s
+}
+# Ray prestarts one idle Python worker per CPU for the first driver; Ray Train's actors all run
+# with a runtime_env and cannot use them, so on 2 cores they only compete with the real ones.
+_LOCAL_RAY_SYSTEM_CONFIG = {"enable_worker_prestart": False, "prestart_worker_first_driver": False}
+
+
 def _ray_init(compute) -> None:
     import ray
 
     if ray.is_initialized():
         return
-    kw = dict(include_dashboard=False, configure_logging=True, log_to_driver=True)
-    if not os.environ.get("RAY_ADDRESS"):  # local runtime sized to the job
-        kw["num_cpus"] = max(os.cpu_count() or 1, compute.num_workers * compute.cpus_per_worker)
+    kw = dict(configure_logging=True, log_to_driver=True)
+    if os.environ.get("RAY_ADDRESS"):  # an existing cluster (`ray start --head`, KubeRay): attach
+        ray.init(**kw)
+        return
+    # a local runtime sized to the job
+    kw.update(include_dashboard=False, num_cpus=max(os.cpu_count() or 1, compute.num_workers * compute.cpus_per_worker))
+    if os.environ.get("FASTGEN_RAY_TUNING", "fast") != "default":
+        for k, v in _LOCAL_RAY_ENV.items():
+            os.environ.setdefault(k, v)
+        kw["_system_config"] = _LOCAL_RAY_SYSTEM_CONFIG
     ray.init(**kw)
 
 
@@ -167,11 +190,12 @@ def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    name = f"{config['stage']}-{int(time.time())}"
     trainer = TorchTrainer(
         fit, train_loop_config={**config, "ray": True},
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker={"CPU": compute.cpus_per_worker}),
-        run_config=RunConfig(name=f"{config['stage']}-{int(time.time())}", storage_path=storage_path))
+        run_config=RunConfig(name=name, storage_path=storage_path))
     result = trainer.fit()
     metrics = dict(result.metrics or {})
     # the worker's own phases (data, model_setup, train, save, ...) happened inside trainer.fit;
@@ -186,6 +210,8 @@ def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -
         for p in Path(d).iterdir():
             if p.is_file():
                 shutil.copy2(p, out / p.name)
+    if storage_path and "://" not in storage_path:  # the copy is in `out`: drop Ray's run folder
+        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
     return metrics
 
 

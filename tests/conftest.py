@@ -1,20 +1,30 @@
 """Shared fixtures: a tiny version of params/toy_cd.yaml (same stage graph, seconds instead of
-minutes) written into a test's tmp folder, with its own storage root and MLflow store."""
+minutes) written into a test's tmp folder, with its own storage root and MLflow store.
+
+Torch runs single-threaded in the tests (and in the stage processes and Ray workers they start):
+the test machine has 2 cores shared with other jobs, and two intra-op threads contending with
+them make the tiny networks' steps 10-100x slower than one thread.
+"""
 from __future__ import annotations
 
 import copy
 import os
+import shutil
+import uuid
 from pathlib import Path
+from types import SimpleNamespace
 
-import pytest
-import yaml
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import yaml  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 
 # Same stages as params/toy_cd.yaml: teacher -> pairs -> cd -> eval, scaled down.
 TINY = {
     "name": "tiny_cd",
-    "description": "tiny toy_cd for tests",
+    "description": "params/toy_cd.yaml scaled down for tests",
     "seed": 0,
     "data": {"kind": "toy", "name": "8gaussians", "n_train": 2000, "n_test": 500},
     "noise": {"sigma_max": 80.0},
@@ -23,13 +33,14 @@ TINY = {
             "kind": "teacher",
             "method": {"name": "edm"},
             "network": {"arch": "mlp", "width": 32, "depth": 2, "emb_dim": 16},
-            "train": {"steps": 150, "batch_size": 128, "lr": 2.0e-3, "ema_decay": 0.9,
-                      "lr_warmup": 10, "log_every": 10, "ckpt_every": 100},
+            # ~2 s on one CPU thread, and enough to cover all 8 modes at 35 NFE
+            "train": {"steps": 400, "batch_size": 256, "lr": 3.0e-3, "ema_decay": 0.95,
+                      "lr_warmup": 10, "log_every": 20, "ckpt_every": 200},
         },
         "pairs": {
             "kind": "ode_pairs",
             "inputs": {"teacher": "teacher"},
-            "pairs": {"n_pairs": 500, "steps": 6},
+            "pairs": {"n_pairs": 500, "steps": 18},
         },
         "cd": {
             "kind": "distill",
@@ -41,7 +52,7 @@ TINY = {
         "eval": {
             "kind": "evaluate",
             "inputs": {"models": ["teacher", "cd"], "pairs": "pairs"},
-            "evaluate": {"n_samples": 500, "seeds": [0, 1], "nfe": [1, 2], "teacher_nfe": [1, 5]},
+            "evaluate": {"n_samples": 500, "seeds": [0, 1], "nfe": [1, 2], "teacher_nfe": [1, 35]},
         },
     },
 }
@@ -57,44 +68,92 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
-@pytest.fixture
-def tiny_recipe(tmp_path):
-    """Factory: `tiny_recipe(**overrides)` writes the tiny recipe and returns its path.
+def write_tiny_recipe(root: str | Path, only: list[str] | None = None, mlflow_template: Path | None = None,
+                      **overrides) -> Path:
+    """Write the tiny recipe into `root` and return its path.
 
-    Overrides are deep-merged into the recipe dict, e.g.
-    `tiny_recipe(compute={"backend": "ray", "num_workers": 2})` or
-    `tiny_recipe(stages={"teacher": {"train": {"steps": 50}}})`. `only=[...]` keeps just those
-    stages (their inputs must be among them); `root=` picks the folder holding the recipe file,
-    storage (`<root>/outputs`) and the MLflow store (`<root>/mlflow.db`, artifacts in
-    `<root>/mlartifacts`). Each call with a new `root` is an independent world.
+    Its storage root is `<root>/outputs` and its MLflow store `sqlite:///<root>/mlflow.db` (a copy
+    of `mlflow_template`, an already migrated empty store, when given). Overrides are deep-merged
+    into the recipe, e.g. `compute={"backend": "ray", "num_workers": 2}` or
+    `stages={"teacher": {"train": {"steps": 50}}}`; `only=[...]` keeps just those stages.
     """
+    root = Path(root).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    raw = _merge(TINY, overrides)
+    if only is not None:
+        raw["stages"] = {k: v for k, v in raw["stages"].items() if k in only}
+    raw.setdefault("storage", {}).setdefault("root", str(root / "outputs"))
+    raw.setdefault("tracking", {}).setdefault("uri", f"sqlite:///{root / 'mlflow.db'}")
+    if mlflow_template is not None and not (root / "mlflow.db").exists():
+        shutil.copy(mlflow_template, root / "mlflow.db")
+    path = root / f"{raw['name']}.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory) -> Path:
+    """An empty, migrated MLflow SQLite store: creating one costs seconds of schema migrations,
+    copying it costs nothing."""
+    from mlflow import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path, mlflow_template):
+    """Factory: `tiny_recipe(root=None, only=None, **overrides) -> Path` (see write_tiny_recipe);
+    root defaults to the test's tmp_path."""
 
     def make(root: str | Path | None = None, only: list[str] | None = None, **overrides) -> Path:
-        root = Path(root) if root is not None else tmp_path
-        root.mkdir(parents=True, exist_ok=True)
-        raw = _merge(TINY, overrides)
-        if only is not None:
-            raw["stages"] = {k: v for k, v in raw["stages"].items() if k in only}
-        raw.setdefault("storage", {})["root"] = str((root / "outputs").resolve())
-        raw.setdefault("tracking", {}).setdefault("uri", f"sqlite:///{(root / 'mlflow.db').resolve()}")
-        path = root / f"{raw['name']}.yaml"
-        path.write_text(yaml.safe_dump(raw, sort_keys=False))
-        return path
+        return write_tiny_recipe(tmp_path if root is None else root, only, mlflow_template, **overrides)
 
     return make
 
 
-@pytest.fixture
-def isolated_cwd(tmp_path, monkeypatch):
-    """Run in tmp_path: MLflow's default artifact root for a sqlite store is ./mlruns of the
-    working directory, which must not be the project's."""
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+@pytest.fixture(scope="session")
+def tiny_recipe_session(tmp_path_factory, mlflow_template):
+    """Session-scoped factory: `tiny_recipe_session(name, only=None, **overrides) -> Path`, each
+    call in a fresh folder named after `name`."""
+
+    def make(name: str, only: list[str] | None = None, **overrides) -> Path:
+        return write_tiny_recipe(tmp_path_factory.mktemp(name), only, mlflow_template, **overrides)
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def stagewise_run(tiny_recipe_session):
+    """The tiny pipeline run the way `dvc repro` runs it: `run_stage` for each stage in order, all
+    under one FASTGEN_INVOCATION (one MLflow parent run). Shared by the flow and MLflow tests."""
+    from fastgen_core.recipe import load_recipe
+    from stages.runtime import run_stage
+
+    path = tiny_recipe_session("stagewise")
+    recipe = load_recipe(path)
+    invocation = f"test-stagewise-{uuid.uuid4().hex[:8]}"
+    saved = os.environ.get("FASTGEN_INVOCATION")
+    os.environ["FASTGEN_INVOCATION"] = invocation
+    try:
+        manifests = {s: run_stage(recipe, s) for s in recipe.order()}
+    finally:
+        if saved is None:
+            os.environ.pop("FASTGEN_INVOCATION", None)
+        else:
+            os.environ["FASTGEN_INVOCATION"] = saved
+    return SimpleNamespace(path=path, recipe=recipe, invocation=invocation, manifests=manifests,
+                           root=path.parent, uri=recipe.tracking.uri)
 
 
 @pytest.fixture
-def fresh_invocation(monkeypatch):
-    """A clean FASTGEN_INVOCATION for each test (tracking.invocation_id caches one in os.environ)."""
+def clean_invocation(monkeypatch):
+    """A fresh MLflow invocation for the test: no FASTGEN_INVOCATION inherited from the
+    environment or an earlier test, and no solo invocation id cached by stages.tracking."""
+    from stages import tracking
+
     monkeypatch.delenv("FASTGEN_INVOCATION", raising=False)
+    monkeypatch.setattr(tracking, "_solo", None)
     yield
     os.environ.pop("FASTGEN_INVOCATION", None)
