@@ -80,9 +80,20 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     return max(float(np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross), 0.0)
 
 
+def floor_metrics(metric_fn: Callable[[torch.Tensor], dict[str, float]], real_pool: torch.Tensor, n: int,
+                  seeds) -> list[dict[str, float]]:
+    """The floor, per seed: metric_fn on n rows of `real_pool` drawn without replacement by that
+    seed. It depends on nothing generated: compute it once per evaluation and pass it on."""
+    if len(real_pool) < n:
+        raise ValueError(f"real_pool has {len(real_pool)} rows, need at least n = {n}")
+    picks = (torch.randperm(len(real_pool), generator=torch.Generator().manual_seed(s))[:n] for s in seeds)
+    return [metric_fn(real_pool[p]) for p in picks]
+
+
 def with_floor(metric_fn: Callable[[torch.Tensor], dict[str, float]],
                samples_fn: Callable[[int], torch.Tensor],
-               real_pool: torch.Tensor, n: int, seeds) -> dict[str, dict[str, float]]:
+               real_pool: torch.Tensor, n: int, seeds,
+               floor: list[dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
     """A metric over seeds, next to its floor: held-out real data against real data, same
     sample count.
 
@@ -90,19 +101,17 @@ def with_floor(metric_fn: Callable[[torch.Tensor], dict[str, float]],
     metric_fn(real) on n rows of `real_pool` drawn without replacement by that seed. `real_pool`
     should be disjoint from the reference that `metric_fn` compares against. Returns, per metric
     name, {"mean", "std", "floor_mean", "floor_std", "above_floor" = mean - floor_mean}; std is
-    the sample std over seeds (0 for one seed).
+    the sample std over seeds (0 for one seed). `floor`: `floor_metrics(...)` computed earlier
+    for the same metric_fn, real_pool, n and seeds (computed here if None).
     """
     seeds = list(seeds)
-    if len(real_pool) < n:
-        raise ValueError(f"real_pool has {len(real_pool)} rows, need at least n = {n}")
-    gen, real = [], []
+    real = floor if floor is not None else floor_metrics(metric_fn, real_pool, n, seeds)
+    gen = []
     for seed in seeds:
         samples = samples_fn(seed)
         if len(samples) != n:
             raise ValueError(f"samples_fn({seed}) returned {len(samples)} samples, expected n = {n}")
-        pick = torch.randperm(len(real_pool), generator=torch.Generator().manual_seed(seed))[:n]
         gen.append(metric_fn(samples))
-        real.append(metric_fn(real_pool[pick]))
 
     def stats(values):
         v = np.asarray(values, dtype=np.float64)

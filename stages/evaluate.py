@@ -71,12 +71,13 @@ def run(ctx) -> None:
         metric_fn = lambda s: M.toy_metrics(s, data.density, data.x_test)  # noqa: E731
         real_pool = data.density.sample(n, torch.Generator().manual_seed(777))[0]  # fresh draws for the floor
     labels_pool = data.y_test if data.y_test is not None else None
+    prim = PRIMARY["image" if data.is_image else "toy"]
+    floor_per_seed = M.floor_metrics(metric_fn, real_pool, n, cfg.seeds)  # the same for every model and NFE
 
     results, curves = {}, {}
     (ctx.out / "samples").mkdir()
     (ctx.out / "plots").mkdir()
     panels = {}
-    floor = None
     for inp in ctx.inputs["models"]:
         model = load_model(inp.path, device)
         is_teacher = model.meta["method"] == "edm"
@@ -89,13 +90,11 @@ def run(ctx) -> None:
                 cache[seed] = _generate(model, n, nfe, seed, labels_pool, device)
                 return cache[seed]
 
-            stats = M.with_floor(metric_fn, samples_fn, real_pool, n, cfg.seeds)
+            stats = M.with_floor(metric_fn, samples_fn, real_pool, n, cfg.seeds, floor=floor_per_seed)
             used = teacher_nfe(nfe) if is_teacher else nfe
             key = f"nfe_{used}"
             results[inp.stage][key] = {m: {k: round(v, 6) for k, v in s.items()} for m, s in stats.items()}
-            prim = PRIMARY["image" if data.is_image else "toy"]
             curves[inp.stage][used] = (stats[prim]["mean"], stats[prim]["std"])
-            floor = stats[prim]["floor_mean"]
             np.savez_compressed(ctx.out / "samples" / f"{inp.stage}_nfe{used}.npz",
                                 **{f"seed{s}": cache[s].numpy() for s in cfg.seeds})
             panels[f"{inp.stage} ({used} NFE)"] = cache[cfg.seeds[0]].numpy()
@@ -106,7 +105,7 @@ def run(ctx) -> None:
             results[inp.stage]["coupling"] = _coupling(model, ctx.input("pairs").path, max(nfes), is_teacher, device)
     (ctx.out / "metrics.json").write_text(json.dumps(results, indent=2))
     if cfg.plots:
-        prim = PRIMARY["image" if data.is_image else "toy"]
+        floor = float(np.mean([f[prim] for f in floor_per_seed]))
         plots.quality_vs_nfe(curves, floor, prim, ctx.out / "plots" / "quality_vs_nfe.png")
         if data.is_image:
             for title, s in panels.items():
