@@ -46,7 +46,7 @@ from ..noise import EDMDenoiser, denoiser_in, from_edm, to_edm
 from ..samplers import _b, _col, autoguided
 from ..tangents import jvp, new_seed, normalise, same_randomness, warmup
 from .base import Method as _Base
-from .ctm import init_from, student_net_cfg
+from .ctm import add_student
 
 
 class Config(Strict):
@@ -119,10 +119,7 @@ class Method(_Base):
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
         teacher = ctx.inputs["teacher"]
-        net_cfg = student_net_cfg(ctx.network or teacher.meta_net_cfg("net"))
-        self.add_net("net", net_cfg)
-        if cfg.init_from_teacher:
-            init_from(self.nets["net"], teacher.nets["net"])
+        add_student(self, teacher, cfg.init_from_teacher)
         D_edm = teacher.denoiser()
         if cfg.guidance != 1.0:
             if "guide" not in ctx.inputs:

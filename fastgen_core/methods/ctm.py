@@ -88,6 +88,16 @@ def init_from(student: nn.Module, teacher: nn.Module) -> None:
         student.embed.map_s.bias.zero_()
 
 
+def add_student(method, teacher, init: bool):
+    """Own the two-time student network "net" (teacher settings + s-embedding), optionally
+    starting from the teacher's weights; returns its NetworkConfig."""
+    net_cfg = student_net_cfg(method.ctx.network or teacher.meta_net_cfg("net"))
+    method.add_net("net", net_cfg)
+    if init:
+        init_from(method.nets["net"], teacher.nets["net"])
+    return net_cfg
+
+
 def teacher_solve(D, x: torch.Tensor, sigmas: torch.Tensor, n_from: torch.Tensor, n_to: torch.Tensor,
                   max_steps: int, **cond) -> torch.Tensor:
     """Heun steps along the grid from σ_{n_from} to σ_{n_to} per sample (n_to − n_from ≤ max_steps)."""
@@ -107,10 +117,7 @@ class Method(_Base):
             raise NotImplementedError("ctm: the GAN term is not implemented (set gan: false)")
         super().__init__(cfg, ctx)
         teacher = ctx.inputs["teacher"]
-        net_cfg = student_net_cfg(ctx.network or teacher.meta_net_cfg("net"))
-        self.add_net("net", net_cfg)
-        if cfg.init_from_teacher:
-            init_from(self.nets["net"], teacher.nets["net"])
+        net_cfg = add_student(self, teacher, cfg.init_from_teacher)
         self.add_net("target", net_cfg, init_from=self.nets["net"])
         self.nets["target"].requires_grad_(False)
         self.G = TrajectoryFn(self.nets["net"], ctx.noise)
