@@ -91,6 +91,14 @@ def write_tiny_recipe(root: str | Path, only: list[str] | None = None, mlflow_te
     return path
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """OMP_NUM_THREADS only counts if set before torch is first imported; make it hold anyway."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory) -> Path:
     """An empty, migrated MLflow SQLite store: creating one costs seconds of schema migrations,

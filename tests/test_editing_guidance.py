@@ -15,14 +15,6 @@ from fastgen_core.samplers import autoguided, cfg_guided, edm_sample
 torch.set_default_dtype(torch.float32)
 NOISE = EDM()
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend on a shared 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 TAUS = NOISE.karras_sigmas(5)[:-1].tolist()
 
 

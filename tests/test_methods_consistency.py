@@ -26,14 +26,6 @@ torch.set_default_dtype(torch.float32)
 NCFG = NetworkConfig(arch="mlp", width=32, depth=2, emb_dim=16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: intra-op threads only contend on a shared 2-core machine (100x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def data():
