@@ -70,10 +70,9 @@ def denoiser_in(conv: Convention, D_edm: Callable, sigma_data: float = 0.5) -> C
     return D
 
 
-def _bcast(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Reshape a per-sample (N,) or scalar tensor to broadcast against x (N, ...)."""
-    v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
-    return v.reshape(-1, *[1] * (x.ndim - 1)) if v.ndim else v
+def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-sample (N,) tensor reshaped to broadcast against x (N, ...)."""
+    return v.reshape(-1, *[1] * (x.ndim - 1))
 
 
 @dataclass(frozen=True)
@@ -125,5 +124,5 @@ class EDMDenoiser(torch.nn.Module):
     def forward(self, x: torch.Tensor, sigma: torch.Tensor, **cond) -> torch.Tensor:
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).expand(x.shape[0])
         c_skip, c_out, c_in, c_noise = self.edm.precond(sigma)
-        F = self.net(_bcast(c_in, x) * x, c_noise, **cond)
-        return _bcast(c_skip, x) * x + _bcast(c_out, x) * F
+        F = self.net(_col(c_in, x) * x, c_noise, **cond)
+        return _col(c_skip, x) * x + _col(c_out, x) * F

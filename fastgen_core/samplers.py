@@ -4,16 +4,12 @@ from __future__ import annotations
 
 import torch
 
-from .noise import EDM
+from .noise import EDM, _col
 
 
 def _b(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A scalar or per-sample (N,) noise level as a per-sample (N,) tensor."""
     return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[0])
-
-
-def _col(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(-1, *[1] * (x.ndim - 1))
 
 
 def heun_step(D, x: torch.Tensor, s_cur, s_next, **cond) -> torch.Tensor:
