@@ -1,7 +1,10 @@
 """The recipe DAG as a Prefect flow. Each recipe stage is one task calling
 `stages.runtime.run_stage` — the function `dvc repro` runs through the stage CLIs — so both give the
-same outputs, manifests and MLflow runs. Independent stages run concurrently; a stage whose output
-is up to date (same params digest and input digests) is skipped, as DVC would.
+same outputs, manifests and MLflow runs. Stages run one at a time in the recipe's order, as
+`dvc repro` runs them: task threads share torch's process-wide random generator (network
+initialisation draws from it), so concurrent stages in one process would make results depend on
+scheduling. A stage whose output is up to date (same params digest and input digests) is skipped,
+as DVC would.
 
 Prefect's ephemeral API is used unless PREFECT_API_URL points at a server.
 
@@ -37,10 +40,11 @@ def pipeline(recipe: Recipe, recipe_path: str | None = None, force: bool = False
     own = "FASTGEN_INVOCATION" not in os.environ  # one MLflow parent run for this flow run
     if own:
         os.environ["FASTGEN_INVOCATION"] = f"prefect-{uuid.uuid4().hex[:12]}"
-    futures = {}
-    for name in recipe.order():
+    futures, prev = {}, []
+    for name in recipe.order():  # upstream edges for the UI's graph; `prev` serialises (see docstring)
         futures[name] = stage_task.with_options(name=f"{recipe.name}-{name}").submit(
-            recipe, name, force, wait_for=[futures[u] for u in recipe.upstream(name)])
+            recipe, name, force, wait_for=[futures[u] for u in recipe.upstream(name)] + prev)
+        prev = [futures[name]]
     try:
         return {name: f.result() for name, f in futures.items()}
     finally:

@@ -73,7 +73,7 @@ def test_analytic_denoiser_is_posterior_mean():
     d = load_data(DataConfig(kind="toy", name="8gaussians", n_train=200, n_test=200)).density
     x0, _ = d.sample(200_000, torch.Generator().manual_seed(0))
     sigma = 0.3
-    x = x0 + sigma * torch.randn_like(x0)
+    x = x0 + sigma * torch.randn(x0.shape, generator=torch.Generator().manual_seed(1))
     near = (x - torch.tensor([1.0, 0.2])).norm(dim=1) < 0.05  # Monte-Carlo E[x0 | x ≈ point]
     mc = x0[near].mean(0)
     exact = d.denoiser(torch.tensor([[1.0, 0.2]]), torch.tensor(sigma))[0]
