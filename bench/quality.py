@@ -1,9 +1,12 @@
 """Quality vs NFE for every recipe that has run, with sampling throughput.
 
 For each `outputs/<recipe>/eval/metrics.json`: the teacher at its largest NFE and each student at
-NFE 1, 2, 4, 8 (where evaluated), as the primary metric (2D: sliced W2 and NLL; images: FD) with
-its floor, the ratio of the student's distance-above-floor to the teacher's, and samples/s measured
-here. Writes bench/results/quality.json and bench/results/quality.png; prints a table.
+NFE 1, 2, 4, 8 (where evaluated), as the primary metric (2D: sliced W2, with NLL beside it; images:
+FD in the recipe's feature network) with its floor (real vs real), the ratio of the student's
+distance above the floor to the teacher's (1 = as good as the teacher at full NFE; the issue's
+target at 1 step is ≤ 2), and samples/s measured here. Writes bench/results/quality.json,
+bench/results/quality.md (the table) and bench/results/quality.png (ratio vs NFE, one panel per
+dataset kind); prints the table.
 
     python bench/quality.py [--outputs outputs] [--n 5000]
 """
@@ -21,8 +24,10 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastgen_core import artifacts, plots  # noqa: E402
+from fastgen_core import artifacts  # noqa: E402
 from fastgen_core.models import load_model  # noqa: E402
+
+STUDENT_NFE = (1, 2, 4, 8)
 
 
 def samples_per_s(model, nfe: int, n: int) -> float:
@@ -37,61 +42,96 @@ def samples_per_s(model, nfe: int, n: int) -> float:
     return n / best
 
 
+def evaluations(outputs: Path):
+    """(manifest, metrics) of every evaluate stage under `outputs`."""
+    for ev in sorted(outputs.glob("*/*/metrics.json")):
+        try:
+            man = artifacts.read_manifest(ev.parent)
+        except FileNotFoundError:
+            continue
+        if man.get("kind") == "evaluate":
+            yield man, json.loads(ev.read_text())
+
+
+def recipe_rows(man: dict, res: dict, n: int) -> list[dict]:
+    prim = "fd" if any("fd" in v for r in res.values() for v in r.values() if isinstance(v, dict)) else "swd"
+    rows, teacher_ref = [], None
+    for name, inp in man["inputs"].items():
+        if inp["role"] != "models" or name not in res:
+            continue
+        model = load_model(inp["path"])
+        is_teacher = model.meta["method"] == "edm"
+        per = {int(k[4:]): v for k, v in res[name].items() if k.startswith("nfe_")}
+        keep = [max(per)] if is_teacher else [k for k in sorted(per) if k in STUDENT_NFE]
+        if is_teacher and teacher_ref is None:
+            teacher_ref = {m: s["mean"] - s["floor_mean"] for m, s in per[max(per)].items()}
+        for nfe in keep:
+            stats = per[nfe]
+            rows.append({"recipe": man["recipe"], "model": name, "method": model.meta["method"], "nfe": nfe,
+                         "metric": prim, "data": "images" if prim == "fd" else "2D toy",
+                         **{f"{m}_{k}": s[k] for m, s in stats.items() for k in ("mean", "std", "floor_mean")},
+                         "samples_per_s": round(samples_per_s(model, nfe, n), 1)})
+    for r in rows:
+        for m, ref in (teacher_ref or {}).items():
+            if m in ("swd", "nll", "fd") and f"{m}_mean" in r and ref > 0:
+                r[f"{m}_ratio_to_teacher"] = round((r[f"{m}_mean"] - r[f"{m}_floor_mean"]) / ref, 3)
+    return rows
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = sorted({r["data"] for r in rows})
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        prim = "fd" if kind == "images" else "swd"
+        curves: dict[str, dict[int, float]] = {}
+        for r in rows:
+            if r["data"] == kind and r["method"] != "edm" and f"{prim}_ratio_to_teacher" in r:
+                curves.setdefault(f"{r['recipe']}/{r['model']}", {})[r["nfe"]] = r[f"{prim}_ratio_to_teacher"]
+        for name, pts in sorted(curves.items()):
+            k = sorted(pts)
+            ax.plot(k, [max(pts[i], 1e-2) for i in k], marker="o", label=name)
+        ax.axhline(1, c="k", lw=1, label="teacher at full NFE")
+        ax.axhline(2, c="k", lw=1, ls="--", label="2× teacher (1-step target)")
+        ax.set(xscale="log", yscale="log", xticks=list(STUDENT_NFE), xticklabels=[str(k) for k in STUDENT_NFE],
+               xlabel="NFE", ylabel=f"{prim} above floor / teacher's", title=f"{kind}: {prim} ratio to the teacher")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    cols = ["recipe", "model", "nfe", "swd_mean", "swd_floor_mean", "swd_ratio_to_teacher", "nll_mean",
+            "fd_mean", "fd_floor_mean", "fd_ratio_to_teacher", "samples_per_s"]
+    cols = [c for c in cols if any(c in r for r in rows)]
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--outputs", default=str(ROOT / "outputs"))
     ap.add_argument("--n", type=int, default=5000, help="samples per throughput measurement")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    rows, curves = [], {}
-    for ev in sorted(Path(a.outputs).glob("*/*/metrics.json")):
-        folder = ev.parent
-        try:
-            man = artifacts.read_manifest(folder)
-        except FileNotFoundError:
-            continue
-        if man.get("kind") != "evaluate":
-            continue
-        res = json.loads(ev.read_text())
-        prim = "fd" if any("fd" in v for r in res.values() for v in r.values() if isinstance(v, dict)) else "swd"
-        teacher_ref = None
-        for name, inp in man["inputs"].items():
-            if inp["role"] != "models":
-                continue
-            model = load_model(inp["path"])
-            is_teacher = model.meta["method"] == "edm"
-            per = {k: v for k, v in res.get(name, {}).items() if k.startswith("nfe_")}
-            for key, stats in sorted(per.items(), key=lambda kv: int(kv[0][4:])):
-                nfe = int(key[4:])
-                if not is_teacher and nfe not in (1, 2, 4, 8):
-                    continue
-                row = {"recipe": man["recipe"], "model": name, "method": model.meta["method"], "nfe": nfe,
-                       "metric": prim, **{f"{m}_{k}": s[k] for m, s in stats.items() for k in ("mean", "std", "floor_mean")},
-                       "samples_per_s": round(samples_per_s(model, nfe, a.n), 1)}
-                rows.append(row)
-                curves.setdefault(f"{man['recipe']}/{name}", {})[nfe] = (stats[prim]["mean"], stats[prim]["std"])
-            if is_teacher:
-                best = max(per, key=lambda k: int(k[4:]))
-                teacher_ref = {m: per[best][m]["mean"] - per[best][m]["floor_mean"] for m in per[best]}
-        for r in rows:
-            if r["recipe"] == man["recipe"] and teacher_ref:
-                for m, ref in teacher_ref.items():
-                    if f"{m}_mean" in r and m in ("swd", "nll", "fd") and ref > 0:
-                        r[f"{m}_ratio_to_teacher"] = round((r[f"{m}_mean"] - r[f"{m}_floor_mean"]) / ref, 3)
+    torch.set_num_threads(1)
+    rows = [r for man, res in evaluations(Path(a.outputs)) for r in recipe_rows(man, res, a.n)]
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
-    machine = {"machine": platform.machine(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
-               "cuda": torch.cuda.is_available()}
+    machine = {"machine": platform.machine(), "processor": platform.processor(), "threads": 1,
+               "torch": torch.__version__, "cuda": torch.cuda.is_available()}
     (out / "quality.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
-    if curves:
-        plots.quality_vs_nfe(curves, None, "primary metric (swd or fd)", out / "quality.png")
-    cols = ["recipe", "model", "nfe", "metric", "swd_mean", "swd_floor_mean", "swd_ratio_to_teacher", "nll_mean",
-            "nll_ratio_to_teacher", "fd_mean", "fd_floor_mean", "fd_ratio_to_teacher", "samples_per_s"]
-    cols = [c for c in cols if any(c in r for r in rows)]
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in cols))
-    print(f"\nmachine: {machine}; wrote {out / 'quality.json'}")
+    md = table(rows)
+    (out / "quality.md").write_text(md + "\n")
+    if rows:
+        plot(rows, out / "quality.png")
+    print(md)
+    print(f"\nmachine: {machine}; wrote {out / 'quality.json'}, quality.md, quality.png")
     return 0
 
 

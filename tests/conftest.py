@@ -155,6 +155,16 @@ def stagewise_run(tiny_recipe_session):
                            root=path.parent, uri=recipe.tracking.uri)
 
 
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a throwaway API server and database), once per session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    # the API server is a subprocess: generous start-up time on a loaded 2-core machine
+    with prefect_test_harness(server_startup_timeout=180):
+        yield
+
+
 @pytest.fixture
 def clean_invocation(monkeypatch):
     """A fresh MLflow invocation for the test: no FASTGEN_INVOCATION inherited from the
