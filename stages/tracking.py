@@ -75,7 +75,7 @@ class Tracker:
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k.replace("@", "_at_"), float(v), ts, step)
+            self.client.log_batch(self.run_id, metrics=[Metric(k.replace("@", "_at_").replace("+", "_plus_"), float(v), ts, step)
                                                         for k, v in metrics.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
