@@ -79,7 +79,8 @@ class GuidanceSpec(Strict):
     """One guided sampler of an EDM teacher, evaluated as an extra row at the teacher NFEs
     (METHODS.md §12). NFE counts guided-denoiser calls; each costs two network evaluations."""
 
-    kind: Literal["auto", "cfg"] = Field(..., description="auto: D_weak + w·(D_main − D_weak); cfg: D(∅) + w·(D(c) − D(∅))")
+    kind: Literal["auto", "cfg"] = Field(
+        ..., description="auto: D_weak + w·(D_main − D_weak); cfg: D(∅) + w·(D(c) − D(∅))")
     main: str = Field(..., description="stage name of the main (EDM) model; an input of this evaluate stage")
     guide: str | None = Field(None, description="auto: stage name of the weak guide (an input of this evaluate stage)")
     w: float = Field(..., gt=0, description="guidance weight (1: the main model unguided)")
@@ -294,7 +295,8 @@ def _graph_problems(r: Recipe) -> list[tuple[str, str]]:
                 except ValidationError as e:
                     for err in e.errors():
                         probs.append((f"stages.{name}.method.{_loc(err['loc'])}", err["msg"]))
-        elif st.kind in ("teacher", "distill", "feature_net") or (st.kind == "weak_snapshot" and st.guide.mode == "smaller"):
+        elif st.kind in ("teacher", "distill", "feature_net") or (
+                st.kind == "weak_snapshot" and st.guide.mode == "smaller"):
             probs.append((f"stages.{name}.method", f"a {st.kind} stage needs a method"))
         if st.kind == "weak_snapshot":
             probs += _weak_snapshot_problems(r, name, st)

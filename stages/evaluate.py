@@ -100,9 +100,10 @@ def run(ctx) -> None:
     (ctx.out / "plots").mkdir()
     panels = {}
     paths = {i.stage: i.path for ins in ctx.inputs.values() for i in ins}
-    loaded = {s: load_model(paths[s], device) for s in
-              dict.fromkeys([i.stage for i in ctx.inputs["models"]] + [x for g in cfg.guidance for x in (g.main, g.guide) if x])}
-    rows = [(i.stage, loaded[i.stage]) for i in ctx.inputs["models"]] + [(g.row, Guided(g, loaded)) for g in cfg.guidance]
+    names = [i.stage for i in ctx.inputs["models"]] + [s for g in cfg.guidance for s in (g.main, g.guide) if s]
+    loaded = {s: load_model(paths[s], device) for s in dict.fromkeys(names)}
+    rows = [(i.stage, loaded[i.stage]) for i in ctx.inputs["models"]]
+    rows += [(g.row, Guided(g, loaded)) for g in cfg.guidance]
     for row, model in rows:
         is_teacher = model.meta["method"] == "edm"
         nfes = cfg.teacher_nfe if is_teacher else cfg.nfe

@@ -135,7 +135,8 @@ def fit(config: dict) -> None:
                     where = snapshot_dir(out, step)
                     where.mkdir(parents=True)
                     decay = spec.train.snapshot_ema_decay
-                    extra = {**extra, "snapshot": {"step": step, "ema_decay": spec.train.ema_decay if decay is None else decay}}
+                    extra = {**extra, "snapshot": {"step": step,
+                                                   "ema_decay": spec.train.ema_decay if decay is None else decay}}
                 save_model(where, config["method_name"], method.cfg, method.net_cfgs, sd,
                            method.ctx.data.shape, method.ctx.data.num_classes, method.ctx.noise, extra)
 

@@ -81,7 +81,8 @@ TINY_AG = {
         "teacher20": {"kind": "teacher", "method": {"name": "edm", "label_dropout": 0.2},
                       "network": {"arch": "mlp", "width": 32, "depth": 2, "emb_dim": 16},
                       "train": {**TEACHER_TRAIN, "steps": 20, "ema_decay": 0.9}},
-        "guide_snap": {"kind": "weak_snapshot", "inputs": {"teacher": "teacher"}, "guide": {"mode": "snapshot", "step": 20}},
+        "guide_snap": {"kind": "weak_snapshot", "inputs": {"teacher": "teacher"},
+                       "guide": {"mode": "snapshot", "step": 20}},
         "guide_small": {"kind": "weak_snapshot", "inputs": {"teacher": "teacher"}, "guide": {"mode": "smaller"},
                         "method": {"name": "edm", "label_dropout": 0.2},
                         "network": {"arch": "mlp", "width": 16, "depth": 2, "emb_dim": 8},
@@ -123,6 +124,7 @@ def test_weak_snapshot_stage_both_modes(ag_run):
     from mlflow import MlflowClient
 
     recipe, manifests = ag_run
+    client = MlflowClient(recipe.tracking.uri)
     teacher, snap, small = (stage_dir(recipe, s) for s in ("teacher", "guide_snap", "guide_small"))
     # the teacher saves its snapshot as a model folder; the snapshot guide is exactly that model
     assert (teacher / "snapshots/step_000020/model.safetensors").is_file()
@@ -140,11 +142,12 @@ def test_weak_snapshot_stage_both_modes(ag_run):
         m = artifacts.verify(stage_dir(recipe, s))
         assert m["kind"] == "weak_snapshot" and m["inputs"]["teacher"]["digest"] == manifests["teacher"]["digest"]
         assert m["params_digest"] == recipe.digest(s)
-        run = MlflowClient(recipe.tracking.uri).get_run(m["mlflow"]["run_id"])
-        assert run.data.tags["fastgen.kind"] == "weak_snapshot" and run.data.tags["mlflow.parentRunId"] == m["mlflow"]["parent_run_id"]
+        run = client.get_run(m["mlflow"]["run_id"])
+        assert run.data.tags["fastgen.kind"] == "weak_snapshot"
+        assert run.data.tags["mlflow.parentRunId"] == m["mlflow"]["parent_run_id"]
         assert run.data.tags["fastgen.input.teacher"] == manifests["teacher"]["digest"]
-    assert MlflowClient(recipe.tracking.uri).get_run(manifests["guide_snap"]["mlflow"]["run_id"]).data.metrics == {"snapshot_step": 20.0}
-    assert "net/loss" in MlflowClient(recipe.tracking.uri).get_run(manifests["guide_small"]["mlflow"]["run_id"]).data.metrics
+    assert client.get_run(manifests["guide_snap"]["mlflow"]["run_id"]).data.metrics == {"snapshot_step": 20.0}
+    assert "net/loss" in client.get_run(manifests["guide_small"]["mlflow"]["run_id"]).data.metrics  # it trained
 
 
 def test_guided_rows_are_evaluated(ag_run):
@@ -178,7 +181,8 @@ def _recipe_with(**eval_or_stage):
     ({"guide_snap": {"guide": {"mode": "snapshot"}}}, "stages.guide_snap.guide.step"),
     ({"guide_small": {"network": None}}, "stages.guide_small.network"),
     ({"guide_small": {"method": {"name": "cd"}}}, "stages.guide_small.method.name"),
-    ({"eval": {"evaluate": {"guidance": [{"kind": "auto", "main": "teacher", "w": 2.0}]}}}, "stages.eval.evaluate.guidance.0.guide"),
+    ({"eval": {"evaluate": {"guidance": [{"kind": "auto", "main": "teacher", "w": 2.0}]}}},
+     "stages.eval.evaluate.guidance.0.guide"),
     ({"eval": {"evaluate": {"guidance": [{"kind": "auto", "main": "teacher", "guide": "teacher20", "w": 2.0}]}}},
      "stages.eval.evaluate.guidance.0.guide"),
     ({"teacher": {"method": {"name": "edm"}}}, "stages.eval.evaluate.guidance.2.main"),
