@@ -7,6 +7,11 @@ gradients over workers, clip and step; then update the evaluation EMA and call
 `method.after_step`. Checkpoints (`last.pt`, tensors only, loaded with `weights_only=True`) are
 written atomically every `ckpt_every` steps and training resumes from them.
 
+Snapshots: at the steps in `cfg.snapshots` the loop keeps a copy of the EMA weights of the
+exported networks (e.g. an early snapshot of a teacher as its autoguidance guide). They come from
+the evaluation EMA, or, when `cfg.snapshot_ema_decay` is set, from a second EMA with that decay
+(the guide's EMA length is tuned separately). Taken snapshots travel in the checkpoint.
+
 Data parallelism: when `torch.distributed` is initialised (Ray Train workers, gloo on CPU or NCCL on
 GPU), every worker draws its own share of the global batch and gradients are averaged with one
 all-reduce per group. We average gradients by hand instead of wrapping in DDP because a method
@@ -66,15 +71,24 @@ def _save_atomic(obj, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def _state(nets: dict[str, torch.nn.Module]) -> dict[str, dict]:
+    return {n: {k: v.detach().clone() for k, v in e.state_dict().items()} for n, e in nets.items()}
+
+
 def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0,
-          callback: Callable[[int, dict], None] | None = None, progress: bool = True) -> dict[str, dict]:
+          callback: Callable[[int, dict], None] | None = None, progress: bool = True,
+          snapshots: dict[int, dict[str, dict]] | None = None) -> dict[str, dict]:
     """Run `cfg.steps` iterations of `method`; return the evaluation-EMA state dicts of
     `method.export` networks. `cfg` is a recipe `TrainConfig`; `callback(step, logs)` receives the
-    averaged logs every `cfg.log_every` steps (rank 0 only)."""
+    averaged logs every `cfg.log_every` steps (rank 0 only); `snapshots`, if given, receives
+    {step: state dicts} for the steps in `cfg.snapshots`."""
     rank, world = _world()
     groups = method.groups()
     opts = {g.name: _make_opt(g.params, cfg, g.lr_scale) for g in groups}
     ema = {n: copy.deepcopy(method.nets[n]).requires_grad_(False) for n in method.export}
+    snap_ema = ema if cfg.snapshot_ema_decay is None else {
+        n: copy.deepcopy(method.nets[n]).requires_grad_(False) for n in method.export}
+    taken: dict[int, dict[str, dict]] = {}
     tensors = method.tensors()
     n_data = next(iter(tensors.values())).shape[0]
     local_bs = max(1, cfg.batch_size // world)
@@ -90,6 +104,9 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
             ema[n].load_state_dict(sd)
         for n, sd in state["opts"].items():
             opts[n].load_state_dict(sd)
+        for n, sd in state.get("snap_ema", {}).items():
+            snap_ema[n].load_state_dict(sd)
+        taken = state.get("snapshots", {})
         gen.set_state(state["gen"])
         torch.set_rng_state(state["rng"])
         start = int(state["step"])
@@ -123,6 +140,10 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
                 acc[1] += 1
         for n in method.export:
             _ema_update(ema[n], method.nets[n], cfg.ema_decay)
+            if snap_ema is not ema:
+                _ema_update(snap_ema[n], method.nets[n], cfg.snapshot_ema_decay)
+        if step + 1 in cfg.snapshots:
+            taken[step + 1] = _state(snap_ema)
         method.after_step(step)
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -137,9 +158,13 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
             _save_atomic({"step": step + 1, "nets": method.nets.state_dict(),
                           "ema": {n: e.state_dict() for n, e in ema.items()},
                           "opts": {n: o.state_dict() for n, o in opts.items()},
-                          "gen": gen.get_state(), "rng": torch.get_rng_state()}, ckpt)
+                          "gen": gen.get_state(), "rng": torch.get_rng_state(), "snapshots": taken,
+                          **({"snap_ema": {n: e.state_dict() for n, e in snap_ema.items()}}
+                             if snap_ema is not ema else {})}, ckpt)
     bar.close()
     method.nets.eval()
+    if snapshots is not None:
+        snapshots.update(taken)
     return {n: e.state_dict() for n, e in ema.items()}
 
 

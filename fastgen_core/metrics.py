@@ -45,6 +45,10 @@ def toy_metrics(samples: torch.Tensor, density: ToyDensity, reference: torch.Ten
                    covered; mode k is covered when at least N / (4K) of the N samples are on
                    support and assigned to k by `density.mode_of`.
     off_support:   fraction of samples not on support (`density.on_support`).
+    mode_recall:   how much of the true mode mass the on-support samples reproduce,
+                   sum_k min(p_k, pi_k), with p_k the share of on-support samples assigned to mode
+                   k and pi_k its true weight: 1 when they spread over the modes in the true
+                   proportions; dropping modes (branches) of total mass m lowers it by at least m.
     """
     samples = samples.double()
     n, k = len(samples), density.num_modes
@@ -55,6 +59,7 @@ def toy_metrics(samples: torch.Tensor, density: ToyDensity, reference: torch.Ten
         "nll": float(-density.log_prob(samples).clamp(min=OFF_SUPPORT_LOG_PROB).mean()),
         "mode_coverage": float((counts >= n / (4 * k)).double().mean()),
         "off_support": float(1 - on.double().mean()),
+        "mode_recall": float(torch.minimum(counts.double() / max(int(counts.sum()), 1), density.weights).sum()),
     }
 
 

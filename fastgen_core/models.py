@@ -53,6 +53,11 @@ class LoadedModel:
         return self.method.sample(self, z, nfe, class_labels)
 
 
+def snapshot_dir(model_dir: str | Path, step: int) -> Path:
+    """Where a training stage saves the EMA snapshot taken at `step` (a model folder)."""
+    return Path(model_dir) / "snapshots" / f"step_{step:06d}"
+
+
 def save_model(out: Path, method_name: str, method_cfg, net_cfgs: dict[str, NetworkConfig],
                states: dict[str, dict], shape, num_classes: int, noise: EDM, extra: dict | None = None) -> None:
     tensors = {f"{n}.{k}": v.detach().cpu().contiguous().clone() for n, sd in states.items() for k, v in sd.items()}

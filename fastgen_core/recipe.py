@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .config import DataConfig, NetworkConfig, Strict
 
-STAGE_KINDS = ("teacher", "ode_pairs", "distill", "feature_net", "evaluate")
+STAGE_KINDS = ("teacher", "weak_snapshot", "ode_pairs", "distill", "feature_net", "evaluate")
 
 
 class RecipeError(Exception):
@@ -54,6 +54,19 @@ class TrainConfig(Strict):
     ema_decay: float = Field(0.999, ge=0, lt=1, description="evaluation EMA decay per step")
     ckpt_every: int = Field(500, gt=0, description="write a resumable checkpoint every this many steps")
     log_every: int = Field(50, gt=0, description="log metrics every this many steps")
+    snapshots: list[int] = Field(
+        [], description="steps at which the loop keeps a copy of the EMA weights; training stages save them as "
+        "model folders snapshots/step_NNNNNN/ (e.g. an early snapshot as an autoguidance guide)")
+    snapshot_ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="EMA decay of the snapshots (the guide's EMA is tuned separately); "
+        "None: snapshot the evaluation EMA")
+
+    @model_validator(mode="after")
+    def _snapshots_within_run(self):
+        bad = [k for k in self.snapshots if not 1 <= k <= self.steps]
+        if bad:
+            raise ValueError(f"snapshots {bad} outside 1..steps = {self.steps}")
+        return self
 
 
 class PairsConfig(Strict):
@@ -62,12 +75,39 @@ class PairsConfig(Strict):
     batch_size: int = Field(4096, gt=0, description="samples per solver batch")
 
 
+class GuidanceSpec(Strict):
+    """One guided sampler of an EDM teacher, evaluated as an extra row at the teacher NFEs
+    (METHODS.md §12). NFE counts guided-denoiser calls; each costs two network evaluations."""
+
+    kind: Literal["auto", "cfg"] = Field(
+        ..., description="auto: D_weak + w·(D_main − D_weak); cfg: D(∅) + w·(D(c) − D(∅))")
+    main: str = Field(..., description="stage name of the main (EDM) model; an input of this evaluate stage")
+    guide: str | None = Field(None, description="auto: stage name of the weak guide (an input of this evaluate stage)")
+    w: float = Field(..., gt=0, description="guidance weight (1: the main model unguided)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_+.-]+$",
+                             description="row name; default <main>+auto_<guide>_w<w> or <main>+cfg_w<w>")
+
+    @property
+    def row(self) -> str:
+        if self.name:
+            return self.name
+        return f"{self.main}+auto_{self.guide}_w{self.w:g}" if self.kind == "auto" else f"{self.main}+cfg_w{self.w:g}"
+
+
+class GuideConfig(Strict):
+    mode: Literal["snapshot", "smaller"] = Field(
+        "smaller", description="snapshot: an early EMA snapshot of the `teacher` input (its train.snapshots); "
+        "smaller: train this stage's own (smaller) network with its method for its (fewer) steps")
+    step: int | None = Field(None, gt=0, description="snapshot: which of the teacher's train.snapshots to take")
+
+
 class EvalConfig(Strict):
     n_samples: int = Field(5000, gt=0, description="samples per model, NFE and seed")
     seeds: list[int] = Field([0, 1, 2], min_length=1, description="seeds: metrics are reported as mean ± std over them")
     nfe: list[int] = Field([1, 2, 4, 8], description="NFEs at which students are evaluated")
     teacher_nfe: list[int] = Field([1, 3, 35], description="NFEs at which teachers are evaluated (Heun: 2·steps − 1)")
     plots: bool = Field(True, description="write sample plots and quality-vs-NFE plot")
+    guidance: list[GuidanceSpec] = Field([], description="guided samplers of EDM models, evaluated at teacher_nfe")
 
 
 class StageSpec(Strict):
@@ -80,6 +120,7 @@ class StageSpec(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="training-loop settings")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="ode_pairs: settings")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="evaluate: settings")
+    guide: GuideConfig = Field(default_factory=GuideConfig, description="weak_snapshot: how the weak guide is made")
 
 
 class ComputeConfig(Strict):
@@ -164,6 +205,73 @@ def _loc(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "<root>"
 
 
+def _model_method(r: Recipe, stage: str, seen: tuple = ()) -> str | None:
+    """The method a stage's saved model samples with (a snapshot guide: its teacher's)."""
+    st = r.stages.get(stage)
+    if st is None or stage in seen:
+        return None
+    if st.kind == "weak_snapshot" and st.guide.mode == "snapshot":
+        t = st.inputs.get("teacher")
+        return _model_method(r, t, seen + (stage,)) if isinstance(t, str) else None
+    return (st.method or {}).get("name")
+
+
+def _weak_snapshot_problems(r: Recipe, name: str, st: StageSpec) -> list[tuple[str, str]]:
+    """A snapshot guide names a teacher stage that keeps that snapshot; a smaller guide trains
+    with its teacher's method (the same task and conditioning)."""
+    at, probs = f"stages.{name}", []
+    teacher = st.inputs.get("teacher")
+    if teacher is not None and not isinstance(teacher, str):
+        return [(f"{at}.inputs.teacher", "a weak_snapshot stage takes one teacher")]
+    t = r.stages.get(teacher) if teacher else None
+    if st.guide.mode == "snapshot":
+        if teacher is None:
+            probs.append((f"{at}.inputs.teacher", "guide.mode snapshot needs the teacher stage it snapshots"))
+        if st.guide.step is None:
+            probs.append((f"{at}.guide.step", "guide.mode snapshot needs the snapshot step"))
+        elif t is not None and st.guide.step not in t.train.snapshots:
+            probs.append((f"{at}.guide.step", f"stage {teacher!r} keeps no snapshot at step {st.guide.step} "
+                          f"(its train.snapshots: {t.train.snapshots})"))
+        for field in ("method", "network"):
+            if getattr(st, field) is not None:
+                probs.append((f"{at}.{field}", "guide.mode snapshot copies the teacher's model: remove it"))
+    else:
+        if st.guide.step is not None:
+            probs.append((f"{at}.guide.step", "only guide.mode snapshot takes a step"))
+        if st.network is None:
+            probs.append((f"{at}.network", "guide.mode smaller needs the guide's (smaller) network"))
+        if t is not None and st.method and _model_method(r, teacher) != st.method.get("name"):
+            probs.append((f"{at}.method.name", f"the guide must be trained like its teacher {teacher!r} "
+                          f"(method {_model_method(r, teacher)!r})"))
+    return probs
+
+
+def _guidance_problems(r: Recipe, name: str, i: int, g: GuidanceSpec) -> list[tuple[str, str]]:
+    at, probs, ups = f"stages.{name}.evaluate.guidance.{i}", [], r.upstream(name)
+    for field in ("main", "guide"):
+        s = getattr(g, field)
+        if s is None:
+            continue
+        if s not in ups:
+            probs.append((f"{at}.{field}", f"{s!r} is not an input of this evaluate stage"))
+        elif _model_method(r, s) != "edm":
+            probs.append((f"{at}.{field}", f"guidance needs an EDM denoiser; stage {s!r} is not an edm model"))
+    if g.kind == "auto" and g.guide is None:
+        probs.append((f"{at}.guide", "kind auto needs a guide"))
+    if g.kind == "cfg":
+        if g.guide is not None:
+            probs.append((f"{at}.guide", "kind cfg guides the main model with itself: remove guide"))
+        main = r.stages.get(g.main)
+        if not r.data.conditional:
+            probs.append((f"{at}.kind", "cfg needs class-conditional data (data.conditional: true)"))
+        elif main is not None and main.method and not main.method.get("label_dropout"):
+            probs.append((f"{at}.main", f"cfg needs a main model trained with label_dropout > 0 (stage {g.main!r})"))
+    rows = [x.row for x in r.stages[name].evaluate.guidance]
+    if rows.count(g.row) > 1 or g.row in ups:
+        probs.append((f"{at}.name", f"row name {g.row!r} is not unique"))
+    return probs
+
+
 def _graph_problems(r: Recipe) -> list[tuple[str, str]]:
     """(field path, message) for unknown kinds/methods, bad method settings, missing inputs, cycles."""
     from .methods import available_methods, get_method
@@ -187,8 +295,13 @@ def _graph_problems(r: Recipe) -> list[tuple[str, str]]:
                 except ValidationError as e:
                     for err in e.errors():
                         probs.append((f"stages.{name}.method.{_loc(err['loc'])}", err["msg"]))
-        elif st.kind in ("teacher", "distill", "feature_net"):
+        elif st.kind in ("teacher", "distill", "feature_net") or (
+                st.kind == "weak_snapshot" and st.guide.mode == "smaller"):
             probs.append((f"stages.{name}.method", f"a {st.kind} stage needs a method"))
+        if st.kind == "weak_snapshot":
+            probs += _weak_snapshot_problems(r, name, st)
+        for i, g in enumerate(st.evaluate.guidance if st.kind == "evaluate" else []):
+            probs += _guidance_problems(r, name, i, g)
     # cycles (only among existing names)
     color: dict[str, int] = {}
 

@@ -2,6 +2,9 @@
 vs real, same sample count) and its spread over seeds.
 
 Inputs: `models` (list of model stages), and for images `features` (a feature_net stage).
+`evaluate.guidance` adds rows for guided samplers of EDM models (autoguidance with a weak guide
+input, or classifier-free guidance), named `<main>+auto_<guide>_w<w>` / `<main>+cfg_w<w>`, at the
+teacher NFEs (an NFE is one guided-denoiser call, i.e. two network evaluations).
 Outputs: `metrics.json` (model → nfe_K → metric statistics; `dvc metrics show` reads it),
 `samples/<model>_nfe<K>.npz` (the samples of every seed, so anyone can recompute a metric) and
 `plots/` (samples over the data or image grids, quality vs NFE).
@@ -18,7 +21,7 @@ import torch
 from fastgen_core import metrics as M
 from fastgen_core import plots
 from fastgen_core.models import load_model
-from fastgen_core.samplers import teacher_nfe
+from fastgen_core.samplers import autoguided, cfg_guided, teacher_nfe, teacher_sample
 
 from .runtime import StageError, main
 from .training import _data
@@ -34,6 +37,24 @@ def _generate(model, n: int, nfe: int, seed: int, labels_pool, device) -> torch.
         y = labels_pool[torch.randint(len(labels_pool), (n,), generator=g)].to(device)
     torch.manual_seed(20_000 + seed)  # stochastic multistep samplers
     return model.sample(z.to(device), nfe, y).float().cpu()
+
+
+class Guided:
+    """A guided sampler of an EDM model with the interface `_generate` uses (METHODS.md §12):
+    D_w = D_weak + w·(D_main − D_weak) (auto) or D(∅) + w·(D(c) − D(∅)) (cfg), Heun on the Karras grid."""
+
+    meta = {"method": "edm"}
+
+    def __init__(self, spec, models: dict):
+        main = models[spec.main]
+        D = main.denoiser()
+        self.D = (autoguided(D, models[spec.guide].denoiser(), spec.w) if spec.kind == "auto"
+                  else cfg_guided(D, spec.w, main.num_classes))
+        self.shape, self.num_classes, self.noise = main.shape, main.num_classes, main.noise
+
+    @torch.no_grad()
+    def sample(self, z, nfe, class_labels=None):
+        return teacher_sample(self.D, z, self.noise, nfe, class_labels=class_labels)
 
 
 @torch.no_grad()
@@ -78,11 +99,15 @@ def run(ctx) -> None:
     (ctx.out / "samples").mkdir()
     (ctx.out / "plots").mkdir()
     panels = {}
-    for inp in ctx.inputs["models"]:
-        model = load_model(inp.path, device)
+    paths = {i.stage: i.path for ins in ctx.inputs.values() for i in ins}
+    names = [i.stage for i in ctx.inputs["models"]] + [s for g in cfg.guidance for s in (g.main, g.guide) if s]
+    loaded = {s: load_model(paths[s], device) for s in dict.fromkeys(names)}
+    rows = [(i.stage, loaded[i.stage]) for i in ctx.inputs["models"]]
+    rows += [(g.row, Guided(g, loaded)) for g in cfg.guidance]
+    for row, model in rows:
         is_teacher = model.meta["method"] == "edm"
         nfes = cfg.teacher_nfe if is_teacher else cfg.nfe
-        results[inp.stage], curves[inp.stage] = {}, {}
+        results[row], curves[row] = {}, {}
         for nfe in nfes:
             cache: dict[int, torch.Tensor] = {}
 
@@ -93,16 +118,16 @@ def run(ctx) -> None:
             stats = M.with_floor(metric_fn, samples_fn, real_pool, n, cfg.seeds, floor=floor_per_seed)
             used = teacher_nfe(nfe) if is_teacher else nfe
             key = f"nfe_{used}"
-            results[inp.stage][key] = {m: {k: round(v, 6) for k, v in s.items()} for m, s in stats.items()}
-            curves[inp.stage][used] = (stats[prim]["mean"], stats[prim]["std"])
-            np.savez_compressed(ctx.out / "samples" / f"{inp.stage}_nfe{used}.npz",
+            results[row][key] = {m: {k: round(v, 6) for k, v in s.items()} for m, s in stats.items()}
+            curves[row][used] = (stats[prim]["mean"], stats[prim]["std"])
+            np.savez_compressed(ctx.out / "samples" / f"{row}_nfe{used}.npz",
                                 **{f"seed{s}": cache[s].numpy() for s in cfg.seeds})
-            panels[f"{inp.stage} ({used} NFE)"] = cache[cfg.seeds[0]].numpy()
-            print(f"[evaluate] {inp.stage} nfe={used}: " + ", ".join(
+            panels[f"{row} ({used} NFE)"] = cache[cfg.seeds[0]].numpy()
+            print(f"[evaluate] {row} nfe={used}: " + ", ".join(
                 f"{m}={s['mean']:.4g}±{s['std']:.2g} (floor {s['floor_mean']:.4g})" for m, s in stats.items()),
                 file=sys.stderr)
-        if "pairs" in ctx.inputs:
-            results[inp.stage]["coupling"] = _coupling(model, ctx.input("pairs").path, max(nfes), is_teacher, device)
+        if "pairs" in ctx.inputs and not isinstance(model, Guided):
+            results[row]["coupling"] = _coupling(model, ctx.input("pairs").path, max(nfes), is_teacher, device)
     (ctx.out / "metrics.json").write_text(json.dumps(results, indent=2))
     if cfg.plots:
         floor = float(np.mean([f[prim] for f in floor_per_seed]))

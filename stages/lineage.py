@@ -18,12 +18,15 @@ def manifest_tree(path: str | Path, _seen: set | None = None) -> dict:
     """The provenance tree of an artifact folder, read from manifests alone."""
     path = Path(path)
     m = artifacts.read_manifest(path)
+    st = m["params"]["stage"]
+    guide = st.get("guide") if m["kind"] == "weak_snapshot" else None
+    trained = m["kind"] in ("teacher", "distill", "feature_net") or (guide or {}).get("mode") == "smaller"
     node = {
         "stage": m["stage"], "kind": m["kind"], "recipe": m["recipe"], "path": str(path),
         "digest": m["digest"], "params_digest": m["params_digest"],
         "code": m.get("code"), "data_digest": (m.get("data") or {}).get("digest"),
-        "method": (m["params"]["stage"].get("method") or None),
-        "train": m["params"]["stage"].get("train") if m["kind"] in ("teacher", "distill", "feature_net") else None,
+        "method": (st.get("method") or guide or None),
+        "train": st.get("train") if trained else None,
         "mlflow_run_id": (m.get("mlflow") or {}).get("run_id"), "inputs": [],
     }
     for name, inp in m.get("inputs", {}).items():

@@ -64,6 +64,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+def _metric_name(key: str) -> str:
+    """MLflow metric names allow letters, digits and _ - . / : space only."""
+    return key.replace("@", "_at_").replace("+", "_plus_")
+
+
 class Tracker:
     """The child run of one stage. Methods are no-ops when tracking is disabled."""
 
@@ -75,7 +80,7 @@ class Tracker:
             from mlflow.entities import Metric
 
             ts = int(time.time() * 1000)
-            self.client.log_batch(self.run_id, metrics=[Metric(k.replace("@", "_at_"), float(v), ts, step)
+            self.client.log_batch(self.run_id, metrics=[Metric(_metric_name(k), float(v), ts, step)
                                                         for k, v in metrics.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:

@@ -21,7 +21,7 @@ from fastgen_core import loop
 from fastgen_core.data import load_data
 from fastgen_core.methods import get_method
 from fastgen_core.methods.base import Context
-from fastgen_core.models import load_model, save_model
+from fastgen_core.models import load_model, save_model, snapshot_dir
 from fastgen_core.noise import EDM
 from fastgen_core.recipe import parse_recipe
 
@@ -117,9 +117,10 @@ def fit(config: dict) -> None:
             ts = int(time.time() * 1000)
             client.log_batch(config["run_id"], metrics=[Metric(k, v, ts, step) for k, v in logs.items()])
 
+    snapshots: dict[int, dict] = {}
     with phase("train"):
         states = loop.train(method, spec.train, config["ckpt_dir"], seed=recipe.seed, callback=callback,
-                            progress=config.get("progress", True))
+                            progress=config.get("progress", True), snapshots=snapshots)
     facts = {"dist/world_size": float(world)}
     if world > 1:
         facts.update(_dist_check(method))
@@ -128,8 +129,16 @@ def fit(config: dict) -> None:
 
     def save(out):
         with phase("save"):
-            save_model(Path(out), config["method_name"], method.cfg, method.net_cfgs, states,
-                       method.ctx.data.shape, method.ctx.data.num_classes, method.ctx.noise, method.meta())
+            for step, sd in [(None, states), *sorted(snapshots.items())]:
+                where, extra = Path(out), method.meta()
+                if step is not None:  # an EMA snapshot: a model folder of its own
+                    where = snapshot_dir(out, step)
+                    where.mkdir(parents=True)
+                    decay = spec.train.snapshot_ema_decay
+                    extra = {**extra, "snapshot": {"step": step,
+                                                   "ema_decay": spec.train.ema_decay if decay is None else decay}}
+                save_model(where, config["method_name"], method.cfg, method.net_cfgs, sd,
+                           method.ctx.data.shape, method.ctx.data.num_classes, method.ctx.noise, extra)
 
     try:
         if not in_ray:
@@ -207,9 +216,7 @@ def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -
     if result.checkpoint is None:
         raise RuntimeError(f"Ray Train run of stage {config['stage']!r} returned no checkpoint")
     with phase("checkpoint_copy"), result.checkpoint.as_directory() as d:
-        for p in Path(d).iterdir():
-            if p.is_file():
-                shutil.copy2(p, out / p.name)
+        shutil.copytree(d, out, dirs_exist_ok=True)  # the model and its snapshots/ folders
     if storage_path and "://" not in storage_path:  # the copy is in `out`: drop Ray's run folder
         shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
     return metrics

@@ -61,9 +61,9 @@ def test_frechet_identical_and_nonnegative():
 def test_toy_metrics_true_samples():
     ds = load_data(DataConfig(name="8gaussians", n_train=4000, n_test=4000))
     m = toy_metrics(ds.x, ds.density, ds.x_test)
-    assert set(m) == {"swd", "nll", "mode_coverage", "off_support"}
+    assert set(m) == {"swd", "nll", "mode_coverage", "off_support", "mode_recall"}
     assert all(type(v) is float and math.isfinite(v) for v in m.values())
-    assert m["mode_coverage"] == 1.0 and m["off_support"] < 0.02 and m["swd"] < 0.05
+    assert m["mode_coverage"] == 1.0 and m["off_support"] < 0.02 and m["swd"] < 0.05 and m["mode_recall"] > 0.97
     entropy = math.log(8) + math.log(2 * math.pi * math.e * 0.05 ** 2)  # well-separated equal mixture
     assert m["nll"] == pytest.approx(entropy, abs=0.05)
 
@@ -72,7 +72,7 @@ def test_toy_metrics_true_samples():
 def test_toy_metrics_other_toys(name):
     ds = load_data(DataConfig(name=name, n_train=4000, n_test=4000))
     m = toy_metrics(ds.x, ds.density, ds.x_test)
-    assert m["mode_coverage"] == 1.0 and m["off_support"] < 0.02 and m["swd"] < 0.05
+    assert m["mode_coverage"] == 1.0 and m["off_support"] < 0.02 and m["swd"] < 0.05 and m["mode_recall"] > 0.95
     reference_nll = -ds.density.log_prob(ds.x_test).mean().item()
     assert m["nll"] == pytest.approx(reference_nll, abs=0.1)
     bad = toy_metrics(ds.x * 3 + 5, ds.density, ds.x_test)  # far away: everything off support
@@ -86,6 +86,7 @@ def test_toy_metrics_half_the_modes():
     half = x[d.mode_of(x) < 4]
     m = toy_metrics(half, d, ds.x_test)
     assert m["mode_coverage"] == 0.5
+    assert m["mode_recall"] == pytest.approx(0.5, abs=1e-9)  # the kept half, each at twice its weight
     assert m["swd"] > 0.2  # half the mass is missing
     # collapsed samples far off support
     off = torch.cat([x[:3000], torch.zeros(1000, 2)])

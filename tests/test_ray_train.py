@@ -30,7 +30,8 @@ def ray_teacher(tiny_recipe_session):
     mp.setenv("FASTGEN_INVOCATION", "test-ray-teacher")
     if ray.is_initialized():
         ray.shutdown()
-    path = tiny_recipe_session("ray", only=["teacher"], compute={"backend": "ray", "num_workers": 2})
+    path = tiny_recipe_session("ray", only=["teacher"], compute={"backend": "ray", "num_workers": 2},
+                               stages={"teacher": {"train": {"snapshots": [200]}}})  # an EMA snapshot comes back too
     recipe = load_recipe(path)
     err = io.StringIO()
     try:
@@ -57,7 +58,8 @@ def test_checkpoint_loads_and_samples_the_data(ray_teacher):
     recipe, manifest, _, _ = ray_teacher
     out = stage_dir(recipe, "teacher")
     assert artifacts.verify(out)["digest"] == manifest["digest"]
-    assert set(manifest["files"]) == {"model.safetensors", "model.json"}
+    assert set(manifest["files"]) == {"model.safetensors", "model.json",
+                                      *{f"snapshots/step_000200/model.{x}" for x in ("safetensors", "json")}}
     model = load_model(out)
     assert model.meta["method"] == "edm" and model.shape == (2,)
     data = load_data(recipe.data)
