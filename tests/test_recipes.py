@@ -52,9 +52,8 @@ def shrink(raw: dict) -> dict:
         m = spec.get("method") or {}
         if "K" in m:
             m["K"] = 8
-        for key in ("snapshot_step", "step"):
-            if key in (spec.get("weak") or {}):
-                spec["weak"][key] = 4
+        if "step" in (spec.get("guide") or {}):  # weak_snapshot: the teacher's (shrunk) snapshot step
+            spec["guide"]["step"] = 4
         if "edit" in spec:
             spec["edit"] = {**spec["edit"], "n_images": min(spec["edit"].get("n_images", 16), 8)}
     r["compute"] = {"backend": "local", "threads": 1}
