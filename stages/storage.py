@@ -99,7 +99,7 @@ def verify(uri: str | Path) -> dict:
     m = _remote_manifest(uri, fs, path)
     files = {}
     for rel in _objects(fs, path):
-        if rel == MANIFEST:
+        if rel in artifacts.NOT_CONTENT:
             continue
         h = hashlib.sha256()
         with fs.open(f"{path}/{rel}", "rb", block_size=1 << 22) as f:
@@ -146,7 +146,7 @@ def fetch(uri: str | Path) -> tuple[Path, dict]:
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=store))
     try:
         for rel in objects:
-            if rel != MANIFEST:
+            if rel not in artifacts.NOT_CONTENT:
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 fs.get_file(f"{path}/{rel}", str(tmp / rel))
         _check(uri, m, artifacts.digest_files(tmp))
@@ -184,8 +184,7 @@ def publish(folder: str | Path, uri: str) -> None:
     if fs.exists(f"{path}/{MANIFEST}"):
         fs.rm_file(f"{path}/{MANIFEST}")  # from here on the old artifact is incomplete
     old = set(_objects(fs, path))
-    new = [p.relative_to(folder).as_posix() for p in sorted(folder.rglob("*"))
-           if p.is_file() and p.name != MANIFEST]
+    new = sorted(artifacts.digest_files(folder))
     for rel in new:
         fs.put_file(str(folder / rel), f"{path}/{rel}")
     stale = sorted(old - set(new) - {MANIFEST})
