@@ -84,7 +84,8 @@ def s3_server(tmp_path_factory):
             import s3fs
 
             s3fs.S3FileSystem().mkdir(BUCKET)
-            yield SimpleNamespace(endpoint=endpoint, bucket=BUCKET, env=env, url=f"s3://{BUCKET}")
+            yield SimpleNamespace(endpoint=endpoint, bucket=BUCKET, env=env, url=f"s3://{BUCKET}",
+                                  log=d / "moto.log")
         finally:
             stop(proc)
 

@@ -1,7 +1,8 @@
 """The tiny pipeline with everything remote: outputs on an S3 server (moto, 127.0.0.1), tracking
 on a real `mlflow server` whose artifacts go to the same bucket. Outputs are objects with their
 manifest; lineage and verify answer from the bucket; an incomplete artifact (no manifest) and a
-checkpoint with one changed byte are refused by the stage that consumes them, writing nothing."""
+checkpoint with one changed byte are refused by the stage that consumes them, writing nothing.
+A Ray Train stage keeps its run folder (`RunConfig.storage_path`) in the same bucket."""
 from __future__ import annotations
 
 import json
@@ -147,3 +148,31 @@ def test_tampered_checkpoint_in_the_bucket_is_caught_and_refused(remote, capsys)
     assert fs.cat_file(f"{cd}/manifest.json") == before  # nothing written
     assert artifacts.MANIFEST in {k.rsplit("/", 1)[1] for k in fs.find(cd)}
     assert not [p for p in (cache / "artifacts").iterdir() if p.name.startswith((".out-", ".fetch-"))]
+
+
+def test_ray_train_storage_path_on_s3(s3_server, mlflow_server, tiny_recipe_session, tmp_path, monkeypatch):
+    """backend: ray with an s3:// root: Ray Train's run folder and checkpoint go through the S3
+    server (its request log shows them), the stage output is published there, and Ray's run
+    folder is removed once the checkpoint is copied out."""
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("FASTGEN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("FASTGEN_INVOCATION", f"test-s3-ray-{uuid.uuid4().hex[:8]}")
+    prefix = f"{s3_server.url}/{uuid.uuid4().hex[:8]}/outputs"
+    path = tiny_recipe_session("s3ray", only=["teacher"], storage={"root": prefix}, tracking={"uri": mlflow_server.url},
+                               compute={"backend": "ray", "num_workers": 1},
+                               stages={"teacher": {"train": {"steps": 30, "log_every": 10}}})
+    recipe = load_recipe(path)
+    if ray.is_initialized():
+        ray.shutdown()
+    try:
+        m = run_stage(recipe, "teacher")
+    finally:
+        ray.shutdown()
+    uri = f"{prefix}/{recipe.name}/teacher"
+    assert storage.verify(uri)["digest"] == m["digest"]
+    ray_run = f"/{s3_server.bucket}/{prefix.split('/')[3]}/outputs/{recipe.name}/.ray/teacher-"
+    puts = [ln for ln in s3_server.log.read_text().splitlines() if "PUT " + ray_run in ln]
+    assert any("model.safetensors" in ln for ln in puts), "Ray Train wrote no checkpoint to S3"
+    assert not _fs().exists(f"{prefix}/{recipe.name}/.ray/{puts[0].split('/.ray/')[1].split('/')[0]}")
