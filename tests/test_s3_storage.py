@@ -217,3 +217,29 @@ def test_four_pipelines_at_once_share_the_server_and_bucket(s3_server, mlflow_se
             digests.add(m["digest"])
         assert lineage.verify_target(r.path) == ([], 2)
     assert len(digests) == 8  # four seeds: eight different outputs, none overwritten by another
+
+
+def test_upload_cut_short_leaves_no_manifest(s3_server, tmp_path, monkeypatch):
+    """Publishing over an artifact deletes its manifest first and uploads the new one last: an
+    upload that stops before the end (here: the manifest is missing locally, so its upload fails)
+    leaves objects without a manifest, which fetch and verify reject as incomplete."""
+    monkeypatch.setenv("FASTGEN_CACHE_DIR", str(tmp_path / "cache"))
+    uri = f"{s3_server.url}/{uuid.uuid4().hex[:8]}/r/a"
+    a = tmp_path / "a"
+    (a / "sub").mkdir(parents=True)
+    (a / "x.bin").write_bytes(b"old")
+    (a / "sub/y.txt").write_text("y")
+    m = artifacts.write_manifest(a, {"stage": "a"})
+    storage.publish(a, uri)
+    assert storage.fetch(uri)[1]["digest"] == m["digest"] == storage.verify(uri)["digest"]
+
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "x.bin").write_bytes(b"new")
+    with pytest.raises(FileNotFoundError):
+        storage.publish(b, uri)  # dies before the commit marker
+    keys = {k.rsplit("/a/", 1)[1] for k in _fs().find(uri)}
+    assert keys == {"x.bin"}  # the new file is there, the stale one removed, no manifest
+    for check in (storage.fetch, storage.verify):
+        with pytest.raises(artifacts.DigestMismatch, match=r"no manifest.json \(incomplete"):
+            check(uri)
