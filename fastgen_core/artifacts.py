@@ -31,11 +31,16 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+# Not content: the manifest itself, and the .gitignore `dvc repro` writes into an artifact folder
+# whose files are separate DVC outputs (the evaluation's samples/, plots/, ...).
+NOT_CONTENT = {MANIFEST, ".gitignore"}
+
+
 def digest_files(folder: str | Path) -> dict[str, str]:
     """sha256 of every file under `folder` (relative POSIX paths), except the manifest."""
     folder = Path(folder)
     return {p.relative_to(folder).as_posix(): sha256_file(p)
-            for p in sorted(folder.rglob("*")) if p.is_file() and p.name != MANIFEST}
+            for p in sorted(folder.rglob("*")) if p.is_file() and p.relative_to(folder).as_posix() not in NOT_CONTENT}
 
 
 def combine(files: dict[str, str]) -> str:

@@ -35,7 +35,7 @@ def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
     spec = recipe.stages[name]
     root = recipe.storage.root.rstrip("/")
     out = f"{root}/{recipe.name}/{name}"
-    code = [f"stages/{spec.kind}.py", "stages/runtime.py", "stages/tracking.py", "stages/training.py"]
+    code = [f"stages/{spec.kind}.py", "stages/runtime.py", "stages/storage.py", "stages/tracking.py", "stages/training.py"]
     code += [f"fastgen_core/{m}.py" for m in CORE]
     if spec.method:
         code.append(f"fastgen_core/methods/{spec.method['name']}.py")

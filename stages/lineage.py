@@ -13,11 +13,13 @@ from pathlib import Path
 
 from fastgen_core import artifacts
 
+from . import storage
+
 
 def manifest_tree(path: str | Path, _seen: set | None = None) -> dict:
-    """The provenance tree of an artifact folder, read from manifests alone."""
-    path = Path(path)
-    m = artifacts.read_manifest(path)
+    """The provenance tree of an artifact folder (local or remote), read from manifests alone."""
+    path = str(path)
+    m = storage.read_manifest(path)
     st = m["params"]["stage"]
     guide = st.get("guide") if m["kind"] == "weak_snapshot" else None
     trained = m["kind"] in ("teacher", "distill", "feature_net") or (guide or {}).get("mode") == "smaller"
@@ -30,7 +32,7 @@ def manifest_tree(path: str | Path, _seen: set | None = None) -> dict:
         "mlflow_run_id": (m.get("mlflow") or {}).get("run_id"), "inputs": [],
     }
     for name, inp in m.get("inputs", {}).items():
-        p = Path(inp["path"])
+        p = inp["path"]
         try:
             child = manifest_tree(p)
             child["role"] = inp["role"]
@@ -71,13 +73,13 @@ def verify_artifact(path: str | Path) -> list[str]:
     """Problems with one artifact: content vs its manifest, and inputs changed since it was made."""
     problems = []
     try:
-        m = artifacts.verify(path)
+        m = storage.verify(path)
     except (artifacts.DigestMismatch, FileNotFoundError) as e:
         return [str(e)]
     for name, inp in m.get("inputs", {}).items():
-        p = Path(inp["path"])
+        p = inp["path"]
         try:
-            now = artifacts.read_manifest(p)["digest"]
+            now = storage.read_manifest(p)["digest"]
         except FileNotFoundError:
             problems.append(f"{path}: input {name!r} is missing ({p})")
             continue
@@ -90,12 +92,10 @@ def verify_target(target: str) -> tuple[list[str], int]:
     if target.endswith((".yaml", ".yml")):
         from fastgen_core.recipe import load_recipe
 
-        from .runtime import stage_dir
-
         r = load_recipe(target)
-        paths = [stage_dir(r, s) for s in r.order()]
+        paths = [storage.location(r, s) for s in r.order()]
     else:
-        paths = [Path(target)]
+        paths = [target]
     problems = [p for path in paths for p in verify_artifact(path)]
     return problems, len(paths)
 

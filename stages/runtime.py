@@ -22,7 +22,7 @@ import torch
 from fastgen_core import artifacts
 from fastgen_core.recipe import Recipe, RecipeError, load_recipe
 
-from . import tracking
+from . import storage, tracking
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -91,6 +91,7 @@ def _print_timing(recipe: Recipe, stage: str, t_entry: float, age: float | None,
 
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
+    """The local folder of a stage's output (for a local storage root; see storage.location)."""
     root = Path(recipe.storage.root)
     return (root if root.is_absolute() else Path.cwd() / root) / recipe.name / stage
 
@@ -98,8 +99,9 @@ def stage_dir(recipe: Recipe, stage: str) -> Path:
 @dataclass
 class Input:
     stage: str
-    path: Path
+    path: Path                                 # a verified local copy (the artifact itself when stored locally)
     manifest: dict
+    uri: str = ""                              # where it is stored: local path or s3://...
 
 
 @dataclass
@@ -126,9 +128,12 @@ class StageContext:
         return torch.device("cuda" if use else "cpu")
 
     def partial_dir(self) -> Path:
-        """Where resumable checkpoints survive a crash: keyed by the stage's params digest."""
-        d = stage_dir(self.recipe, self.name)
-        return d.parent / ".partial" / f"{self.name}-{self.recipe.digest(self.name)[:16]}"
+        """Where resumable checkpoints survive a crash: keyed by the stage's params digest
+        (next to the outputs; in the local cache when they are stored remotely)."""
+        key = f"{self.name}-{self.recipe.digest(self.name)[:16]}"
+        if storage.is_remote(self.recipe.storage.root):
+            return storage.cache_root() / "partial" / self.recipe.name / key
+        return stage_dir(self.recipe, self.name).parent / ".partial" / key
 
 
 def resolve_inputs(recipe: Recipe, stage: str) -> dict[str, list[Input]]:
@@ -136,20 +141,19 @@ def resolve_inputs(recipe: Recipe, stage: str) -> dict[str, list[Input]]:
     out: dict[str, list[Input]] = {}
     for role, names in recipe.stages[stage].inputs.items():
         for up in [names] if isinstance(names, str) else names:
-            p = stage_dir(recipe, up)
+            uri = storage.location(recipe, up)
             try:
-                m = artifacts.verify(p)
+                p, m = storage.fetch(uri)
             except artifacts.DigestMismatch as e:
                 raise StageError(f"stage {stage!r} refuses input {role!r} from stage {up!r}: {e}") from None
-            out.setdefault(role, []).append(Input(up, p, m))
+            out.setdefault(role, []).append(Input(up, p, m, uri))
     return out
 
 
 def up_to_date(recipe: Recipe, stage: str, inputs: dict[str, list[Input]]) -> dict | None:
     """The existing manifest if the output was made from these params and inputs, else None."""
-    d = stage_dir(recipe, stage)
     try:
-        m = artifacts.verify(d)
+        m = storage.fetch(storage.location(recipe, stage))[1]
     except (artifacts.DigestMismatch, FileNotFoundError, ValueError):
         return None
     want = {i.stage: i.manifest["digest"] for ins in inputs.values() for i in ins}
@@ -198,7 +202,7 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
         data_digest = artifacts.tensors_digest(ds.x, ds.y, ds.x_test, ds.y_test)
     tags = {"fastgen.kind": spec.kind, "fastgen.params_digest": recipe.digest(stage),
             "fastgen.dvc_stage": f"{recipe.name}-{stage}", "fastgen.git_commit": code["git_commit"],
-            "fastgen.output": str(stage_dir(recipe, stage)), "fastgen.data_digest": data_digest,
+            "fastgen.output": storage.location(recipe, stage), "fastgen.data_digest": data_digest,
             **{f"fastgen.input.{i.stage}": i.manifest["digest"] for ins in inputs.values() for i in ins},
             **{f"fastgen.upstream_run.{i.stage}": (i.manifest.get("mlflow") or {}).get("run_id")
                for ins in inputs.values() for i in ins}}
@@ -206,7 +210,7 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
         tr = tracking.start_stage_run(recipe, stage, params, tags)
     ok = False
     try:
-        with artifacts.atomic_dir(stage_dir(recipe, stage)) as tmp:
+        with storage.output(storage.location(recipe, stage)) as tmp:
             ctx = StageContext(recipe, stage, tmp, inputs, tr)
             with phase("run"), _sub_phases("run"):
                 kind.run(ctx)
@@ -214,7 +218,8 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
                 manifest = artifacts.write_manifest(tmp, {
                     "recipe": recipe.name, "recipe_path": recipe.path, "stage": stage, "kind": spec.kind,
                     "params_digest": recipe.digest(stage), "params": params,
-                    "inputs": {i.stage: {"role": role, "digest": i.manifest["digest"], "path": str(i.path)}
+                    "location": storage.location(recipe, stage),
+                    "inputs": {i.stage: {"role": role, "digest": i.manifest["digest"], "path": i.uri}
                                for role, ins in inputs.items() for i in ins},
                     "data": {"digest": data_digest, **recipe.data.model_dump(mode="json")},
                     "code": code, "metrics": ctx.metrics,

@@ -25,6 +25,7 @@ from fastgen_core.models import load_model, save_model, snapshot_dir
 from fastgen_core.noise import EDM
 from fastgen_core.recipe import parse_recipe
 
+from . import storage
 from .runtime import _timings, add_phase, phase
 
 
@@ -217,8 +218,8 @@ def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -
         raise RuntimeError(f"Ray Train run of stage {config['stage']!r} returned no checkpoint")
     with phase("checkpoint_copy"), result.checkpoint.as_directory() as d:
         shutil.copytree(d, out, dirs_exist_ok=True)  # the model and its snapshots/ folders
-    if storage_path and "://" not in storage_path:  # the copy is in `out`: drop Ray's run folder
-        shutil.rmtree(Path(storage_path) / name, ignore_errors=True)
+    if storage_path:  # the copy is in `out`: drop Ray's run folder (local or on the object store)
+        storage.remove(f"{storage_path.rstrip('/')}/{name}")
     return metrics
 
 
@@ -235,7 +236,11 @@ def train_stage(ctx) -> None:
         "run_id": ctx.tracker.run_id, "tracking_uri": ctx.tracker.uri,
     }
     if compute.backend == "ray":
-        ray_fit(config, compute, ctx.out, storage_path=str(ckpt.parent / "ray"))
+        # Ray Train's run folder goes where the outputs go: s3://... (Ray's pyarrow S3 filesystem
+        # reads the same AWS variables) or next to the resumable checkpoints
+        remote = storage.is_remote(recipe.storage.root)
+        ray_fit(config, compute, ctx.out,
+                storage_path=storage.location(recipe, ".ray") if remote else str(ckpt.parent / "ray"))
     else:
         fit(config)
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the resumable state is no longer needed

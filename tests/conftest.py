@@ -21,6 +21,9 @@ import yaml  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 
+# real servers (moto S3, `mlflow server`) as session fixtures: s3_server, mlflow_server
+pytest_plugins = ["servers"]
+
 # Same stages as params/toy_cd.yaml: teacher -> pairs -> cd -> eval, scaled down.
 TINY = {
     "name": "tiny_cd",

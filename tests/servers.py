@@ -1,0 +1,110 @@
+"""Real servers for the tests, bound to 127.0.0.1 on free ports, one of each per test session:
+
+- `s3_server`: moto in server mode (an S3-compatible endpoint) with one bucket; the standard AWS
+  variables (fake credentials, region, AWS_ENDPOINT_URL) are set for the session, so s3fs, DVC's
+  S3 remote, MLflow and Ray's pyarrow filesystem in this process and in every child find it.
+- `mlflow_server`: a real `mlflow server` process (SQLite backend store, artifacts proxied to
+  s3://<bucket>/mlflow on that moto server).
+
+Registered in tests/conftest.py with `pytest_plugins = ["tests.servers"]`.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+BIN = Path(sys.executable).parent
+BUCKET = "fastgen-test"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it dies or never does."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"{url} not up after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+
+
+def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    """A server in its own process group (so that stopping it stops its workers too)."""
+    return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """moto_server on 127.0.0.1, bucket `fastgen-test`, AWS variables set for the session."""
+    d = tmp_path_factory.mktemp("moto")
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    proc = start([str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], d / "moto.log")
+    env = {"AWS_ACCESS_KEY_ID": "fastgen-test-key", "AWS_SECRET_ACCESS_KEY": "fastgen-test-secret-d41d8cd9",
+           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint,
+           # no ~/.aws files of whoever runs the tests
+           "AWS_CONFIG_FILE": str(d / "none"), "AWS_SHARED_CREDENTIALS_FILE": str(d / "none")}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        try:
+            wait_http(f"{endpoint}/", proc, d / "moto.log", timeout=120)
+            import s3fs
+
+            s3fs.S3FileSystem().mkdir(BUCKET)
+            yield SimpleNamespace(endpoint=endpoint, bucket=BUCKET, env=env, url=f"s3://{BUCKET}",
+                                  log=d / "moto.log")
+        finally:
+            stop(proc)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(s3_server, tmp_path_factory, mlflow_template):
+    """`mlflow server` on 127.0.0.1: SQLite backend (a copy of the migrated empty store), artifacts
+    proxied to s3://fastgen-test/mlflow. Its url is the tracking URI."""
+    d = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(mlflow_template, d / "mlflow.db")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job workers
+    proc = start([str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                  "--backend-store-uri", f"sqlite:///{d / 'mlflow.db'}",
+                  "--artifacts-destination", f"{s3_server.url}/mlflow", "--serve-artifacts",
+                  "--workers", "1"], d / "server.log", env)
+    try:
+        wait_http(f"{url}/health", proc, d / "server.log", timeout=240)
+        yield SimpleNamespace(url=url, artifacts=f"{s3_server.url}/mlflow", log=d / "server.log")
+    finally:
+        stop(proc)
