@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .config import DataConfig, NetworkConfig, Strict
 
-STAGE_KINDS = ("teacher", "ode_pairs", "distill", "feature_net", "evaluate")
+STAGE_KINDS = ("teacher", "ode_pairs", "distill", "feature_net", "evaluate", "edit")
 
 
 class RecipeError(Exception):
@@ -70,6 +70,23 @@ class EvalConfig(Strict):
     plots: bool = Field(True, description="write sample plots and quality-vs-NFE plot")
 
 
+class EditConfig(Strict):
+    """Zero-shot editing of held-out test images with a consistency-type model (CM Alg. 4)."""
+
+    task: Literal["inpaint", "superres", "colorize"] = Field(
+        "inpaint", description="inpaint: fill masked pixels; superres: restore detail keeping k×k patch means; "
+        "colorize: restore colour keeping the luminance (RGB data)")
+    mask: Literal["left_half", "right_half", "top_half", "bottom_half", "center", "random"] = Field(
+        "left_half", description="inpaint: the region to fill (center: the middle square of half the side; "
+        "random: each pixel with probability `fraction`, per image)")
+    fraction: float = Field(0.5, gt=0, lt=1, description="inpaint with mask random: fraction of pixels to fill")
+    k: int = Field(2, ge=2, description="superres: patch size (the image side must be a multiple)")
+    n_images: int = Field(100, gt=0, description="number of test-split images edited (the first ones)")
+    steps: int = Field(4, gt=0, description="model evaluations: τ = Karras grid of steps + 1 levels without its last")
+    seed: int = Field(0, description="seed of the noise (and of a random mask)")
+    plots: bool = Field(True, description="write a truth | observed | edited | baseline image grid")
+
+
 class StageSpec(Strict):
     kind: str = Field(..., description=f"stage kind: one of {', '.join(STAGE_KINDS)}")
     inputs: dict[str, str | list[str]] = Field(
@@ -80,6 +97,7 @@ class StageSpec(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="training-loop settings")
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="ode_pairs: settings")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="evaluate: settings")
+    edit: EditConfig = Field(default_factory=EditConfig, description="edit: settings")
 
 
 class ComputeConfig(Strict):
@@ -189,6 +207,8 @@ def _graph_problems(r: Recipe) -> list[tuple[str, str]]:
                         probs.append((f"stages.{name}.method.{_loc(err['loc'])}", err["msg"]))
         elif st.kind in ("teacher", "distill", "feature_net"):
             probs.append((f"stages.{name}.method", f"a {st.kind} stage needs a method"))
+        if st.kind == "edit":
+            probs += _edit_problems(r, name, st)
     # cycles (only among existing names)
     color: dict[str, int] = {}
 
@@ -214,6 +234,25 @@ def _graph_problems(r: Recipe) -> list[tuple[str, str]]:
             probs.append(("data.root", "images data needs a root (local path or s3:// URI)"))
         elif "://" not in root and not Path(root).exists():
             probs.append(("data.root", f"data path does not exist: {root}"))
+    return probs
+
+
+def _edit_problems(r: Recipe, name: str, st: StageSpec) -> list[tuple[str, str]]:
+    """An edit stage needs one `model` input trained by a consistency-type method (one whose module
+    has `consistency_fn`), and colorization needs RGB data."""
+    from .methods import available_methods, get_method
+
+    model = st.inputs.get("model")
+    if not isinstance(model, str):
+        return [(f"stages.{name}.inputs.model", "an edit stage needs one model stage as input `model`")]
+    probs = []
+    up = r.stages.get(model)
+    mname = (up.method or {}).get("name") if up else None
+    if up is not None and (mname not in available_methods() or not hasattr(get_method(mname), "consistency_fn")):
+        probs.append((f"stages.{name}.inputs.model", f"stage {model!r} ({up.kind}, method {mname!r}) is not a "
+                      "consistency-type model: editing needs one with consistency_fn (cd, ct, scm, ctm, ayf)"))
+    if st.edit.task == "colorize" and not r.data.color and r.data.kind != "images":
+        probs.append((f"stages.{name}.edit.task", "colorize needs RGB data (e.g. data.color: true for digits)"))
     return probs
 
 
