@@ -242,10 +242,11 @@ def errors(task: Task, x: torch.Tensor, truth: torch.Tensor) -> dict[str, float]
     of A·x (inpainting: the unknown pixels; super-resolution: the within-patch detail; colorization:
     the two chroma coordinates; A is orthogonal, so these are squared pixel errors), and over all
     pixels (N·C·H·W)."""
-    u = task.operator.forward((x - truth).double())
+    d = x.double() - truth.double()
+    u = task.operator.forward(d)
     unknown = ~task.operator.known.to(u.device).bool().expand_as(u)
     mse_unknown = float((u[unknown] ** 2).mean())
-    mse_all = float(((x - truth).double() ** 2).mean())
+    mse_all = float((d**2).mean())
     return {"mse_unknown": mse_unknown, "psnr_unknown": psnr(mse_unknown), "mse_all": mse_all, "psnr_all": psnr(mse_all)}
 
 

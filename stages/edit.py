@@ -11,6 +11,7 @@ CLI: python -m stages.edit RECIPE.yaml STAGE, or `fastgen edit` on a model folde
 """
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -111,6 +112,105 @@ def run(ctx) -> None:
     flat.update({f"saturation.{k}": v for k, v in metrics.get("saturation", {}).items()})
     ctx.tracker.log_metrics(0, flat)
     ctx.metrics = flat
+
+
+#----------------------------------------------------------------------------
+# `fastgen edit`: the same editing on a model folder, outside any recipe.
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would add a usage block)
+        print(f"fastgen edit: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _cli_images(a, model) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The true images (and labels, if any) from --images FILE.npz or the model's --from-test split."""
+    if a.images is not None:
+        try:
+            with np.load(a.images) as z:
+                key = next((k for k in ("images", "truth") if k in z.files), None)
+                if key is None:
+                    raise StageError(f"--images {a.images}: no array named 'images' (or 'truth') in it "
+                                     f"(has: {', '.join(z.files) or 'nothing'})")
+                x = torch.from_numpy(z[key]).float()
+                y = torch.from_numpy(z["labels"]).long() if "labels" in z.files else None
+        except (OSError, ValueError) as e:
+            raise StageError(f"--images {a.images}: cannot read as .npz ({e})") from None
+        return x, y
+    from fastgen_core.config import DataConfig
+    from fastgen_core.data import load_data
+
+    try:
+        manifest = json.loads((Path(a.model) / "manifest.json").read_text())
+        data = load_data(DataConfig.model_validate({k: v for k, v in manifest["data"].items() if k != "digest"}))
+    except (OSError, KeyError, ValueError) as e:
+        raise StageError(f"--from-test: --model {a.model}: no usable data settings in manifest.json ({e})") from None
+    n = min(a.from_test, len(data.x_test))
+    return data.x_test[:n], (data.y_test[:n] if data.y_test is not None else None)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """fastgen edit --model DIR --task T [--mask M] [--k K] (--images F.npz | --from-test N) --out OUT.npz"""
+    ap = _Parser(prog="fastgen edit", description="Zero-shot editing with a consistency-type model folder: "
+                 "degrade the given true images, edit them back, write OUT.npz (truth, observed, edited, "
+                 "baseline[, mask]) and print the metrics as JSON.")
+    ap.add_argument("--model", required=True, help="model folder (model.json + model.safetensors) of a cd/ct/scm/ctm/ayf stage")
+    ap.add_argument("--task", required=True, help=f"one of {', '.join(E.TASKS)}")
+    ap.add_argument("--mask", default="left_half", help=f"inpaint: {', '.join(E.MASKS)}")
+    ap.add_argument("--fraction", type=float, default=0.5, help="inpaint with --mask random: fraction to fill")
+    ap.add_argument("--k", type=int, default=2, help="superres: patch size")
+    ap.add_argument("--steps", type=int, default=4, help="model evaluations")
+    ap.add_argument("--seed", type=int, default=0)
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--images", help=".npz with 'images' (N, C, H, W) in [-1, 1] and optional 'labels'")
+    src.add_argument("--from-test", type=int, metavar="N", help="the first N test images of the model's data")
+    ap.add_argument("--out", required=True, help="output .npz")
+    ap.add_argument("--metrics", help="also write the metrics to this JSON file")
+    try:
+        a = ap.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already reported in one line
+        return int(e.code or 0)
+    from pydantic import ValidationError
+
+    from fastgen_core.models import load_model
+
+    try:
+        try:
+            cfg = EditConfig(task=a.task, mask=a.mask, fraction=a.fraction, k=a.k, steps=a.steps, seed=a.seed,
+                             n_images=a.from_test or 1)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise StageError(f"--{err['loc'][0]}: {err['msg']}") from None
+        if a.from_test is not None and a.from_test <= 0:
+            raise StageError(f"--from-test: must be a positive number of images, got {a.from_test}")
+        if not Path(a.out).resolve().parent.is_dir() or (a.metrics and not Path(a.metrics).resolve().parent.is_dir()):
+            raise StageError(f"--out {a.out}: its folder does not exist")
+        if not (Path(a.model) / "model.json").is_file():
+            raise StageError(f"--model {a.model}: not a model folder (no model.json)")
+        model = load_model(a.model)
+        consistency_of(model, f"--model {a.model}")
+        truth, labels = _cli_images(a, model)
+        if model.num_classes > 0 and labels is None:
+            raise StageError(f"--images {a.images}: the model is class-conditional: give 'labels' in the file")
+        where = f"--images {a.images}" if a.images is not None else f"--model {a.model}"
+        arrays, metrics = edit_images(model, truth, labels, cfg, torch.device("cpu"), where=where)
+    except StageError as e:
+        print(f"fastgen edit: error: {e}", file=sys.stderr)
+        return 2
+    _write_atomic(Path(a.out), lambda f: np.savez_compressed(f, **arrays))
+    if a.metrics:
+        _write_atomic(Path(a.metrics), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+    print(json.dumps(metrics))
+    print(f"[edit] {summary(metrics)}; wrote {a.out}", file=sys.stderr)
+    return 0
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.partial")
+    with open(tmp, "wb") as f:
+        write(f)
+    tmp.replace(path)
 
 
 if __name__ == "__main__":

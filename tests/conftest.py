@@ -165,3 +165,13 @@ def clean_invocation(monkeypatch):
     monkeypatch.setattr(tracking, "_solo", None)
     yield
     os.environ.pop("FASTGEN_INVOCATION", None)
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """Prefect's test harness (a throwaway API server and database), once per test session."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    # the API server is a subprocess: generous start-up time on a loaded 2-core machine
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

@@ -29,15 +29,6 @@ EXPECTED_FILES = {
 }
 
 
-@pytest.fixture(scope="session")
-def prefect_harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    # the API server is a subprocess: generous start-up time on a loaded 2-core machine
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _run_flow(recipe_path):
     from flows.pipeline import pipeline
 
