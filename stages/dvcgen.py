@@ -58,10 +58,6 @@ def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
     if spec.kind == "evaluate":
         entry["outs"] = [f"{out}/samples", f"{out}/plots", f"{out}/manifest.json"]
         entry["metrics"] = [{f"{out}/metrics.json": {"cache": False}}]
-    elif spec.kind == "edit":
-        outs = [f"{out}/edited.npz"] + ([f"{out}/plots"] if spec.edit.plots else [])
-        entry["outs"] = outs + [f"{out}/manifest.json"]
-        entry["metrics"] = [{f"{out}/metrics.json": {"cache": False}}]
     else:
         entry["outs"] = [out]
     return entry
