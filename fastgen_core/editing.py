@@ -255,12 +255,16 @@ def saturation(x: torch.Tensor) -> float:
     return float((x.amax(1) - x.amin(1)).mean() / 2)
 
 
-def edit_metrics(task: Task, edited: torch.Tensor, truth: torch.Tensor) -> dict:
-    """Edited and baseline errors against the truth, and how far editing moved the kept part
-    (`known_max_abs_change`: max |kept(edited) − kept(truth)|; float rounding only)."""
+def edit_metrics(task: Task, edited: torch.Tensor, truth: torch.Tensor, mean: torch.Tensor | None = None) -> dict:
+    """Errors against the truth of one edit per image, of the `mean` of several (if given) and of
+    the baseline, and how far editing moved the kept part (`known_max_abs_change`:
+    max |kept(x) − kept(truth)| over the edit and the mean; float rounding only)."""
+    moved = [float((task.kept(x) - task.kept(truth)).abs().max()) for x in (edited, mean) if x is not None]
     out = {"task": task.name, "n_images": int(truth.shape[0]), "baseline_name": task.baseline_name,
            "edited": errors(task, edited, truth), "baseline": errors(task, task.baseline, truth),
-           "known_max_abs_change": float((task.kept(edited) - task.kept(truth)).abs().max())}
+           "known_max_abs_change": max(moved)}
+    if mean is not None:
+        out["edited_mean"] = errors(task, mean, truth)
     if task.name == "colorize":
         out["saturation"] = {"truth": saturation(truth), "edited": saturation(edited), "baseline": saturation(task.baseline)}
     return out

@@ -83,8 +83,10 @@ class EditConfig(Strict):
     k: int = Field(2, ge=2, description="superres: patch size (the image side must be a multiple)")
     n_images: int = Field(100, gt=0, description="number of test-split images edited (the first ones)")
     steps: int = Field(4, gt=0, description="model evaluations: τ = Karras grid of steps + 1 levels without its last")
+    samples: int = Field(1, gt=0, description="edits per image (different noise); with more than one, their mean "
+                         "(a posterior-mean estimate: what MSE rewards) is scored too")
     seed: int = Field(0, description="seed of the noise (and of a random mask)")
-    plots: bool = Field(True, description="write a truth | observed | edited | baseline image grid")
+    plots: bool = Field(True, description="write a truth | observed | edited | [mean] | baseline image grid")
 
 
 class StageSpec(Strict):

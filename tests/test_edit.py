@@ -140,6 +140,8 @@ def test_metrics_by_hand():
     assert m["edited"]["mse_unknown"] == pytest.approx(1.0) and m["edited"]["mse_all"] == pytest.approx(0.5)
     assert m["edited"]["psnr_all"] == pytest.approx(10 * math.log10(4 / 0.5))
     assert m["baseline"]["mse_unknown"] == pytest.approx((4 + 0.25) / 2) and m["known_max_abs_change"] == 0
+    m = E.edit_metrics(t, x, truth, mean=x + 0.5)                      # the mean moved the known pixels by 0.5
+    assert m["edited_mean"]["mse_all"] == pytest.approx((0.25 + 2.25 + 0.25 + 2.25) / 4) and m["known_max_abs_change"] == 0.5
     # super-resolution ×2: the known coordinate is the patch mean, the other 3 are unknown
     t = E.make_task("superres", truth, k=2)
     assert torch.allclose(t.baseline, torch.full_like(truth, 0.125))
@@ -169,7 +171,8 @@ def test_edit_stages_keep_the_known_part_and_score_against_the_truth(stagewise):
         a, m = _load(recipe, s)
         assert set(m) >= {"edited", "baseline", "known_max_abs_change", "baseline_name"}
         assert a["edited"].shape == a["truth"].shape == (16, 3, 8, 8)
-        change = float((kept[s](a["edited"], a) - kept[s](a["truth"], a)).abs().max())
+        assert a["edited_mean"].shape == a["truth"].shape and m["samples"] == 8 and "edited_mean" in m
+        change = max(float((kept[s](a[k], a) - kept[s](a["truth"], a)).abs().max()) for k in ("edited", "edited_mean"))
         assert change <= FLOAT_PRECISION and change == pytest.approx(m["known_max_abs_change"], abs=1e-12), s
         # the unknown part was filled in: the edit is not the observation
         assert (a["edited"] - a["observed"]).abs().max() > 0.1, s
@@ -201,13 +204,14 @@ def test_cli_is_the_stage_outside_a_recipe(stagewise, tmp_path, capsys):
 
     cd = stage_dir(stagewise.recipe, "cd")
     out = tmp_path / "out.npz"
-    rc = main(["edit", "--model", str(cd), "--task", "colorize", "--from-test", "16", "--steps", "2",
+    rc = main(["edit", "--model", str(cd), "--task", "colorize", "--from-test", "16", "--steps", "2", "--samples", "8",
                "--out", str(out), "--metrics", str(tmp_path / "m.json")])
     assert rc == 0
     printed = json.loads(capsys.readouterr().out)
     stage_arrays, stage_metrics = _load(stagewise.recipe, "colorize")
     with np.load(out) as z:
-        for k in ("truth", "observed", "edited", "baseline"):
+        assert set(z.files) == set(stage_arrays)
+        for k in z.files:
             assert np.array_equal(z[k], stage_arrays[k].numpy()), k
     assert printed == {k: v for k, v in stage_metrics.items()} == json.loads((tmp_path / "m.json").read_text())
     # a random mask on images given in a file: known pixels kept
