@@ -81,7 +81,8 @@ def plot(arrays: dict[str, np.ndarray], path: Path, title: str, n: int = 10) -> 
 
     keys = [k for k in ("truth", "observed", "edited", "edited_mean", "baseline") if k in arrays]
     rows = [arrays[k][:n] for k in keys]
-    plots.image_grid(np.concatenate(rows), path, f"{title}\nrows: {' | '.join(keys)}", nrow=len(rows[0]))
+    names = " | ".join({"edited_mean": "mean"}.get(k, k) for k in keys)
+    plots.image_grid(np.concatenate(rows), path, f"{title}\n{names}", nrow=len(rows[0]))
 
 
 def summary(metrics: dict) -> str:
@@ -112,7 +113,7 @@ def run(ctx) -> None:
     ctx.tracker.log_artifact(ctx.out / "metrics.json")
     if cfg.plots:
         (ctx.out / "plots").mkdir()
-        plot(arrays, ctx.out / "plots" / "edit.png", f"{ctx.name}: {cfg.task} with {ctx.input('model').stage}")
+        plot(arrays, ctx.out / "plots" / "edit.png", f"{cfg.task} with {ctx.input('model').stage}")
         ctx.tracker.log_artifact(ctx.out / "plots" / "edit.png", "plots")
     flat = {f"{part}.{k}": v for part in ("edited", "edited_mean", "baseline") for k, v in metrics.get(part, {}).items()}
     flat["known_max_abs_change"] = metrics["known_max_abs_change"]
