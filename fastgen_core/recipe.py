@@ -253,7 +253,9 @@ def _edit_problems(r: Recipe, name: str, st: StageSpec) -> list[tuple[str, str]]
     if up is not None and (mname not in available_methods() or not hasattr(get_method(mname), "consistency_fn")):
         probs.append((f"stages.{name}.inputs.model", f"stage {model!r} ({up.kind}, method {mname!r}) is not a "
                       "consistency-type model: editing needs one with consistency_fn (cd, ct, scm, ctm, ayf)"))
-    if st.edit.task == "colorize" and not r.data.color and r.data.kind != "images":
+    if r.data.kind == "toy":
+        probs.append((f"stages.{name}.kind", "editing needs image data (data.kind digits or images), not toy"))
+    elif st.edit.task == "colorize" and not r.data.color and r.data.kind != "images":
         probs.append((f"stages.{name}.edit.task", "colorize needs RGB data (e.g. data.color: true for digits)"))
     return probs
 

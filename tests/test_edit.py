@@ -125,6 +125,12 @@ def test_color_is_for_digits_only_and_colorize_needs_rgb():
     assert len(e.value.problems) == 2
     assert e.value.problems[0].startswith("r.yaml: stages.inpaint.inputs.model: stage 'teacher' (teacher, method 'edm') is not")
     assert e.value.problems[1] == "r.yaml: stages.superres.inputs.model: an edit stage needs one model stage as input `model`"
+    raw = yaml.safe_load((ROOT / "params/digits_edit.yaml").read_text())
+    raw["data"] = {"kind": "toy"}
+    del raw["stages"]["colorize"], raw["stages"]["superres"]
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(raw, "r.yaml")
+    assert e.value.problems == ["r.yaml: stages.inpaint.kind: editing needs image data (data.kind digits or images), not toy"]
 
 #----------------------------------------------------------------------------
 # Metrics, by hand.
