@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Strict(BaseModel):
@@ -31,6 +31,16 @@ class DataConfig(Strict):
     conditional: bool = Field(False, description="use class labels as a condition (class-conditional models)")
     test_fraction: float = Field(0.221, gt=0, lt=1, description="digits/images: held-out fraction (fixed split)")
     split_seed: int = Field(0, description="seed of the fixed train/test split and of toy sampling")
+    color: bool = Field(
+        False, description="digits: render each digit in a colour (3 channels): a foreground colour from a "
+        "palette of six hues at a random brightness on a black background, drawn per image from split_seed "
+        "(the luminance does not determine the colour: for colorization)")
+
+    @model_validator(mode="after")
+    def _color_only_for_digits(self):
+        if self.color and self.kind != "digits":
+            raise ValueError(f"color applies to kind 'digits' only, not {self.kind!r}")
+        return self
 
 
 class NetworkConfig(Strict):

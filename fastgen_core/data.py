@@ -273,14 +273,33 @@ def _split_dataset(x: torch.Tensor, y: torch.Tensor, cfg: DataConfig, num_classe
 
 
 def _load_digits(cfg: DataConfig) -> Dataset:
-    """The 1797 8x8 digits bundled with scikit-learn, 0..16 mapped to [-1, 1], shape (1, 8, 8).
+    """The 1797 8x8 digits bundled with scikit-learn, 0..16 mapped to [-1, 1], shape (1, 8, 8), or
+    (cfg.color) rendered in colour, shape (3, 8, 8) (see `color_digits`).
     Labels are always returned; num_classes = 10 only if cfg.conditional."""
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = torch.from_numpy(digits.images).float().div(8).sub(1).reshape(-1, 1, 8, 8)
+    ink = torch.from_numpy(digits.images).float().div(16).reshape(-1, 1, 8, 8)   # in [0, 1]
+    x = color_digits(ink, cfg.split_seed) if cfg.color else ink
     y = torch.from_numpy(digits.target).long()
-    return _split_dataset(x, y, cfg, num_classes=10)
+    return _split_dataset(x.mul(2).sub(1), y, cfg, num_classes=10)
+
+
+# Foreground hues of the coloured digits (RGB in [0, 1]): their luminances range from 0.11 (blue)
+# to 0.89 (yellow), and the brightness factor below mixes them further.
+DIGIT_PALETTE = ((1.0, 0.0, 0.0), (1.0, 1.0, 0.0), (0.0, 1.0, 0.0), (0.0, 1.0, 1.0), (0.0, 0.0, 1.0), (1.0, 0.0, 1.0))
+DIGIT_BRIGHTNESS = (0.5, 1.0)
+
+
+def color_digits(ink: torch.Tensor, seed: int) -> torch.Tensor:
+    """(N, 1, H, W) ink in [0, 1] -> (N, 3, H, W) RGB in [0, 1]: pixel = ink · b · c on black, with
+    colour c drawn uniformly from DIGIT_PALETTE and brightness b ~ U(DIGIT_BRIGHTNESS) per image
+    (numpy generator seeded by `seed`, one draw per image in order). A luminance value is reached by
+    several (c, b), so the grey image does not determine the colour."""
+    rng = np.random.default_rng([seed, 0xC0102])
+    c = torch.tensor(DIGIT_PALETTE, dtype=torch.float32)[rng.integers(len(DIGIT_PALETTE), size=len(ink))]
+    b = torch.from_numpy(rng.uniform(*DIGIT_BRIGHTNESS, size=len(ink))).float()
+    return ink * (b[:, None] * c)[:, :, None, None]
 
 #----------------------------------------------------------------------------
 # Images: folder / CIFAR-10 / MNIST from a local path or an fsspec URI (s3://...).

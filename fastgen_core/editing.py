@@ -20,6 +20,7 @@ ayf); z_0 is the given noise, the later z_n are drawn with `torch.randn_like` (a
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -143,3 +144,127 @@ def upsample_nearest(low: torch.Tensor, k: int) -> torch.Tensor:
 
 def patch_means(x: torch.Tensor, k: int) -> torch.Tensor:
     return Fn.avg_pool2d(x, k)
+
+#----------------------------------------------------------------------------
+# Editing tasks on a batch of true images: the observation, a naive baseline, what must be kept,
+# and the error against the truth.
+
+TASKS = ("inpaint", "superres", "colorize")
+MASKS = ("left_half", "right_half", "top_half", "bottom_half", "center", "random")
+PEAK_TO_PEAK = 2.0  # images live in [-1, 1]
+
+
+def make_mask(kind: str, n: int, h: int, w: int, fraction: float = 0.5,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """Known-pixel mask (n, 1, h, w), 1 = known. `kind` names the region to fill: a half of the
+    image, the `center` square of half the side, or (`random`) each pixel independently with
+    probability `fraction`, per image."""
+    m = torch.ones(n, 1, h, w)
+    if kind == "left_half":
+        m[..., : w // 2] = 0
+    elif kind == "right_half":
+        m[..., w // 2:] = 0
+    elif kind == "top_half":
+        m[..., : h // 2, :] = 0
+    elif kind == "bottom_half":
+        m[..., h // 2:, :] = 0
+    elif kind == "center":
+        m[..., h // 4: h // 4 + h // 2, w // 4: w // 4 + w // 2] = 0
+    elif kind == "random":
+        m = (torch.rand(n, 1, h, w, generator=generator) >= fraction).float()
+    else:
+        raise ValueError(f"unknown mask {kind!r} (known: {', '.join(MASKS)})")
+    return m
+
+
+def nearest_fill(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Each unknown pixel (mask 0) takes the value of the nearest known pixel (Euclidean distance
+    on the pixel grid, ties to the first in raster order)."""
+    n, c, h, w = x.shape
+    known = mask.expand(n, 1, h, w).reshape(n, h * w).bool()
+    yy, xx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    pos = torch.stack([yy.flatten(), xx.flatten()], 1).double()
+    d = torch.cdist(pos, pos)[None].expand(n, -1, -1).to(x.device)            # (n, target, source)
+    src = d.masked_fill(~known[:, None, :], float("inf")).argmin(-1)           # (n, h·w)
+    flat = x.reshape(n, c, h * w)
+    filled = flat.gather(2, src[:, None, :].expand(n, c, h * w))
+    return torch.where(known[:, None, :], flat, filled).reshape(x.shape)
+
+
+def gray_image(L: torch.Tensor) -> torch.Tensor:
+    """(N, 1, H, W) luminance -> the grey RGB image R = G = B with that luminance."""
+    return (L / sum(LUMINANCE)).expand(-1, 3, -1, -1)
+
+
+@dataclass
+class Task:
+    """One editing problem on a batch of true images: the operator, the observation y (an image
+    whose known coordinates hold what is observed: masked image, nearest-upsampled low resolution,
+    grey image), the naive baseline reconstruction, and `kept(x)`, the quantity editing must keep
+    (known pixels, k×k patch means, luminance)."""
+
+    name: str
+    operator: Operator
+    observed: torch.Tensor
+    baseline: torch.Tensor
+    kept: Callable[[torch.Tensor], torch.Tensor]
+    baseline_name: str
+
+
+def make_task(name: str, truth: torch.Tensor, mask: torch.Tensor | None = None, k: int = 2) -> Task:
+    """The editing problem `name` (inpaint | superres | colorize) on `truth` (N, C, H, W)."""
+    if name == "inpaint":
+        if mask is None:
+            raise ValueError("inpainting needs a mask")
+        known = mask.expand(truth.shape[0], 1, *truth.shape[2:]).bool()
+        observed = truth * mask
+        return Task(name, inpainting(mask), observed, nearest_fill(truth, mask),
+                    lambda x: x[known.expand_as(x)], "nearest known pixel")
+    if name == "superres":
+        low = patch_means(truth, k)
+        return Task(name, super_resolution(k), upsample_nearest(low, k), upsample_nearest(low, k),
+                    lambda x: patch_means(x, k), f"nearest upsampling ×{k}")
+    if name == "colorize":
+        if truth.shape[1] != 3:
+            raise ValueError(f"colorization needs RGB images (3 channels), got {truth.shape[1]}")
+        grey = gray_image(luminance(truth))
+        return Task(name, colorization(), grey, grey, luminance, "grey image")
+    raise ValueError(f"unknown task {name!r} (known: {', '.join(TASKS)})")
+
+
+def psnr(mse: float) -> float:
+    """Peak signal-to-noise ratio (dB) for images in [-1, 1]."""
+    return float("inf") if mse == 0 else 10 * math.log10(PEAK_TO_PEAK**2 / mse)
+
+
+def errors(task: Task, x: torch.Tensor, truth: torch.Tensor) -> dict[str, float]:
+    """Error of a reconstruction x against the truth: MSE (and PSNR) over the unknown coordinates
+    of A·x (inpainting: the unknown pixels; super-resolution: the within-patch detail; colorization:
+    the two chroma coordinates; A is orthogonal, so these are squared pixel errors), and over all
+    pixels (N·C·H·W)."""
+    d = x.double() - truth.double()
+    u = task.operator.forward(d)
+    unknown = ~task.operator.known.to(u.device).bool().expand_as(u)
+    mse_unknown = float((u[unknown] ** 2).mean())
+    mse_all = float((d**2).mean())
+    return {"mse_unknown": mse_unknown, "psnr_unknown": psnr(mse_unknown), "mse_all": mse_all, "psnr_all": psnr(mse_all)}
+
+
+def saturation(x: torch.Tensor) -> float:
+    """Mean over pixels of (max − min over channels)/2: 0 for grey, up to 1 for pure colours."""
+    return float((x.amax(1) - x.amin(1)).mean() / 2)
+
+
+def edit_metrics(task: Task, edited: torch.Tensor, truth: torch.Tensor, mean: torch.Tensor | None = None) -> dict:
+    """Errors against the truth of one edit per image, of the `mean` of several (if given) and of
+    the baseline, and how far editing moved the kept part (`known_max_abs_change`:
+    max |kept(x) − kept(truth)| over the edit and the mean; float rounding only)."""
+    moved = [float((task.kept(x) - task.kept(truth)).abs().max()) for x in (edited, mean) if x is not None]
+    out = {"task": task.name, "n_images": int(truth.shape[0]), "baseline_name": task.baseline_name,
+           "edited": errors(task, edited, truth), "baseline": errors(task, task.baseline, truth),
+           "known_max_abs_change": max(moved)}
+    if mean is not None:
+        out["edited_mean"] = errors(task, mean, truth)
+    if task.name == "colorize":
+        out["saturation"] = {"truth": saturation(truth), "edited": saturation(edited), "baseline": saturation(task.baseline)}
+    return out

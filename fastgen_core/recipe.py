@@ -20,7 +20,7 @@ from pydantic import BaseModel, Field, ValidationError, model_validator
 
 from .config import DataConfig, NetworkConfig, Strict
 
-STAGE_KINDS = ("teacher", "weak_snapshot", "ode_pairs", "distill", "feature_net", "evaluate")
+STAGE_KINDS = ("teacher", "weak_snapshot", "ode_pairs", "distill", "feature_net", "evaluate", "edit")
 
 
 class RecipeError(Exception):
@@ -110,6 +110,25 @@ class EvalConfig(Strict):
     guidance: list[GuidanceSpec] = Field([], description="guided samplers of EDM models, evaluated at teacher_nfe")
 
 
+class EditConfig(Strict):
+    """Zero-shot editing of held-out test images with a consistency-type model (CM Alg. 4)."""
+
+    task: Literal["inpaint", "superres", "colorize"] = Field(
+        "inpaint", description="inpaint: fill masked pixels; superres: restore detail keeping k×k patch means; "
+        "colorize: restore colour keeping the luminance (RGB data)")
+    mask: Literal["left_half", "right_half", "top_half", "bottom_half", "center", "random"] = Field(
+        "left_half", description="inpaint: the region to fill (center: the middle square of half the side; "
+        "random: each pixel with probability `fraction`, per image)")
+    fraction: float = Field(0.5, gt=0, lt=1, description="inpaint with mask random: fraction of pixels to fill")
+    k: int = Field(2, ge=2, description="superres: patch size (the image side must be a multiple)")
+    n_images: int = Field(100, gt=0, description="number of test-split images edited (the first ones)")
+    steps: int = Field(4, gt=0, description="model evaluations: τ = Karras grid of steps + 1 levels without its last")
+    samples: int = Field(1, gt=0, description="edits per image (different noise); with more than one, their mean "
+                         "(a posterior-mean estimate: what MSE rewards) is scored too")
+    seed: int = Field(0, description="seed of the noise (and of a random mask)")
+    plots: bool = Field(True, description="write a truth | observed | edited | [mean] | baseline image grid")
+
+
 class StageSpec(Strict):
     kind: str = Field(..., description=f"stage kind: one of {', '.join(STAGE_KINDS)}")
     inputs: dict[str, str | list[str]] = Field(
@@ -121,6 +140,7 @@ class StageSpec(Strict):
     pairs: PairsConfig = Field(default_factory=PairsConfig, description="ode_pairs: settings")
     evaluate: EvalConfig = Field(default_factory=EvalConfig, description="evaluate: settings")
     guide: GuideConfig = Field(default_factory=GuideConfig, description="weak_snapshot: how the weak guide is made")
+    edit: EditConfig = Field(default_factory=EditConfig, description="edit: settings")
 
 
 class ComputeConfig(Strict):
@@ -302,6 +322,8 @@ def _graph_problems(r: Recipe) -> list[tuple[str, str]]:
             probs += _weak_snapshot_problems(r, name, st)
         for i, g in enumerate(st.evaluate.guidance if st.kind == "evaluate" else []):
             probs += _guidance_problems(r, name, i, g)
+        if st.kind == "edit":
+            probs += _edit_problems(r, name, st)
     # cycles (only among existing names)
     color: dict[str, int] = {}
 
@@ -327,6 +349,27 @@ def _graph_problems(r: Recipe) -> list[tuple[str, str]]:
             probs.append(("data.root", "images data needs a root (local path or s3:// URI)"))
         elif "://" not in root and not Path(root).exists():
             probs.append(("data.root", f"data path does not exist: {root}"))
+    return probs
+
+
+def _edit_problems(r: Recipe, name: str, st: StageSpec) -> list[tuple[str, str]]:
+    """An edit stage needs one `model` input trained by a consistency-type method (one whose module
+    has `consistency_fn`), and colorization needs RGB data."""
+    from .methods import available_methods, get_method
+
+    model = st.inputs.get("model")
+    if not isinstance(model, str):
+        return [(f"stages.{name}.inputs.model", "an edit stage needs one model stage as input `model`")]
+    probs = []
+    up = r.stages.get(model)
+    mname = (up.method or {}).get("name") if up else None
+    if up is not None and (mname not in available_methods() or not hasattr(get_method(mname), "consistency_fn")):
+        probs.append((f"stages.{name}.inputs.model", f"stage {model!r} ({up.kind}, method {mname!r}) is not a "
+                      "consistency-type model: editing needs one with consistency_fn (cd, ct, scm, ctm, ayf)"))
+    if r.data.kind == "toy":
+        probs.append((f"stages.{name}.kind", "editing needs image data (data.kind digits or images), not toy"))
+    elif st.edit.task == "colorize" and not r.data.color and r.data.kind != "images":
+        probs.append((f"stages.{name}.edit.task", "colorize needs RGB data (e.g. data.color: true for digits)"))
     return probs
 
 

@@ -6,6 +6,8 @@
     fastgen dvcgen [--check]            (re)generate dvc.yaml from params/
     fastgen lineage ARTIFACT [--json]   provenance tree of an artifact (from its manifests)
     fastgen verify ARTIFACT|RECIPE      recompute digests; exit 1 on any mismatch
+    fastgen edit --model DIR --task inpaint|superres|colorize (--images F.npz | --from-test N) --out OUT.npz
+                                        zero-shot editing with a consistency-type model (see --help)
 """
 from __future__ import annotations
 
@@ -48,6 +50,10 @@ def main(argv: list[str] | None = None) -> int:
         from . import lineage
 
         return (lineage.main_lineage if cmd == "lineage" else lineage.main_verify)(rest)
+    if cmd == "edit":
+        from .edit import cli as edit_cli
+
+        return edit_cli(rest)
     print(f"fastgen: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

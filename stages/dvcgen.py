@@ -41,7 +41,10 @@ def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
         code.append(f"fastgen_core/methods/{spec.method['name']}.py")
     if spec.kind == "evaluate":
         code += ["fastgen_core/metrics.py", "fastgen_core/plots.py"]
-        # methods of the evaluated models decide how they sample
+    if spec.kind == "edit":
+        code += ["fastgen_core/editing.py", "fastgen_core/plots.py"]
+    if spec.kind in ("evaluate", "edit"):
+        # methods of the evaluated / editing models decide how they sample
         for up in recipe.upstream(name):
             m = recipe.stages[up].method
             if m and f"fastgen_core/methods/{m['name']}.py" not in code:

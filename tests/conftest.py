@@ -178,3 +178,4 @@ def clean_invocation(monkeypatch):
     monkeypatch.setattr(tracking, "_solo", None)
     yield
     os.environ.pop("FASTGEN_INVOCATION", None)
+

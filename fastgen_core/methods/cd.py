@@ -95,6 +95,11 @@ class Method(_Base):
                 pt.lerp_(p, 1 - self.cfg.mu)
 
 
+def consistency_fn(model):
+    """f(x, σ) of a trained model (EDM convention), e.g. for `fastgen_core.editing`."""
+    return ConsistencyFn(model.nets["net"], model.noise)
+
+
 def sample(model, z, nfe, class_labels=None):
     taus = model.noise.karras_sigmas(nfe + 1)[:-1].tolist()
     f = ConsistencyFn(model.nets["net"], model.noise)
