@@ -223,7 +223,8 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 })
         with phase("mlflow_end"):
-            tr.set_tags({"fastgen.output_digest": manifest["digest"]})
+            out = stage_dir(recipe, stage)
+            tracking.log_lineage(tr, recipe, stage, manifest, out, str(out))
         ok = True
     finally:
         with phase("mlflow_end"):
