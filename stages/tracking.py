@@ -312,7 +312,7 @@ def register_students(tr: Tracker, recipe, stage: str, manifest: dict, folder: s
     """Register the students that pass evaluation `stage` (see `passing_students`).
 
     Registered model `<recipe name>`: one version per passing student and evaluation, whose source
-    is the student's LoggedModel, tagged with its stage, method, digests, the evaluation's run and
+    is the student's LoggedModel (model.safetensors, model.json, manifest.json), tagged with its stage, method, digests, the evaluation's run and
     the 1-NFE figures; alias `best-1step` points at the best one of the latest evaluation.
     Returns stage -> version."""
     import fsspec
@@ -339,8 +339,10 @@ def register_students(tr: Tracker, recipe, stage: str, manifest: dict, folder: s
     versions = {}
     for s, fig in passing.items():
         lm = models[s]
-        mv = c.create_model_version(reg, source=f"models:/{lm.model_id}", run_id=lm.source_run_id, model_id=lm.model_id,
-                                    tags={"fastgen.stage": s, "fastgen.method": kinds[s],
+        # source: the LoggedModel's artifact location, not models:/<id> (which MLflow's SQL registry
+        # resolves through the process-global tracking URI, not this client's)
+        mv = c.create_model_version(reg, source=lm.artifact_location, run_id=lm.source_run_id, model_id=lm.model_id,
+                                    tags={"fastgen.stage": s, "fastgen.method": kinds[s], "fastgen.logged_model": lm.model_id,
                                           "fastgen.output_digest": lm.tags.get("fastgen.output_digest"),
                                           "fastgen.eval_stage": stage, "fastgen.eval_run": tr.run_id,
                                           "fastgen.eval_digest": manifest["digest"],
