@@ -28,6 +28,9 @@ from fastgen_core import artifacts
 from .tracking import MANIFEST_ARTIFACT
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+# the stage settings shown besides method and train, by kind (the others are defaults it ignores)
+SETTINGS = {"teacher": ("network",), "distill": ("network",), "feature_net": ("network",),
+            "ode_pairs": ("pairs",), "evaluate": ("evaluate",)}
 
 
 class LineageError(Exception):
@@ -55,6 +58,9 @@ def _node(m: dict, path: str, source: str) -> dict:
         "code": m.get("code"), "data_digest": (m.get("data") or {}).get("digest"),
         "method": (m["params"]["stage"].get("method") or None),
         "train": m["params"]["stage"].get("train") if m["kind"] in ("teacher", "distill", "feature_net") else None,
+        "settings": {k: m["params"]["stage"][k] for k in SETTINGS.get(m["kind"], ())
+                     if m["params"]["stage"].get(k) is not None},
+        "seed": m["params"].get("seed"),
         "mlflow_run_id": (m.get("mlflow") or {}).get("run_id"), "inputs": [],
     }
 
@@ -99,14 +105,20 @@ def manifest_related(path: str | Path, node: dict) -> list[dict]:
         loc = mp.rsplit("/", 1)[0]
         if "://" in str(path):
             loc = f"{str(path).split('://', 1)[0]}://{loc}"
-        rel = _relation(node, {k: v["digest"] for k, v in m.get("inputs", {}).items()})
+        rel = _relation(node, {k: v["digest"] for k, v in m.get("inputs", {}).items()}, m["stage"])
         if rel:
             out.append({**rel, "stage": m["stage"], "kind": m["kind"], "recipe": m["recipe"], "path": loc,
                         "digest": m["digest"], "mlflow_run_id": (m.get("mlflow") or {}).get("run_id")})
     return sorted(out, key=lambda r: (r["relation"] != "sibling", r["stage"]))
 
 
-def _relation(node: dict, their_inputs: dict[str, str]) -> dict | None:
+def _ancestors(node: dict) -> set[str]:
+    return {a for i in node["inputs"] for a in {i["stage"]} | _ancestors(i)}
+
+
+def _relation(node: dict, their_inputs: dict[str, str], stage: str) -> dict | None:
+    if stage in _ancestors(node):
+        return None  # already in the tree
     if their_inputs.get(node["stage"]) == node["digest"]:
         return {"relation": "consumer"}
     shared = sorted(i["stage"] for i in node["inputs"]
@@ -202,7 +214,8 @@ class MlflowLineage:
                 t = r.data.tags
                 if t.get("fastgen.stage") in (None, node["stage"]) or t["fastgen.stage"] in found:
                     continue
-                rel = _relation(node, {k[len("fastgen.input."):]: v for k, v in t.items() if k.startswith("fastgen.input.")})
+                rel = _relation(node, {k[len("fastgen.input."):]: v for k, v in t.items()
+                                       if k.startswith("fastgen.input.")}, t["fastgen.stage"])
                 if rel and t.get("fastgen.output_digest"):
                     found[t["fastgen.stage"]] = {**rel, "stage": t["fastgen.stage"], "kind": t.get("fastgen.kind"),
                                                  "recipe": t.get("fastgen.recipe"), "digest": t["fastgen.output_digest"],
@@ -210,8 +223,8 @@ class MlflowLineage:
                                                  "mlflow_run_id": r.info.run_id}
         return sorted(found.values(), key=lambda r: (r["relation"] != "sibling", r["stage"]))
 
-    def run_of_model(self, uri: str) -> str:
-        """The run that made a registered model version: models:/NAME@ALIAS or models:/NAME/VERSION."""
+    def model_version(self, uri: str):
+        """The registered model version models:/NAME@ALIAS or models:/NAME/VERSION."""
         rest = uri[len("models:/"):]
         try:
             if "@" in rest:
@@ -222,6 +235,10 @@ class MlflowLineage:
                 mv = self.client.get_model_version(name, version)
         except Exception as e:
             raise LineageError(f"{uri}: no such registered model version ({type(e).__name__})") from None
+        return mv
+
+    def run_of(self, mv, uri: str) -> str:
+        """The run that made a registered model version."""
         if mv.run_id:
             return mv.run_id
         if mv.model_id:
@@ -264,8 +281,12 @@ def lineage(target: str, source: str = "auto", tracking_uri: str | None = None, 
                 tree["related"] = manifest_related(target, tree)
             return tree
     ml = MlflowLineage(uri)
-    run_id = ml.run_of_model(target) if is_model else target if is_run else ml.run_of_path(target)
+    mv = ml.model_version(target) if is_model else None
+    run_id = ml.run_of(mv, target) if is_model else target if is_run else ml.run_of_path(target)
     tree = ml.tree(run_id)
+    if mv is not None:
+        tree["registered"] = {"name": mv.name, "version": str(mv.version), "aliases": list(mv.aliases or []),
+                              "tags": dict(mv.tags)}
     if related:
         tree["related"] = ml.related(tree)
     return tree
@@ -275,13 +296,22 @@ def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -
     """A readable tree, one artifact per block."""
     head = "" if root else prefix + ("└── " if last else "├── ")
     role = f"[{node['role']}] " if node.get("role") else ""
+    reg = []
+    if root and node.get("registered"):
+        r = node["registered"]
+        figs = {k[len("eval."):]: v for k, v in r["tags"].items() if k.startswith("eval.")}
+        reg = [f"registered model {r['name']} version {r['version']}"
+               f"{' @' + ', @'.join(r['aliases']) if r['aliases'] else ''}"
+               + (f": {figs.get('metric')} above floor at 1 NFE {float(figs['above_floor_1nfe']):.4g}"
+                  f" (pass threshold {float(figs['threshold']):.4g}, teacher {float(figs['teacher_above_floor']):.4g})"
+                  if "above_floor_1nfe" in figs else "")]
     if node.get("missing"):
         lines = [f"{head}{role}{node['stage']}  MISSING at {node['path']} (recorded {node['recorded_digest'][:12]})"]
         return lines
     meth = node.get("method") or {}
     desc = ", ".join(f"{k}={v}" for k, v in meth.items())
     code = node.get("code") or {}
-    lines = [f"{head}{role}{node['recipe']}/{node['stage']} ({node['kind']}{': ' + desc if desc else ''})"]
+    lines = reg + [f"{head}{role}{node['recipe']}/{node['stage']} ({node['kind']}{': ' + desc if desc else ''})"]
     pad = ("" if root else prefix + ("    " if last else "│   "))
     lines.append(f"{pad}  digest {node['digest'][:16]}  params {node['params_digest'][:16]}  "
                  f"data {(node.get('data_digest') or '?')[:16]}")
@@ -290,6 +320,9 @@ def render(node: dict, prefix: str = "", last: bool = True, root: bool = True) -
     if node.get("train"):
         t = node["train"]
         lines.append(f"{pad}  train steps={t['steps']} batch={t['batch_size']} lr={t['lr']} ema={t['ema_decay']}")
+    for k, v in (node.get("settings") or {}).items():
+        desc = " ".join(f"{a}={b}" for a, b in v.items()) if isinstance(v, dict) else v
+        lines.append(f"{pad}  {k} {desc}")
     lines.append(f"{pad}  at {node['path']}  (from {node.get('source', 'manifest')})")
     kids = node["inputs"]
     for i, k in enumerate(kids):

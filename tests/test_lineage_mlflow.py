@@ -177,6 +177,9 @@ def test_lineage_from_manifests_alone_when_mlflow_is_unreachable(ran, tmp_path, 
         assert {tree["source"]} | {i["source"] for i in tree["inputs"]} == {"manifest"}
         _check_cd_tree(tree, recipe, mans)
     assert not (tmp_path / "absent.db").exists()  # not created by looking
+    ev = lineage.lineage(str(stage_dir(recipe, "eval")), "manifests")
+    assert sorted(i["stage"] for i in ev["inputs"]) == ["cd", "pairs", "teacher"]
+    assert ev["related"] == []  # its inputs are ancestors, not siblings
     t0 = time.time()
     assert lineage.main_lineage([cd, "--source", "mlflow", "--tracking-uri", down]) == 2
     assert time.time() - t0 < 10 and "unreachable" in capsys.readouterr().err
@@ -220,6 +223,8 @@ def test_lineage_of_a_registered_model(ran, capsys):
     uri = recipe.tracking.uri
     tree = lineage.lineage(f"models:/tiny_cd@{tracking.BEST_ALIAS}", "auto", uri)
     _check_cd_tree(tree, recipe, mans)
+    assert tree["registered"]["version"] == "1" and tree["registered"]["aliases"] == [tracking.BEST_ALIAS]
+    assert lineage.render(tree)[0].startswith("registered model tiny_cd version 1 @best-1step: swd above floor at 1 NFE")
     assert lineage.main_lineage(["models:/tiny_cd/1", "--json", "--tracking-uri", uri]) == 0
     assert _essentials(json.loads(capsys.readouterr().out)) == _essentials(tree)
     assert lineage.main_lineage(["models:/tiny_cd@nope", "--tracking-uri", uri]) == 2
