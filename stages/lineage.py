@@ -104,7 +104,7 @@ def manifest_related(path: str | Path, node: dict) -> list[dict]:
             continue
         loc = mp.rsplit("/", 1)[0]
         if "://" in str(path):
-            loc = f"{str(path).split('://', 1)[0]}://{loc}"
+            loc = fs.unstrip_protocol(loc)
         rel = _relation(node, {k: v["digest"] for k, v in m.get("inputs", {}).items()}, m["stage"])
         if rel:
             out.append({**rel, "stage": m["stage"], "kind": m["kind"], "recipe": m["recipe"], "path": loc,
@@ -382,7 +382,10 @@ def main_lineage(argv=None) -> int:
     except LineageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(tree, indent=2) if a.json else "\n".join(render(tree)))
+    try:
+        print(json.dumps(tree, indent=2) if a.json else "\n".join(render(tree)))
+    except BrokenPipeError:  # e.g. piped into head
+        sys.stderr.close()
     return 0
 
 

@@ -185,6 +185,26 @@ def test_lineage_from_manifests_alone_when_mlflow_is_unreachable(ran, tmp_path, 
     assert time.time() - t0 < 10 and "unreachable" in capsys.readouterr().err
 
 
+def test_lineage_from_manifests_at_a_url(ran):
+    """Manifests are read through fsspec: the same tree from an object store (here fsspec's
+    in-memory filesystem standing in for s3://) as from local folders."""
+    import fsspec
+
+    recipe, mans, _, _ = ran
+    base = f"memory://lineage-{uuid.uuid4().hex[:8]}/tiny_cd"
+    for s in mans:
+        m = artifacts.read_manifest(stage_dir(recipe, s))
+        m["inputs"] = {k: {**v, "path": f"{base}/{k}"} for k, v in m["inputs"].items()}
+        with fsspec.open(f"{base}/{s}/manifest.json", "w") as f:
+            json.dump(m, f)
+    tree = lineage.lineage(f"{base}/cd", "manifests")
+    (t,) = tree["inputs"]
+    assert tree["path"] == f"{base}/cd" and t["path"] == f"{base}/teacher" and t["digest"] == mans["teacher"]["digest"]
+    assert tree["data_digest"] == mans["cd"]["data"]["digest"] and tree["code"] == mans["cd"]["code"]
+    rel = {r["stage"]: r for r in tree["related"]}
+    assert sorted(rel) == ["eval", "pairs"] and rel["pairs"]["path"].startswith("memory://")
+
+
 def test_lineage_from_mlflow_alone_when_the_files_are_gone(ran, capsys):
     recipe, mans, _, _ = ran
     uri, cd = recipe.tracking.uri, str(stage_dir(recipe, "cd"))
