@@ -70,7 +70,7 @@ def _missing(name: str, inp: dict) -> dict:
             "recorded_digest": inp["digest"], "missing": True, "inputs": []}
 
 
-def manifest_tree(path: str | Path, mlflow: "MlflowLineage | None" = None) -> dict:
+def manifest_tree(path: str | Path, mlflow: "MlflowLineage | _Fallback | None" = None) -> dict:
     """The provenance tree of an artifact folder, read from manifests; an input whose files are
     gone is looked up in `mlflow` (when given) through this artifact's run, else marked missing."""
     m = read_manifest(path)
@@ -257,6 +257,21 @@ class MlflowLineage:
         raise LineageError(f"{path}: no manifest there, and no MLflow run in {self.uri} produced it")
 
 
+class _Fallback:
+    """MLflow for the inputs whose files are gone, opened only if one is (none if unreachable)."""
+
+    def __init__(self, uri: str):
+        self.uri, self.ml = uri, None
+
+    def upstream(self, run_id: str | None, name: str) -> dict | None:
+        if self.ml is None:
+            try:
+                self.ml = MlflowLineage(self.uri)
+            except LineageError:
+                self.ml = False
+        return self.ml.upstream(run_id, name) if self.ml else None
+
+
 def lineage(target: str, source: str = "auto", tracking_uri: str | None = None, related: bool = True) -> dict:
     """The provenance tree of `target` (see module docstring), with its related artifacts."""
     uri = tracking_uri or default_tracking_uri()
@@ -270,13 +285,7 @@ def lineage(target: str, source: str = "auto", tracking_uri: str | None = None, 
             if source == "manifests":
                 raise LineageError(f"{target}: no {artifacts.MANIFEST} (not a fastgen artifact?)") from None
         else:
-            ml = None
-            if source == "auto":
-                try:
-                    ml = MlflowLineage(uri)
-                except LineageError:
-                    ml = None  # manifests alone
-            tree = manifest_tree(target, ml)
+            tree = manifest_tree(target, _Fallback(uri) if source == "auto" else None)
             if related:
                 tree["related"] = manifest_related(target, tree)
             return tree
