@@ -15,7 +15,7 @@ import pytest
 from fastgen_core import artifacts
 from fastgen_core.recipe import load_recipe
 from stages import tracking
-from stages.runtime import PROJECT, StageError, run_stage, stage_dir
+from stages.runtime import PROJECT, run_stage, stage_dir
 
 
 class _Payload:
