@@ -312,9 +312,10 @@ def register_students(tr: Tracker, recipe, stage: str, manifest: dict, folder: s
     """Register the students that pass evaluation `stage` (see `passing_students`).
 
     Registered model `<recipe name>`: one version per passing student and evaluation, whose source
-    is the student's LoggedModel (model.safetensors, model.json, manifest.json), tagged with its stage, method, digests, the evaluation's run and
-    the 1-NFE figures; alias `best-1step` points at the best one of the latest evaluation.
-    Returns stage -> version."""
+    is the student's LoggedModel (model.safetensors, model.json, manifest.json), tagged with its
+    stage, method, digests, the evaluation's run, the pass figures (`eval.*`) and every metric of
+    the evaluation (`metrics.<nfe_K>.<metric>`: mean over seeds); alias `best-1step` points at the
+    best one of the latest evaluation. Returns stage -> version."""
     import fsspec
 
     factor = recipe.stages[stage].evaluate.pass_factor
@@ -346,7 +347,9 @@ def register_students(tr: Tracker, recipe, stage: str, manifest: dict, folder: s
                                           "fastgen.output_digest": lm.tags.get("fastgen.output_digest"),
                                           "fastgen.eval_stage": stage, "fastgen.eval_run": tr.run_id,
                                           "fastgen.eval_digest": manifest["digest"],
-                                          **{f"eval.{k}": str(v) for k, v in fig.items()}},
+                                          **{f"eval.{k}": str(v) for k, v in fig.items()},
+                                          **{f"metrics.{k}.{m}": str(v["mean"] if isinstance(v, dict) else v)
+                                             for k, d in results[s].items() for m, v in d.items()}},
                                     description=f"{recipe.name}/{s} ({kinds[s]}), passed {recipe.name}/{stage}")
         versions[s] = mv.version
     best = min(passing, key=lambda s: passing[s]["above_floor_1nfe"])

@@ -122,6 +122,8 @@ def test_passing_student_is_registered_with_alias_and_metrics(ran):
     assert mv.tags["fastgen.eval_run"] == mans["eval"]["mlflow"]["run_id"]
     assert float(mv.tags["eval.above_floor_1nfe"]) == pytest.approx(results["cd"]["nfe_1"]["swd"]["above_floor"])
     assert mv.tags["eval.metric"] == "swd"
+    assert float(mv.tags["metrics.nfe_1.mode_coverage"]) == results["cd"]["nfe_1"]["mode_coverage"]["mean"]
+    assert float(mv.tags["metrics.coupling.mse"]) == results["cd"]["coupling"]["mse"]
     versions = client.search_model_versions("name = 'tiny_cd'")
     assert [v.tags["fastgen.stage"] for v in versions] == ["cd"]  # the teacher is no student
 
