@@ -1,7 +1,8 @@
 """Provenance of an artifact, and verification of stored artifacts against their manifests.
 
     fastgen lineage TARGET [--json] [--source auto|manifests|mlflow] [--tracking-uri URI]
-        TARGET: an artifact folder or s3:// URI, an MLflow run id, or a registered model
+        TARGET: an artifact folder or s3:// URI (or a file in it, e.g. .../cd/model.safetensors),
+        an MLflow run id, or a registered model
         (models:/NAME@ALIAS, models:/NAME/VERSION); the tree of what made it
     fastgen verify outputs/toy_cd/cd              digests of it (and its inputs) still match?
     fastgen verify params/toy_cd.yaml             ... of every stage of a recipe
@@ -257,6 +258,17 @@ class MlflowLineage:
         raise LineageError(f"{path}: no manifest there, and no MLflow run in {self.uri} produced it")
 
 
+ARTIFACT_FILES = ("model.safetensors", "model.json", "pairs.npz", "metrics.json", artifacts.MANIFEST)
+
+
+def _artifact_of(target: str) -> str:
+    """The artifact folder of a file in it (e.g. a student's model.safetensors), else `target`."""
+    t = target.rstrip("/")
+    if t.rsplit("/", 1)[-1] in ARTIFACT_FILES or ("://" not in t and Path(t).is_file()):
+        return t.rsplit("/", 1)[0]
+    return t
+
+
 class _Fallback:
     """MLflow for the inputs whose files are gone, opened only if one is (none if unreachable)."""
 
@@ -276,6 +288,8 @@ def lineage(target: str, source: str = "auto", tracking_uri: str | None = None, 
     """The provenance tree of `target` (see module docstring), with its related artifacts."""
     uri = tracking_uri or default_tracking_uri()
     is_run, is_model = bool(RUN_ID.match(target)), target.startswith("models:/")
+    if not (is_run or is_model):
+        target = _artifact_of(target)
     if source == "manifests" and (is_run or is_model):
         raise LineageError(f"{target}: a run id or registered model can only be traced in MLflow (--source mlflow/auto)")
     if not (is_run or is_model) and source != "mlflow":

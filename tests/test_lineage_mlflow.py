@@ -210,6 +210,7 @@ def test_lineage_from_mlflow_alone_when_the_files_are_gone(ran, capsys):
     recipe, mans, _, _ = ran
     uri, cd = recipe.tracking.uri, str(stage_dir(recipe, "cd"))
     from_manifests = lineage.lineage(cd, "manifests")
+    assert _essentials(lineage.lineage(f"{cd}/model.safetensors", "manifests")) == _essentials(from_manifests)
     outputs = stage_dir(recipe, "cd").parent
     gone = outputs.with_name("gone")
     os.replace(outputs, gone)
@@ -219,6 +220,7 @@ def test_lineage_from_mlflow_alone_when_the_files_are_gone(ran, capsys):
         _check_cd_tree(tree, recipe, mans)
         assert _essentials(tree) == _essentials(from_manifests)
         assert lineage.lineage(mans["cd"]["mlflow"]["run_id"], "mlflow", uri)["digest"] == mans["cd"]["digest"]
+        assert lineage.lineage(f"{cd}/model.safetensors", "auto", uri)["digest"] == mans["cd"]["digest"]
         assert lineage.main_lineage([cd, "--tracking-uri", uri]) == 0
         out = capsys.readouterr().out
         for s in ("tiny_cd/cd (distill: N=10", "└── [teacher] tiny_cd/teacher (teacher: name=edm)",
