@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -98,7 +99,11 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
     start = 0
     ckpt = Path(ckpt_dir) / "last.pt" if ckpt_dir else None
     if ckpt is not None and ckpt.exists():
-        state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as e:  # a pickle that would run code or build objects: refused
+            raise pickle.UnpicklingError(f"{ckpt}: not a tensors-only checkpoint, refusing to resume from it "
+                                         f"({str(e).splitlines()[0]})") from None
         method.nets.load_state_dict(state["nets"])
         for n, sd in state["ema"].items():
             ema[n].load_state_dict(sd)

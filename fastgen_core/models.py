@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -79,7 +80,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
     path = Path(path)
     meta = json.loads((path / "model.json").read_text())
-    tensors = load_file(str(path / "model.safetensors"), device=str(device))
+    try:
+        tensors = load_file(str(path / "model.safetensors"), device=str(device))
+    except SafetensorError as e:  # e.g. a pickle put in its place: never unpickled, refused
+        raise ValueError(f"{path / 'model.safetensors'}: not a safetensors file, refusing to load it ({e})") from None
     nets = nn.ModuleDict()
     for name, ncfg in meta["networks"].items():
         net = build_network(NetworkConfig.model_validate(ncfg), tuple(meta["shape"]), meta["num_classes"])

@@ -108,6 +108,9 @@ class EvalConfig(Strict):
     teacher_nfe: list[int] = Field([1, 3, 35], description="NFEs at which teachers are evaluated (Heun: 2·steps − 1)")
     plots: bool = Field(True, description="write sample plots and quality-vs-NFE plot")
     guidance: list[GuidanceSpec] = Field([], description="guided samplers of EDM models, evaluated at teacher_nfe")
+    pass_factor: float = Field(2.0, ge=0, description=(
+        "a student passes (and is registered in the MLflow model registry) when its primary metric's "
+        "distance above the real-data floor at 1 NFE is at most this times the teacher's at its largest NFE"))
 
 
 class EditConfig(Strict):

@@ -4,7 +4,9 @@
     fastgen stage RECIPE STAGE          run one stage (same as python -m stages.<kind>)
     fastgen flow RECIPE                 run a recipe as a Prefect flow
     fastgen dvcgen [--check]            (re)generate dvc.yaml from params/
-    fastgen lineage ARTIFACT [--json]   provenance tree of an artifact (from its manifests)
+    fastgen lineage TARGET [--json] [--source auto|manifests|mlflow] [--tracking-uri URI]
+                                        provenance tree of an artifact folder / s3:// URI, MLflow
+                                        run id or registered model (models:/NAME@ALIAS)
     fastgen verify ARTIFACT|RECIPE      recompute digests; exit 1 on any mismatch
     fastgen edit --model DIR --task inpaint|superres|colorize (--images F.npz | --from-test N) --out OUT.npz
                                         zero-shot editing with a consistency-type model (see --help)

@@ -228,7 +228,9 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 })
         with phase("mlflow_end"):
-            tr.set_tags({"fastgen.output_digest": manifest["digest"]})
+            uri = storage.location(recipe, stage)  # the files: in place, or the cache entry of a remote output
+            local = storage.cache_root() / "artifacts" / manifest["digest"] if storage.is_remote(uri) else uri
+            tracking.log_lineage(tr, recipe, stage, manifest, local, uri)
         ok = True
     finally:
         with phase("mlflow_end"):

@@ -9,8 +9,10 @@ The invocation a stage belongs to: `$FASTGEN_INVOCATION` if set (the Prefect flo
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import tempfile
 import threading
 import time
 import uuid
@@ -72,8 +74,10 @@ def _metric_name(key: str) -> str:
 class Tracker:
     """The child run of one stage. Methods are no-ops when tracking is disabled."""
 
-    def __init__(self, client=None, run_id: str | None = None, parent_id: str | None = None, uri: str | None = None):
+    def __init__(self, client=None, run_id: str | None = None, parent_id: str | None = None, uri: str | None = None,
+                 upstream: dict[str, str] | None = None):
         self.client, self.run_id, self.parent_id, self.uri = client, run_id, parent_id, uri
+        self.upstream = upstream or {}  # input stage -> its MLflow run id
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.client:
@@ -90,7 +94,7 @@ class Tracker:
     def set_tags(self, tags: dict) -> None:
         if self.client:
             for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, str(v))
+                self.client.set_tag(self.run_id, k, scrub(v))
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -135,18 +139,21 @@ def start_stage_run(recipe, stage: str, params: dict, tags: dict) -> Tracker:
         else:
             parent = client.create_run(exp, run_name=f"{recipe.name}", tags={
                 "fastgen.invocation": inv, "fastgen.level": "pipeline", "fastgen.recipe": recipe.name,
-                "fastgen.recipe_path": recipe.path, "fastgen.recipe_digest": recipe.digest()}).info.run_id
+                "fastgen.recipe_path": scrub(recipe.path), "fastgen.recipe_digest": recipe.digest()}).info.run_id
     run = client.create_run(exp, run_name=stage, tags={
         "mlflow.parentRunId": parent, "fastgen.invocation": inv, "fastgen.level": "stage",
-        "fastgen.recipe": recipe.name, "fastgen.stage": stage, **{k: str(v) for k, v in tags.items()}})
+        "fastgen.recipe": recipe.name, "fastgen.stage": stage, "fastgen.recipe_digest": recipe.digest(),
+        **{k: scrub(v) for k, v in tags.items()}})
     rid = run.info.run_id
     flat = flatten(params)
     items = list(flat.items())
     from mlflow.entities import Param
 
     for i in range(0, len(items), 100):
-        client.log_batch(rid, params=[Param(k, v) for k, v in items[i:i + 100]])
-    return Tracker(client, rid, parent, uri)
+        client.log_batch(rid, params=[Param(k, scrub(v)) for k, v in items[i:i + 100]])
+    pre = "fastgen.upstream_run."
+    upstream = {k[len(pre):]: str(v) for k, v in tags.items() if k.startswith(pre) and v not in (None, "None")}
+    return Tracker(client, rid, parent, uri, upstream)
 
 
 def end_stage_run(tr: Tracker, ok: bool) -> None:
@@ -156,3 +163,201 @@ def end_stage_run(tr: Tracker, ok: bool) -> None:
         # the parent is FAILED once any stage failed: a later stage's success does not undo that
         if not ok or tr.client.get_run(tr.parent_id).info.status != "FAILED":
             tr.client.set_terminated(tr.parent_id, status)
+
+
+# --- credentials ---------------------------------------------------------------------------------
+# Nothing logged (params, tags, dataset sources, the manifest artifact) may carry a credential. The
+# environment is never logged; on top, every logged string is scrubbed of (a) the values of
+# environment variables whose names say they are secrets and (b) the user:password part of URLs.
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|AUTH", re.I)
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@", re.I)
+REDACTED = "***"
+
+
+def _secret_values() -> list[str]:
+    return sorted({v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6},
+                  key=len, reverse=True)
+
+
+def scrub(value: str) -> str:
+    """`value` with secrets from the environment and URL passwords replaced by ***."""
+    value = _URL_USERINFO.sub(rf"\g<1>{REDACTED}@", str(value))
+    for s in _secret_values():
+        value = value.replace(s, REDACTED)
+    return value
+
+
+# --- lineage ---------------------------------------------------------------------------------------
+MANIFEST_ARTIFACT = "fastgen/manifest.json"
+MODEL_FILES = ("model.safetensors", "model.json")
+
+
+def _dataset(name: str, digest: str, source: dict, kind: str):
+    """An MLflow dataset entity. Its `digest` column holds 36 characters: the full sha256 is in
+    the profile (and in the `fastgen.digest` input tag)."""
+    from mlflow.entities import Dataset
+
+    return Dataset(name=name, digest=digest[:32], source_type="fastgen", source=scrub(json.dumps(source, sort_keys=True)),
+                   profile=json.dumps({"sha256": digest, "kind": kind}))
+
+
+def _input(dataset, context: str, digest: str):
+    from mlflow.entities import DatasetInput, InputTag
+
+    return DatasetInput(dataset, [InputTag("mlflow.data.context", context), InputTag("fastgen.digest", digest)])
+
+
+def upstream_models(client, run_id: str | None) -> list[str]:
+    """Ids of the LoggedModels a stage run produced."""
+    if not run_id:
+        return []
+    try:
+        outs = client.get_run(run_id).outputs
+    except Exception:  # the upstream run lives in another store, or was deleted
+        return []
+    return [o.model_id for o in (outs.model_outputs if outs else [])]
+
+
+def log_lineage(tr: Tracker, recipe, stage: str, manifest: dict, folder: str | Path, storage_uri: str) -> None:
+    """Record what a finished stage consumed and produced in its MLflow run.
+
+    Inputs (`log_inputs`): the dataset (name, its tensors' digest, its config) and every input
+    artifact — models as the upstream run's LoggedModel, others (e.g. an ODE pair set) as datasets
+    with their content digest and storage URI. Output: a training stage's model becomes a
+    LoggedModel of this run (`log_outputs`) holding the model files and the manifest, tagged with
+    the digests and URI. The manifest itself is logged as an artifact of the run: it is what
+    `fastgen lineage` reads when the files are gone. Tags: output digest and URI, input URIs.
+    """
+    if not tr.client:
+        return
+    from mlflow.entities import LoggedModelInput, LoggedModelOutput
+
+    c, folder = tr.client, Path(folder)
+    data = manifest["data"]
+    datasets = [_input(_dataset(f"{data['kind']}:{data['name']}", data["digest"],
+                                {k: v for k, v in data.items() if k != "digest"}, "data"), "training", data["digest"])]
+    models, tags = [], {"fastgen.output_digest": manifest["digest"], "fastgen.storage_uri": storage_uri}
+    for name, inp in manifest.get("inputs", {}).items():
+        tags[f"fastgen.input_uri.{name}"] = inp["path"]
+        ids = upstream_models(c, (tr.upstream or {}).get(name))
+        if ids:
+            models += [LoggedModelInput(i) for i in ids]
+        else:
+            datasets.append(_input(_dataset(f"{recipe.name}/{name}", inp["digest"],
+                                            {"uri": inp["path"], "stage": name, "role": inp["role"]}, inp["role"]),
+                                   inp["role"], inp["digest"]))
+    c.log_inputs(tr.run_id, datasets=datasets, models=models or None)
+    tr.set_tags(tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        man = Path(tmp) / "manifest.json"
+        man.write_text(scrub(json.dumps(manifest, indent=2, sort_keys=True)))
+        c.log_artifact(tr.run_id, str(man), "fastgen")
+        if all((folder / f).exists() for f in MODEL_FILES):
+            exp = c.get_run(tr.run_id).info.experiment_id
+            lm = c.create_logged_model(exp, name=f"{recipe.name}-{stage}", source_run_id=tr.run_id,
+                                       model_type=manifest["kind"],
+                                       tags={k: scrub(v) for k, v in {
+                                           "fastgen.recipe": recipe.name, "fastgen.stage": stage,
+                                           "fastgen.kind": manifest["kind"],
+                                           "fastgen.method": (manifest["params"]["stage"].get("method") or {}).get("name"),
+                                           "fastgen.output_digest": manifest["digest"],
+                                           "fastgen.params_digest": manifest["params_digest"],
+                                           "fastgen.data_digest": data["digest"],
+                                           "fastgen.git_commit": (manifest.get("code") or {}).get("git_commit"),
+                                           "fastgen.storage_uri": storage_uri}.items()})
+            c.log_model_params(lm.model_id, {k: scrub(v) for k, v in flatten(manifest["params"]["stage"]).items()})
+            for f in MODEL_FILES:
+                c.log_model_artifact(lm.model_id, str(folder / f))
+            c.log_model_artifact(lm.model_id, str(man))
+            c.finalize_logged_model(lm.model_id, "READY")
+            c.log_outputs(tr.run_id, [LoggedModelOutput(lm.model_id, step=0)])
+            tr.set_tags({"fastgen.logged_model": lm.model_id})
+    if manifest["kind"] == "evaluate":
+        register_students(tr, recipe, stage, manifest, folder)
+
+
+# --- model registry ---------------------------------------------------------------------------------
+BEST_ALIAS = "best-1step"
+
+
+def passing_students(results: dict, kinds: dict[str, str], factor: float) -> dict[str, dict]:
+    """The students that pass an evaluation, with their figures (`results`: metrics.json; `kinds`:
+    model stage -> method name).
+
+    A student (method other than `edm`) passes when its primary metric's distance above the
+    real-data floor at 1 NFE is at most `factor` × the teacher's at its largest NFE — or × the
+    floor's spread over seeds, when the teacher is within noise of the floor. With several `edm`
+    models (teacher and weak guide) the best one is the reference.
+    """
+    def prim(r):
+        return next(m for m in ("fd", "swd") if m in r)
+
+    def top(r):
+        return r[max((k for k in r if k.startswith("nfe_")), key=lambda k: int(k[4:]))]
+
+    teachers = [top(results[s]) for s, m in kinds.items() if m == "edm" and s in results]
+    if not teachers:
+        return {}
+    p = prim(teachers[0])
+    ref = min(t[p]["above_floor"] for t in teachers)
+    scale = max(ref, max(t[p]["floor_std"] for t in teachers))
+    out = {}
+    for s, m in kinds.items():
+        one = results.get(s, {}).get("nfe_1")
+        if m == "edm" or not one:
+            continue
+        gap = one[p]["above_floor"]
+        if gap <= factor * scale:
+            out[s] = {"metric": p, "above_floor_1nfe": gap, "mean_1nfe": one[p]["mean"],
+                      "teacher_above_floor": ref, "threshold": factor * scale}
+    return out
+
+
+def register_students(tr: Tracker, recipe, stage: str, manifest: dict, folder: str | Path) -> dict[str, str]:
+    """Register the students that pass evaluation `stage` (see `passing_students`).
+
+    Registered model `<recipe name>`: one version per passing student and evaluation, whose source
+    is the student's LoggedModel (model.safetensors, model.json, manifest.json), tagged with its
+    stage, method, digests, the evaluation's run, the pass figures (`eval.*`) and every metric of
+    the evaluation (`metrics.<nfe_K>.<metric>`: mean over seeds); alias `best-1step` points at the
+    best one of the latest evaluation. Returns stage -> version."""
+    import fsspec
+
+    factor = recipe.stages[stage].evaluate.pass_factor
+    with fsspec.open(f"{folder}/metrics.json", "r") as f:
+        results = json.load(f)
+    c, models = tr.client, {}
+    for name in manifest.get("inputs", {}):
+        for mid in upstream_models(c, (tr.upstream or {}).get(name)):
+            models[name] = c.get_logged_model(mid)
+    kinds = {s: lm.tags.get("fastgen.method") for s, lm in models.items()}
+    passing = passing_students(results, kinds, factor)
+    if not passing:
+        return {}
+    from mlflow.exceptions import MlflowException
+
+    reg = recipe.name
+    try:
+        c.create_registered_model(reg, tags={"fastgen.recipe": recipe.name},
+                                  description=f"1-step students of recipe {recipe.name} that passed evaluation")
+    except MlflowException:  # exists already
+        pass
+    versions = {}
+    for s, fig in passing.items():
+        lm = models[s]
+        # source: the LoggedModel's artifact location, not models:/<id> (which MLflow's SQL registry
+        # resolves through the process-global tracking URI, not this client's)
+        mv = c.create_model_version(reg, source=lm.artifact_location, run_id=lm.source_run_id, model_id=lm.model_id,
+                                    tags={"fastgen.stage": s, "fastgen.method": kinds[s], "fastgen.logged_model": lm.model_id,
+                                          "fastgen.output_digest": lm.tags.get("fastgen.output_digest"),
+                                          "fastgen.eval_stage": stage, "fastgen.eval_run": tr.run_id,
+                                          "fastgen.eval_digest": manifest["digest"],
+                                          **{f"eval.{k}": str(v) for k, v in fig.items()},
+                                          **{f"metrics.{k}.{m}": str(v["mean"] if isinstance(v, dict) else v)
+                                             for k, d in results[s].items() for m, v in d.items()}},
+                                    description=f"{recipe.name}/{s} ({kinds[s]}), passed {recipe.name}/{stage}")
+        versions[s] = mv.version
+    best = min(passing, key=lambda s: passing[s]["above_floor_1nfe"])
+    c.set_registered_model_alias(reg, BEST_ALIAS, versions[best])
+    tr.set_tags({f"fastgen.registered.{s}": f"{reg}/{v}" for s, v in versions.items()})
+    return versions

@@ -113,7 +113,7 @@ def test_evaluate_child_has_plots_metrics_json_and_metrics(tracked, tmp_path):
     children = _children(client, exp, _parents(client, exp, sw.invocation)[0].info.run_id)
     ev = children["eval"]
     top = {a.path for a in client.list_artifacts(ev.info.run_id)}
-    assert top == {"metrics.json", "plots"}
+    assert top == {"metrics.json", "plots", "fastgen"}  # fastgen/manifest.json: lineage without the files
     plots = {a.path for a in client.list_artifacts(ev.info.run_id, "plots")}
     assert plots == {"plots/quality_vs_nfe.png", "plots/samples.png"}
     got = Path(client.download_artifacts(ev.info.run_id, "metrics.json", str(tmp_path)))
