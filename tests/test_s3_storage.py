@@ -6,6 +6,7 @@ A Ray Train stage keeps its run folder (`RunConfig.storage_path`) in the same bu
 from __future__ import annotations
 
 import json
+import socket
 import uuid
 from pathlib import Path
 
@@ -243,3 +244,39 @@ def test_upload_cut_short_leaves_no_manifest(s3_server, tmp_path, monkeypatch):
     for check in (storage.fetch, storage.verify):
         with pytest.raises(artifacts.DigestMismatch, match=r"no manifest.json \(incomplete"):
             check(uri)
+
+
+def _cd_lineage_facts(tree: dict, recipe, manifests: dict) -> None:
+    """The CD student's provenance: its teacher, the pair set made from the same teacher, the
+    dataset digest, the code version and the recipe settings of both ancestors."""
+    assert tree["stage"] == "cd" and tree["digest"] == manifests["cd"]["digest"]
+    assert tree["method"]["name"] == "cd" and tree["train"]["steps"] == recipe.stages["cd"].train.steps
+    (t,) = tree["inputs"]
+    assert t["stage"] == "teacher" and t["digest"] == manifests["teacher"]["digest"]
+    assert t["train"]["steps"] == recipe.stages["teacher"].train.steps and t["method"]["name"] == "edm"
+    assert tree["data_digest"] == t["data_digest"] == manifests["cd"]["data"]["digest"]
+    assert len(tree["code"]["git_commit"]) == 40 and tree["code"] == manifests["cd"]["code"]
+    rel = {r["stage"]: r for r in tree["related"]}
+    assert rel["pairs"]["relation"] == "sibling" and rel["pairs"]["digest"] == manifests["pairs"]["digest"]
+
+
+def test_lineage_of_the_remote_student_from_the_bucket_and_from_the_server_each_alone(remote, mlflow_server, capsys):
+    """`fastgen lineage` on the CD student's checkpoint in the bucket: from the manifests alone
+    (the tracking server unreachable) and from the MLflow server alone (the run id, no files read)."""
+    recipe, manifests, prefix, _ = remote
+    ckpt = f"{prefix}/{recipe.name}/cd/model.safetensors"
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    down = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    closed.close()
+    from_bucket = lineage.lineage(ckpt, "auto", down)
+    assert {from_bucket["source"]} | {i["source"] for i in from_bucket["inputs"]} == {"manifest"}
+    _cd_lineage_facts(from_bucket, recipe, manifests)
+    from_server = lineage.lineage(manifests["cd"]["mlflow"]["run_id"], "mlflow", mlflow_server.url)
+    assert {from_server["source"]} | {i["source"] for i in from_server["inputs"]} == {"mlflow"}
+    _cd_lineage_facts(from_server, recipe, manifests)
+    assert lineage.main_lineage([ckpt, "--source", "mlflow", "--tracking-uri", mlflow_server.url]) == 0
+    out = capsys.readouterr().out
+    for s in ("tiny_cd/cd (distill", "[teacher] tiny_cd/teacher", manifests["cd"]["data"]["digest"][:16],
+              manifests["cd"]["code"]["git_commit"][:12], "tiny_cd/pairs"):
+        assert s in out, s
