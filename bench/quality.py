@@ -63,8 +63,10 @@ def recipe_rows(man: dict, res: dict, n: int) -> list[dict]:
         is_teacher = model.meta["method"] == "edm"
         per = {int(k[4:]): v for k, v in res[name].items() if k.startswith("nfe_")}
         keep = [max(per)] if is_teacher else [k for k in sorted(per) if k in STUDENT_NFE]
-        if is_teacher and teacher_ref is None:
-            teacher_ref = {m: s["mean"] - s["floor_mean"] for m, s in per[max(per)].items()}
+        if is_teacher:  # the reference: the best EDM model of the recipe (not e.g. a weak guide)
+            ref = {m: s["mean"] - s["floor_mean"] for m, s in per[max(per)].items()}
+            if teacher_ref is None or ref[prim] < teacher_ref[prim]:
+                teacher_ref = ref
         for nfe in keep:
             stats = per[nfe]
             rows.append({"recipe": man["recipe"], "model": name, "method": model.meta["method"], "nfe": nfe,
