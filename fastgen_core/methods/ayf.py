@@ -52,12 +52,12 @@ from pydantic import Field
 from torch import nn
 
 from ..config import Strict
-from ..gan import GANConfig
+from ..gan import GANConfig, add_discriminator, gan_groups, gan_term
 from ..noise import EDMDenoiser, denoiser_in, from_edm, to_edm
 from ..samplers import _b, _col, autoguided
 from ..tangents import jvp, new_seed, normalise, same_randomness, warmup
 from .base import Method as _Base
-from .ctm import add_discriminator, add_student, gan_groups, gan_term
+from .ctm import add_student
 
 
 class Config(Strict):

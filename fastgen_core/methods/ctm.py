@@ -43,11 +43,11 @@ from pydantic import Field
 from torch import nn
 
 from ..config import Strict
-from ..gan import Adversary, Discriminator, GANConfig, adaptive_weight, last_layer
+from ..gan import GANConfig, add_discriminator, gan_groups, gan_term
 from ..samplers import _b, _col, heun_step
 from ..tangents import new_seed, same_randomness
 from . import cd
-from .base import Group, Method as _Base
+from .base import Method as _Base
 
 
 class Config(Strict):
@@ -107,32 +107,6 @@ def add_student(method, teacher, init: bool):
     if init:
         init_from(method.nets["net"], teacher.nets["net"])
     return net_cfg
-
-
-def add_discriminator(method, cfg: GANConfig) -> Adversary:
-    """Own the discriminator network "disc" (not exported; saved in checkpoints) and return the
-    adversary of the method's GAN term."""
-    data = method.ctx.data
-    D = Discriminator(data.shape, data.num_classes, cfg.width, cfg.depth).to(method.ctx.device)
-    method.nets["disc"] = D
-    return Adversary(cfg, D, method.ctx.noise)
-
-
-def gan_groups(method, cfg: GANConfig | None) -> list[Group]:
-    """The student "net" (every `g_every` iterations) and, with a GAN term, the discriminator "disc"
-    (every iteration, lr × `lr_scale`)."""
-    if cfg is None:
-        return [Group("net", list(method.nets["net"].parameters()))]
-    return [Group("net", list(method.nets["net"].parameters()), every=cfg.g_every),
-            Group("disc", list(method.nets["disc"].parameters()), lr_scale=cfg.lr_scale)]
-
-
-def gan_term(adv: Adversary, cfg: GANConfig, l_rec, fake, real, y, net) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L_G(fake), λ_GAN): λ_GAN = weight, times the adaptive weight against L_rec when on."""
-    l_gan = adv.generator_loss(fake, real, y)
-    if not cfg.adaptive:
-        return l_gan, torch.tensor(cfg.weight)
-    return l_gan, cfg.weight * adaptive_weight(l_rec, l_gan, last_layer(net), cfg.adaptive_clip)
 
 
 def teacher_solve(D, x: torch.Tensor, sigmas: torch.Tensor, n_from: torch.Tensor, n_to: torch.Tensor,
