@@ -16,14 +16,16 @@ Auxiliary DSM on g_θ(x, σ, σ) keeps the denoiser (EDM weighting λ(σ), ln σ
     L = L_CTM + λ_DSM·E λ(σ)·‖g_θ(x0 + σ·n, σ, σ) − x0‖².
 Optional GAN term on real data (`gan: true`; `fastgen_core/gan.py`): a discriminator network
 "disc" (its own optimiser group, not exported, saved in checkpoints) is trained on real data x0
-against the student's data-space estimate x̂ = G_θ⁻(G_θ(x_t, t, s), s, σ_min) (detached), and from
-iteration `adversarial.start` the generator loss becomes
+against the student's detached data-space estimates x̂, and from iteration `adversarial.start` the
+generator loss becomes
     L = L_CTM + λ_DSM·L_DSM + λ_GAN·L_G(x̂),   λ_GAN = weight·clip(‖∇_W L_CTM‖/(‖∇_W L_G‖ + 1e-4))
 with W the last layer of θ (CTM's code: adaptive weight from the consistency loss only, clipped to
-[0.01, 10]; hinge losses with a StyleGAN-XL projected discriminator on clean images). The fake is
-the consistency estimate itself, as in CTM's `gan_fake_inner_type=model`,
-`gan_fake_outer_type=target_model_sg`; CTM's `gan_specific_time` draws the GAN's times apart
-(how exactly: (unconfirmed)), we reuse the consistency loss's (t, s).
+[0.01, 10]; hinge losses with a StyleGAN-XL projected discriminator on clean images).
+The fakes (`gan_time`): "max" (default) are 1-step samples x̂ = G_θ(x0 + σ_max·z, σ_max, σ_min),
+our reading of CTM's code with `gan_specific_time` and gan_num_heun_step = N − 1 (the GAN's t is
+drawn so that t + gan_num_heun_step stays on the grid, i.e. t = σ_max; (unconfirmed)); "ctm"
+reuses the consistency estimate x̂ = G_θ⁻(G_θ(x_t, t, s), s, σ_min) at the loss's own (t, s)
+(`gan_fake_inner_type=model`, `gan_fake_outer_type=target_model_sg` without specific times).
 Online and target passes share the dropout mask. The student starts from the teacher: its
 weights are copied and the new s-embedding (`embed.map_s`) is zero-initialised, so at the start
 g_θ(x, t, s) = D_teacher(x, t) and G is one DDIM/Euler step of the teacher from t to s.
@@ -59,6 +61,7 @@ class Config(Strict):
     dsm_weight: float = Field(1.0, ge=0, description="λ_DSM of the auxiliary denoising loss (unconfirmed)")
     gan: bool = Field(False, description="add the GAN term on real data (discriminator network 'disc')")
     adversarial: GANConfig = Field(default_factory=GANConfig, description="settings of the GAN term (gan: true)")
+    gan_time: Literal["max", "ctm"] = Field("max", description="GAN fakes: 1-step samples from σ_max, or the consistency estimate at the loss's (t, s)")
     gamma: float = Field(0.0, ge=0, le=1, description="γ of γ-sampling (0: deterministic, 1: CM multistep)")
     init_from_teacher: bool = Field(True, description="copy the teacher's weights (s-embedding zero-initialised)")
 
@@ -152,6 +155,11 @@ class Method(_Base):
         """The student's data-space estimate x̂ = G_θ⁻(G_θ(x_t, t, s), s, σ_min)."""
         return self.G_target(self.G(x_t, t, s, **cond), s, self.ctx.noise.sigma_min, **cond)
 
+    def one_step(self, x0, **cond):
+        """A 1-step sample G_θ(x0 + σ_max·z, σ_max, σ_min) (the GAN's fakes with gan_time "max")."""
+        T = self.sigmas[0]
+        return self.G(x0 + T * torch.randn_like(x0), T, self.ctx.noise.sigma_min, **cond)
+
     def loss(self, group, batch, step):
         x0, y = batch["x"], self.labels(batch)
         cond = {} if y is None else {"class_labels": y}
@@ -161,7 +169,7 @@ class Method(_Base):
         x_t = x0 + _col(t, x0) * torch.randn_like(x0)
         if group == "disc":
             with torch.no_grad():
-                fake = self.x_hat(x_t, t, s, **cond)
+                fake = self.one_step(x0, **cond) if self.cfg.gan_time == "max" else self.x_hat(x_t, t, s, **cond)
             return self.adv.discriminator_loss(x0, fake, y)
         with torch.no_grad():
             x_u = teacher_solve(self.D_teacher, x_t, sig, n_t, n_u, self.cfg.max_teacher_steps, **cond)
@@ -178,7 +186,8 @@ class Method(_Base):
         l_dsm = (noise.loss_weight(sigma) * ((g - x0) ** 2).flatten(1).mean(1)).mean()
         loss, logs = l_ctm + self.cfg.dsm_weight * l_dsm, {"ctm": l_ctm.item(), "dsm": l_dsm.item()}
         if self.adv is not None and step >= self.cfg.adversarial.start:
-            l_gan, lam = gan_term(self.adv, self.cfg.adversarial, l_ctm, online, x0, y, self.nets["net"])
+            fake = self.one_step(x0, **cond) if self.cfg.gan_time == "max" else online
+            l_gan, lam = gan_term(self.adv, self.cfg.adversarial, l_ctm, fake, x0, y, self.nets["net"])
             loss = loss + lam * l_gan
             logs.update(gan=l_gan.item(), gan_weight=float(lam))
         return loss, logs
