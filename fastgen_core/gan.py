@@ -4,7 +4,7 @@
 Discriminator D(x, σ, y) -> one logit per sample. Vectors: an MLP; images (C, H, W): a small conv
 net (stride-2 convolutions, global average pool). The condition (the noise label ¼·ln σ of the
 samples it sees, and the class label) is embedded by `nets.ConditionEmbedding` and added to the
-first hidden layer. Without noised inputs the label is a constant.
+first hidden layer; activations are leaky ReLUs (0.2). Without noised inputs the label is a constant.
 
 Losses, with r = D(real), f = D(fake) (per-sample logits, averaged over the batch):
     softplus   (non-saturating logistic; Goodfellow et al. 2014, used by DMD2):
@@ -61,6 +61,13 @@ class GANConfig(Strict):
 
 # ----------------------------------------------------------------------------- discriminator
 
+def _act(h: torch.Tensor) -> torch.Tensor:
+    """Leaky ReLU (slope 0.2), the usual GAN-discriminator activation: never saturates to a dead,
+    input-independent D (with SiLU our toy discriminator collapsed to a constant once the
+    generator's GAN term switched on)."""
+    return F.leaky_relu(h, 0.2)
+
+
 class Discriminator(nn.Module):
     """D(x, σ=None, class_labels=None) -> (N,) logits; an MLP for vectors, a small conv net for images."""
 
@@ -86,13 +93,13 @@ class Discriminator(nn.Module):
         if self.image:
             h = self.inp(x) + emb[:, :, None, None]
             for conv in self.body:
-                h = conv(F.silu(h))
-            h = F.silu(h).mean(dim=(2, 3))
+                h = conv(_act(h))
+            h = _act(h).mean(dim=(2, 3))
         else:
             h = self.inp(x.flatten(1)) + emb
             for fc in self.body:
-                h = fc(F.silu(h))
-            h = F.silu(h)
+                h = fc(_act(h))
+            h = _act(h)
         return self.out(h).squeeze(1)
 
 
