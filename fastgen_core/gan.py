@@ -62,9 +62,7 @@ class GANConfig(Strict):
 # ----------------------------------------------------------------------------- discriminator
 
 def _act(h: torch.Tensor) -> torch.Tensor:
-    """Leaky ReLU (slope 0.2), the usual GAN-discriminator activation: never saturates to a dead,
-    input-independent D (with SiLU our toy discriminator collapsed to a constant once the
-    generator's GAN term switched on)."""
+    """Leaky ReLU (slope 0.2), the usual GAN-discriminator activation (no dead or saturated units)."""
     return F.leaky_relu(h, 0.2)
 
 
