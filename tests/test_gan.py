@@ -201,3 +201,28 @@ def test_softplus_is_the_non_saturating_logistic_loss():
     bce = F.binary_cross_entropy_with_logits
     want = bce(r, torch.ones(50)) + bce(f, torch.zeros(50))
     assert torch.allclose(gan.d_loss(r, f, "softplus"), want, atol=1e-6)
+
+
+def test_ctm_gan_term_sharpens_one_step_samples():
+    """METHODS.md §5/§10 faithful check, small: CTM from scratch with the exact mixture denoiser as
+    teacher, 400 iterations with and without the GAN term (equal budget, same seed). The GAN term
+    puts more 1-step samples on the support (measured: 0.892 -> 0.728 off support) and lowers
+    their NLL. The recipe-scale comparison is `ctm` vs `ctm_gan` in params/toy_ctm.yaml."""
+    from fastgen_core import metrics
+    from fastgen_core.config import NetworkConfig
+
+    net = NetworkConfig(arch="mlp", width=64, depth=2, emb_dim=32)
+    test = load_data(DataConfig(kind="toy", name="8gaussians", n_train=2000, n_test=1000))
+    out = {}
+    for on in (False, True):
+        teacher = FakeTeacher(test, analytic=True, net_cfg=net)
+        torch.manual_seed(0)
+        cfg = ctm.Config(N=8, max_teacher_steps=3, mu=0.9, gan=on, init_from_teacher=False,
+                         adversarial=gan.GANConfig(weight=0.05, lr_scale=4, start=100, width=64, depth=2))
+        m = ctm.Method(cfg, Context(test, EDM(), None, {"teacher": teacher}))
+        loop.train(m, TrainConfig(steps=400, batch_size=128, lr=1e-3), None, seed=0, progress=False)
+        with torch.no_grad():
+            torch.manual_seed(0)
+            out[on] = metrics.toy_metrics(m.one_step(test.x_test), test.density, test.x_test)
+    assert out[True]["off_support"] < out[False]["off_support"] - 0.05, out
+    assert out[True]["nll"] < out[False]["nll"], out
