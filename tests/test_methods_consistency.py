@@ -256,8 +256,7 @@ def test_ctm_teacher_solve_and_loss(data):
     assert torch.isfinite(loss) and logs["dsm"] > 0
     loop.train(m, TrainConfig(steps=20, batch_size=64, lr=1e-3), None, progress=False)
     assert torch.isfinite(ctm.sample(_loaded(m), torch.randn(100, 2), 2)).all()
-    with pytest.raises(NotImplementedError):
-        _method(ctm, data, teacher, gan=True)
+    assert [g.name for g in m.groups()] == ["net"] and "disc" not in m.nets   # the GAN term: tests/test_gan.py
 
 
 # ----------------------------------------------------------------------------- AYF

@@ -26,6 +26,16 @@ At s = t both reduce to flow matching on the teacher velocity.
 Autoguided teacher (optional `guide` input, a weaker EDM model): v = λ·v_main + (1 − λ)·v_weak,
 i.e. the teacher denoiser is `samplers.autoguided(D_main, D_weak, λ)` (v is affine in x̂0).
 
+Adversarial finetune (optional, `gan: true`; `fastgen_core/gan.py`): a short stage that starts
+from a trained AYF student (input role `student`) and adds a GAN term on few-step flow-map samples:
+    L = L_AYF + λ_adv·L_G(x̂),   x̂ = k-step flow-map sample from noise, k ~ U{1..gan_steps},
+the first k − 1 jumps without gradients, the last one f_θ(x, t_{k−1}, 0) with them; a
+discriminator network "disc" (own optimiser group, not exported) learns real data x0 against
+detached x̂, optionally both noised (`adversarial.noised`). λ_adv = weight, times the adaptive
+weight against L_AYF when on. The paper's finetune is short (~3k steps at scale); its loss,
+penalties and sample schedule are (unconfirmed) here (a third-party reimplementation names a
+relativistic loss with R1/R2 penalties; we offer the relativistic loss, no penalties).
+
 Unconfirmed choices (METHODS.md §3): (t, s) are drawn as t ~ U[t_min, t_max], s = u·t (EMD) or
 s ∈ [t_min, t] (LMD, the teacher is not defined at s = 0), u ~ U[0, 1], with uniform weighting;
 t_min, t_max are σ_min, σ_max mapped to FM time. Sampling starts at t_max from
@@ -42,6 +52,7 @@ from pydantic import Field
 from torch import nn
 
 from ..config import Strict
+from ..gan import GANConfig, add_discriminator, gan_groups, gan_term
 from ..noise import EDMDenoiser, denoiser_in, from_edm, to_edm
 from ..samplers import _b, _col, autoguided
 from ..tangents import jvp, new_seed, normalise, same_randomness, warmup
@@ -58,7 +69,10 @@ class Config(Strict):
     r_max: float = Field(0.99, ge=0, lt=1, description="final tangent-warmup factor (never 1)")
     tangent_c: float = Field(0.1, gt=0, description="tangent normalisation g/(‖g‖ + c)")
     guidance: float = Field(1.0, description="autoguided teacher λ: v = λ·v_main + (1−λ)·v_weak (needs a `guide` input unless 1)")
-    init_from_teacher: bool = Field(True, description="copy the teacher's weights (s-embedding zero-initialised)")
+    init_from_teacher: bool = Field(True, description="copy the teacher's weights (s-embedding zero-initialised); a `student` input overrides")
+    gan: bool = Field(False, description="adversarial finetune: add a GAN term on few-step samples (discriminator 'disc')")
+    gan_steps: int = Field(1, ge=1, description="fakes are k-step flow-map samples, k ~ U{1..gan_steps}")
+    adversarial: GANConfig = Field(default_factory=GANConfig, description="settings of the GAN term (gan: true)")
 
 
 # ----------------------------------------------------------------------------- flow map pieces
@@ -115,17 +129,39 @@ def tangent_lmd(F_minus, v_s, dF_ds, t, s, r):
 
 # ----------------------------------------------------------------------------- method
 
+def add_trained_student(method, student) -> None:
+    """Own "net" as a copy of a trained flow map (the `student` input of an adversarial finetune)."""
+    if not getattr(student.nets["net"].embed, "second_time", False):
+        raise ValueError("ayf: the `student` input must be a flow map (a network with a second time s), e.g. an ayf stage")
+    method.add_net("net", student.meta_net_cfg("net"), init_from=student.nets["net"])
+
+
 class Method(_Base):
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
         teacher = ctx.inputs["teacher"]
-        add_student(self, teacher, cfg.init_from_teacher)
+        if "student" in ctx.inputs:
+            add_trained_student(self, ctx.inputs["student"])
+        else:
+            add_student(self, teacher, cfg.init_from_teacher)
         D_edm = teacher.denoiser()
         if cfg.guidance != 1.0:
             if "guide" not in ctx.inputs:
                 raise ValueError("ayf: guidance != 1 needs a `guide` input (a weaker EDM model)")
             D_edm = autoguided(D_edm, ctx.inputs["guide"].denoiser(), cfg.guidance)
         self.D_fm = denoiser_in("fm", D_edm, ctx.noise.sigma_data)
+        self.adv = add_discriminator(self, cfg.adversarial) if cfg.gan else None
+
+    def groups(self):
+        return gan_groups(self, self.cfg.adversarial if self.adv is not None else None)
+
+    def fake(self, n_like: torch.Tensor, **cond) -> torch.Tensor:
+        """x̂: a k-step flow-map sample from noise, k ~ U{1..gan_steps}; only the last jump carries gradients."""
+        k = int(torch.randint(1, self.cfg.gan_steps + 1, ()))
+        times = fm_times(self.ctx.noise, k)
+        net, noise = self.nets["net"], self.ctx.noise
+        x = flow_map_sample(net, noise, torch.randn_like(n_like), times[:-1], **cond)
+        return flow_map(net, noise, x, times[-2], times[-1], **cond)
 
     def sample_ts(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         t_min, t_max = t_range(self.ctx.noise)
@@ -138,6 +174,10 @@ class Method(_Base):
         cfg, noise, net = self.cfg, self.ctx.noise, self.nets["net"]
         x0, y = batch["x"], self.labels(batch)
         cond = {} if y is None else {"class_labels": y}
+        if group == "disc":
+            with torch.no_grad():
+                fake = self.fake(x0, **cond)
+            return self.adv.discriminator_loss(x0, fake, y)
         t, s = self.sample_ts(x0.shape[0], x0.device)
         x_t = _col(1 - t, x0) * x0 + _col(t, x0) * torch.randn_like(x0)
         r = warmup(step, cfg.warmup_steps, cfg.r_max)
@@ -157,7 +197,12 @@ class Method(_Base):
                 g = tangent_lmd(F_minus, velocity(self.D_fm, f_minus, s, **cond), dF_ds, t, s, r)
             g = normalise(g, cfg.tangent_c)
         loss = (F.float() - F_minus.float() - g.float()).pow(2).flatten(1).mean(1).mean()
-        return loss, {"r": r}
+        logs = {"r": r}
+        if self.adv is not None and step >= cfg.adversarial.start:
+            l_gan, lam = gan_term(self.adv, cfg.adversarial, loss, self.fake(x0, **cond), x0, y, net)
+            logs.update(ayf=loss.item(), gan=l_gan.item(), gan_weight=float(lam))
+            loss = loss + lam * l_gan
+        return loss, logs
 
 
 # ----------------------------------------------------------------------------- sampling

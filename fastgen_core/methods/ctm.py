@@ -14,7 +14,18 @@ Loss (soft consistency matching, with the target network θ⁻ = EMA of θ):
 (both sides are compared in data space at σ_min; gradients flow through the inner G_θ only).
 Auxiliary DSM on g_θ(x, σ, σ) keeps the denoiser (EDM weighting λ(σ), ln σ ~ N(P_mean, P_std²)):
     L = L_CTM + λ_DSM·E λ(σ)·‖g_θ(x0 + σ·n, σ, σ) − x0‖².
-The optional GAN term (with its adaptive weight) is NOT implemented: `gan: true` raises.
+Optional GAN term on real data (`gan: true`; `fastgen_core/gan.py`): a discriminator network
+"disc" (its own optimiser group, not exported, saved in checkpoints) is trained on real data x0
+against the student's detached data-space estimates x̂, and from iteration `adversarial.start` the
+generator loss becomes
+    L = L_CTM + λ_DSM·L_DSM + λ_GAN·L_G(x̂),   λ_GAN = weight·clip(‖∇_W L_CTM‖/(‖∇_W L_G‖ + 1e-4))
+with W the last layer of θ (CTM's code: adaptive weight from the consistency loss only, clipped to
+[0.01, 10]; hinge losses with a StyleGAN-XL projected discriminator on clean images).
+The fakes (`gan_time`): "max" (default) are 1-step samples x̂ = G_θ(x0 + σ_max·z, σ_max, σ_min),
+our reading of CTM's code with `gan_specific_time` and gan_num_heun_step = N − 1 (the GAN's t is
+drawn so that t + gan_num_heun_step stays on the grid, i.e. t = σ_max; (unconfirmed)); "ctm"
+reuses the consistency estimate x̂ = G_θ⁻(G_θ(x_t, t, s), s, σ_min) at the loss's own (t, s)
+(`gan_fake_inner_type=model`, `gan_fake_outer_type=target_model_sg` without specific times).
 Online and target passes share the dropout mask. The student starts from the teacher: its
 weights are copied and the new s-embedding (`embed.map_s`) is zero-initialised, so at the start
 g_θ(x, t, s) = D_teacher(x, t) and G is one DDIM/Euler step of the teacher from t to s.
@@ -34,6 +45,7 @@ from pydantic import Field
 from torch import nn
 
 from ..config import Strict
+from ..gan import GANConfig, add_discriminator, gan_groups, gan_term
 from ..samplers import _b, _col, heun_step
 from ..tangents import new_seed, same_randomness
 from . import cd
@@ -47,7 +59,9 @@ class Config(Strict):
     mu: float = Field(0.999, ge=0, lt=1, description="target-network EMA (0: stop-grad copy of the online weights; paper value unconfirmed)")
     metric: Literal["l2", "pseudo_huber"] = Field("l2", description="distance d in data space (LPIPS at scale)")
     dsm_weight: float = Field(1.0, ge=0, description="λ_DSM of the auxiliary denoising loss (unconfirmed)")
-    gan: bool = Field(False, description="GAN term with real data: not implemented (raises)")
+    gan: bool = Field(False, description="add the GAN term on real data (discriminator network 'disc')")
+    adversarial: GANConfig = Field(default_factory=GANConfig, description="settings of the GAN term (gan: true)")
+    gan_time: Literal["max", "ctm"] = Field("max", description="GAN fakes: 1-step samples from σ_max, or the consistency estimate at the loss's (t, s)")
     gamma: float = Field(0.0, ge=0, le=1, description="γ of γ-sampling (0: deterministic, 1: CM multistep)")
     init_from_teacher: bool = Field(True, description="copy the teacher's weights (s-embedding zero-initialised)")
 
@@ -113,8 +127,6 @@ def teacher_solve(D, x: torch.Tensor, sigmas: torch.Tensor, n_from: torch.Tensor
 
 class Method(_Base):
     def __init__(self, cfg: Config, ctx):
-        if cfg.gan:
-            raise NotImplementedError("ctm: the GAN term is not implemented (set gan: false)")
         super().__init__(cfg, ctx)
         teacher = ctx.inputs["teacher"]
         net_cfg = add_student(self, teacher, cfg.init_from_teacher)
@@ -124,6 +136,10 @@ class Method(_Base):
         self.G_target = TrajectoryFn(self.nets["target"], ctx.noise)
         self.D_teacher = teacher.denoiser()
         self.sigmas = ctx.noise.karras_sigmas(cfg.N).to(ctx.device)
+        self.adv = add_discriminator(self, cfg.adversarial) if cfg.gan else None
+
+    def groups(self):
+        return gan_groups(self, self.cfg.adversarial if self.adv is not None else None)
 
     def indices(self, n: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """n_t ~ U{0..N−2}; n_s ~ U{n_t+1..N−1}; n_u ~ U{n_t+1..min(n_t + K, n_s)}."""
@@ -135,6 +151,15 @@ class Method(_Base):
         n_u = n_t + 1 + (u() * (hi - n_t)).long().clamp(max=hi - n_t - 1)
         return n_t, n_s, n_u
 
+    def x_hat(self, x_t, t, s, **cond):
+        """The student's data-space estimate x̂ = G_θ⁻(G_θ(x_t, t, s), s, σ_min)."""
+        return self.G_target(self.G(x_t, t, s, **cond), s, self.ctx.noise.sigma_min, **cond)
+
+    def one_step(self, x0, **cond):
+        """A 1-step sample G_θ(x0 + σ_max·z, σ_max, σ_min) (the GAN's fakes with gan_time "max")."""
+        T = self.sigmas[0]
+        return self.G(x0 + T * torch.randn_like(x0), T, self.ctx.noise.sigma_min, **cond)
+
     def loss(self, group, batch, step):
         x0, y = batch["x"], self.labels(batch)
         cond = {} if y is None else {"class_labels": y}
@@ -142,12 +167,16 @@ class Method(_Base):
         n_t, n_s, n_u = self.indices(x0.shape[0], x0.device)
         t, s, u = sig[n_t], sig[n_s], sig[n_u]
         x_t = x0 + _col(t, x0) * torch.randn_like(x0)
+        if group == "disc":
+            with torch.no_grad():
+                fake = self.one_step(x0, **cond) if self.cfg.gan_time == "max" else self.x_hat(x_t, t, s, **cond)
+            return self.adv.discriminator_loss(x0, fake, y)
         with torch.no_grad():
             x_u = teacher_solve(self.D_teacher, x_t, sig, n_t, n_u, self.cfg.max_teacher_steps, **cond)
         eps = noise.sigma_min
         seed = new_seed()
         with same_randomness(seed, x0):
-            online = self.G_target(self.G(x_t, t, s, **cond), s, eps, **cond)
+            online = self.x_hat(x_t, t, s, **cond)
         with torch.no_grad(), same_randomness(seed, x0):
             target = self.G_target(self.G_target(x_u, u, s, **cond), s, eps, **cond)
         l_ctm = cd.distance(online, target, self.cfg.metric).mean()
@@ -155,7 +184,13 @@ class Method(_Base):
         sigma = noise.sample_sigma(x0.shape[0], device=x0.device)
         g = self.G.g(x0 + _col(sigma, x0) * torch.randn_like(x0), sigma, sigma, **cond)
         l_dsm = (noise.loss_weight(sigma) * ((g - x0) ** 2).flatten(1).mean(1)).mean()
-        return l_ctm + self.cfg.dsm_weight * l_dsm, {"ctm": l_ctm.item(), "dsm": l_dsm.item()}
+        loss, logs = l_ctm + self.cfg.dsm_weight * l_dsm, {"ctm": l_ctm.item(), "dsm": l_dsm.item()}
+        if self.adv is not None and step >= self.cfg.adversarial.start:
+            fake = self.one_step(x0, **cond) if self.cfg.gan_time == "max" else online
+            l_gan, lam = gan_term(self.adv, self.cfg.adversarial, l_ctm, fake, x0, y, self.nets["net"])
+            loss = loss + lam * l_gan
+            logs.update(gan=l_gan.item(), gan_weight=float(lam))
+        return loss, logs
 
     @torch.no_grad()
     def after_step(self, step):
