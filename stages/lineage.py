@@ -76,6 +76,15 @@ def _missing(name: str, inp: dict) -> dict:
             "recorded_digest": inp["digest"], "missing": True, "inputs": []}
 
 
+def _attach(node: dict, name: str, inp: dict, child: dict | None) -> None:
+    """Add input `name` (recorded in the manifest as `inp`) to `node`: its subtree, or a missing leaf."""
+    if child is None:
+        node["inputs"].append(_missing(name, inp))
+        return
+    child["role"], child["recorded_digest"] = inp["role"], inp["digest"]
+    node["inputs"].append(child)
+
+
 def manifest_tree(path: str | Path, mlflow: "MlflowLineage | _Fallback | None" = None) -> dict:
     """The provenance tree of an artifact folder, read from manifests; an input whose files are
     gone is looked up in `mlflow` (when given) through this artifact's run, else marked missing."""
@@ -86,11 +95,7 @@ def manifest_tree(path: str | Path, mlflow: "MlflowLineage | _Fallback | None" =
             child = manifest_tree(inp["path"], mlflow)
         except FileNotFoundError:
             child = mlflow.upstream(node["mlflow_run_id"], name) if mlflow else None
-        if child is None:
-            node["inputs"].append(_missing(name, inp))
-            continue
-        child["role"], child["recorded_digest"] = inp["role"], inp["digest"]
-        node["inputs"].append(child)
+        _attach(node, name, inp, child)
     return node
 
 
@@ -183,12 +188,7 @@ class MlflowLineage:
         node = _node(m, tags.get("fastgen.storage_uri") or tags.get("fastgen.output", "?"), "mlflow")
         node["mlflow_run_id"] = run_id
         for name, inp in m.get("inputs", {}).items():
-            child = self.upstream(run_id, name, tags)
-            if child is None:
-                node["inputs"].append(_missing(name, inp))
-                continue
-            child["role"], child["recorded_digest"] = inp["role"], inp["digest"]
-            node["inputs"].append(child)
+            _attach(node, name, inp, self.upstream(run_id, name, tags))
         return node
 
     def upstream(self, run_id: str | None, name: str, tags: dict | None = None) -> dict | None:

@@ -94,6 +94,23 @@ def write_tiny_recipe(root: str | Path, only: list[str] | None = None, mlflow_te
     return path
 
 
+def run_stagewise(recipe, tag: str) -> tuple[dict, str]:
+    """Every stage of `recipe` in order, as `dvc repro` runs them, under one fresh
+    FASTGEN_INVOCATION (one MLflow parent run); returns (stage -> manifest, the invocation)."""
+    from stages.runtime import run_stage
+
+    invocation = f"test-{tag}-{uuid.uuid4().hex[:8]}"
+    saved = os.environ.get("FASTGEN_INVOCATION")
+    os.environ["FASTGEN_INVOCATION"] = invocation
+    try:
+        return {s: run_stage(recipe, s) for s in recipe.order()}, invocation
+    finally:
+        if saved is None:
+            os.environ.pop("FASTGEN_INVOCATION", None)
+        else:
+            os.environ["FASTGEN_INVOCATION"] = saved
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _one_torch_thread():
     """OMP_NUM_THREADS only counts if set before torch is first imported; make it hold anyway."""
@@ -144,16 +161,7 @@ def stagewise_run(tiny_recipe_session):
 
     path = tiny_recipe_session("stagewise")
     recipe = load_recipe(path)
-    invocation = f"test-stagewise-{uuid.uuid4().hex[:8]}"
-    saved = os.environ.get("FASTGEN_INVOCATION")
-    os.environ["FASTGEN_INVOCATION"] = invocation
-    try:
-        manifests = {s: run_stage(recipe, s) for s in recipe.order()}
-    finally:
-        if saved is None:
-            os.environ.pop("FASTGEN_INVOCATION", None)
-        else:
-            os.environ["FASTGEN_INVOCATION"] = saved
+    manifests, invocation = run_stagewise(recipe, "stagewise")
     return SimpleNamespace(path=path, recipe=recipe, invocation=invocation, manifests=manifests,
                            root=path.parent, uri=recipe.tracking.uri)
 

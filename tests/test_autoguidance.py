@@ -4,8 +4,6 @@ against classifier-free guidance with analytic denoisers of the branching (fract
 from __future__ import annotations
 
 import json
-import os
-import uuid
 
 import pytest
 import torch
@@ -20,7 +18,8 @@ from fastgen_core.metrics import toy_metrics
 from fastgen_core.noise import EDM
 from fastgen_core.recipe import RecipeError, TrainConfig, load_recipe, parse_recipe
 from fastgen_core.samplers import autoguided, cfg_guided, teacher_sample
-from stages.runtime import run_stage, stage_dir
+from conftest import run_stagewise
+from stages.runtime import stage_dir
 
 DATA = {"kind": "toy", "name": "fractal", "n_train": 2000, "n_test": 500, "conditional": True}
 
@@ -109,14 +108,7 @@ def ag_run(tmp_path_factory, mlflow_template):
     path = root / "tiny_ag.yaml"
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
     recipe = load_recipe(path)
-    saved = os.environ.get("FASTGEN_INVOCATION")
-    os.environ["FASTGEN_INVOCATION"] = f"test-ag-{uuid.uuid4().hex[:8]}"
-    try:
-        manifests = {s: run_stage(recipe, s) for s in recipe.order()}
-    finally:
-        os.environ.pop("FASTGEN_INVOCATION", None)
-        if saved is not None:
-            os.environ["FASTGEN_INVOCATION"] = saved
+    manifests, _ = run_stagewise(recipe, "ag")
     return recipe, manifests
 
 

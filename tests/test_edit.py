@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,6 +22,7 @@ from fastgen_core import editing as E
 from fastgen_core.config import DataConfig
 from fastgen_core.data import color_digits, load_data
 from fastgen_core.recipe import RecipeError, load_recipe, parse_recipe
+from conftest import run_stagewise
 from stages.runtime import stage_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -54,18 +53,10 @@ def tiny_edit_recipe(root: Path, storage: str | None = None, mlflow_template: Pa
 
 @pytest.fixture(scope="module")
 def stagewise(tmp_path_factory, mlflow_template):
-    from stages.runtime import run_stage
 
     path = tiny_edit_recipe(tmp_path_factory.mktemp("edit_stagewise"), mlflow_template=mlflow_template)
     recipe = load_recipe(path)
-    saved = os.environ.get("FASTGEN_INVOCATION")
-    os.environ["FASTGEN_INVOCATION"] = f"test-edit-{uuid.uuid4().hex[:8]}"
-    try:
-        manifests = {s: run_stage(recipe, s) for s in recipe.order()}
-    finally:
-        os.environ.pop("FASTGEN_INVOCATION", None)
-        if saved is not None:
-            os.environ["FASTGEN_INVOCATION"] = saved
+    manifests, _ = run_stagewise(recipe, "edit")
     return SimpleNamespace(path=path, recipe=recipe, manifests=manifests)
 
 
