@@ -10,10 +10,13 @@ Four curves, W2 to the data as a function of the number of sampling steps:
   teacher, sampled with CM multistep sampling (re-noising between steps);
 - `flow_map_trained`: an AYF-EMD flow map (`methods.ayf`) with the same network, teacher and budget,
   sampled deterministically x ← f(x, t_i, t_{i+1}).
+Both trained models step through the same times: `--grid uniform` (default, as in the closed-form
+analysis) t_i = t_max·(1 − i/n) in flow-matching time; `--grid karras` each method's own sampler
+(the Karras σ grid, ρ = 7, which puts most steps of a long schedule at tiny noise).
 Trained curves are Monte Carlo: W2 between 200k samples' quantiles and the exact N(0, c²) ones.
 Writes bench/results/gaussian1d.json and .png; prints a table.
 
-    python bench/gaussian1d.py [--steps 1500] [--c 0.5]
+    python bench/gaussian1d.py [--steps 4000] [--c 0.5] [--grid uniform|karras]
 """
 from __future__ import annotations
 
@@ -37,7 +40,9 @@ from fastgen_core.methods import ayf, cd  # noqa: E402
 from fastgen_core.methods.base import Context  # noqa: E402
 from fastgen_core.models import LoadedModel  # noqa: E402
 from fastgen_core.noise import EDM  # noqa: E402
+from fastgen_core.noise import to_edm  # noqa: E402
 from fastgen_core.recipe import TrainConfig  # noqa: E402
+from fastgen_core.samplers import cm_multistep  # noqa: E402
 
 STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 32]
 NET = NetworkConfig(arch="mlp", width=64, depth=2, emb_dim=32)
@@ -79,11 +84,30 @@ def train(mod, cfg, data, teacher, steps: int, lr: float, seed: int = 0):
     return LoadedModel(meta, m.nets, EDM())
 
 
+def uniform_fm_times(n: int) -> list[float]:
+    """t_i = t_max·(1 − i/n), i = 0..n−1, then 0 (flow-matching time, t_max = σ_max/(1 + σ_max))."""
+    t_max = ayf.t_range(EDM())[1]
+    return [t_max * (1 - i / n) for i in range(n)] + [0.0]
+
+
+def sample_on_grid(model, z: torch.Tensor, n: int, grid: str) -> torch.Tensor:
+    """n steps of the model's sampler: its own (Karras) times, or the uniform FM-time grid."""
+    if grid == "karras":
+        return model.sample(z, n)
+    times = uniform_fm_times(n)
+    if model.meta["method"] == "ayf":
+        return ayf.flow_map_sample(model.nets["net"], model.noise, z, times)
+    sigmas = [float(to_edm("fm", torch.tensor(t, dtype=torch.float64))[1]) for t in times[:-1]]
+    f = cd.ConsistencyFn(model.nets["net"], model.noise)
+    return cm_multistep(f, z, sigmas, model.noise.sigma_min)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=1500, help="training iterations of each model")
+    ap.add_argument("--steps", type=int, default=4000, help="training iterations of each model")
     ap.add_argument("--c", type=float, default=0.5)
     ap.add_argument("--n", type=int, default=200_000, help="samples per W2 estimate")
+    ap.add_argument("--grid", choices=["uniform", "karras"], default="uniform", help="sampling times (see docstring)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -107,15 +131,15 @@ def main(argv=None) -> int:
             "steps": n,
             "cm_exact": ayf.gaussian_cm_multistep_w2(lambda v, t: ayf.gaussian_optimal_cm(v, t, a.c), n, a.c),
             "cm_delta": ayf.gaussian_cm_multistep_w2(lambda v, t: ayf.gaussian_perturbed_cm(v, t, a.c, delta), n, a.c),
-            "cm_trained": w2_to_gaussian(cm_model.sample(z, n), a.c),
-            "flow_map_trained": w2_to_gaussian(fm_model.sample(z, n), a.c),
+            "cm_trained": w2_to_gaussian(sample_on_grid(cm_model, z, n, a.grid), a.c),
+            "flow_map_trained": w2_to_gaussian(sample_on_grid(fm_model, z, n, a.grid), a.c),
         })
     floor = w2_to_gaussian(a.c * torch.randn(a.n, 1, generator=torch.Generator().manual_seed(7)), a.c)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     machine = {"machine": platform.machine(), "threads": 1, "torch": torch.__version__}
     (out / "gaussian1d.json").write_text(json.dumps(
-        {"machine": machine, "c": a.c, "train_steps": a.steps, "delta": delta, "train_s": round(train_s, 1),
+        {"machine": machine, "c": a.c, "train_steps": a.steps, "grid": a.grid, "delta": delta, "train_s": round(train_s, 1),
          "mc_floor": floor, "rows": rows}, indent=2))
     cols = ["cm_exact", "cm_delta", "cm_trained", "flow_map_trained"]
     print("steps | " + " | ".join(cols))
@@ -131,7 +155,7 @@ def main(argv=None) -> int:
         ax.plot([r["steps"] for r in rows], [max(r[c_], 1e-5) for r in rows], marker="o", label=c_)
     ax.axhline(floor, ls="--", c="k", lw=1, label="Monte-Carlo floor")
     ax.set(xscale="log", yscale="log", xlabel="sampling steps", ylabel="W2 to N(0, c²)",
-           title=f"1D Gaussian, c = {a.c}: CM vs flow map")
+           title=f"1D Gaussian, c = {a.c}: CM vs flow map ({a.grid} times)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "gaussian1d.png", dpi=110)
