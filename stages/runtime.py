@@ -92,8 +92,7 @@ def _print_timing(recipe: Recipe, stage: str, t_entry: float, age: float | None,
 
 def stage_dir(recipe: Recipe, stage: str) -> Path:
     """The local folder of a stage's output (for a local storage root; see storage.location)."""
-    root = Path(recipe.storage.root)
-    return (root if root.is_absolute() else Path.cwd() / root) / recipe.name / stage
+    return Path(storage.location(recipe, stage))
 
 
 @dataclass
@@ -200,9 +199,10 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
 
         ds = _data(recipe.data.model_dump_json())
         data_digest = artifacts.tensors_digest(ds.x, ds.y, ds.x_test, ds.y_test)
+    loc = storage.location(recipe, stage)  # where the output is stored: a local folder or s3://...
     tags = {"fastgen.kind": spec.kind, "fastgen.params_digest": recipe.digest(stage),
             "fastgen.dvc_stage": f"{recipe.name}-{stage}", "fastgen.git_commit": code["git_commit"],
-            "fastgen.output": storage.location(recipe, stage), "fastgen.data_digest": data_digest,
+            "fastgen.output": loc, "fastgen.data_digest": data_digest,
             **{f"fastgen.input.{i.stage}": i.manifest["digest"] for ins in inputs.values() for i in ins},
             **{f"fastgen.upstream_run.{i.stage}": (i.manifest.get("mlflow") or {}).get("run_id")
                for ins in inputs.values() for i in ins}}
@@ -210,7 +210,7 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
         tr = tracking.start_stage_run(recipe, stage, params, tags)
     ok = False
     try:
-        with storage.output(storage.location(recipe, stage)) as tmp:
+        with storage.output(loc) as tmp:
             ctx = StageContext(recipe, stage, tmp, inputs, tr)
             with phase("run"), _sub_phases("run"):
                 kind.run(ctx)
@@ -218,7 +218,7 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
                 manifest = artifacts.write_manifest(tmp, {
                     "recipe": recipe.name, "recipe_path": recipe.path, "stage": stage, "kind": spec.kind,
                     "params_digest": recipe.digest(stage), "params": params,
-                    "location": storage.location(recipe, stage),
+                    "location": loc,
                     "inputs": {i.stage: {"role": role, "digest": i.manifest["digest"], "path": i.uri}
                                for role, ins in inputs.items() for i in ins},
                     "data": {"digest": data_digest, **recipe.data.model_dump(mode="json")},
@@ -228,9 +228,7 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                 })
         with phase("mlflow_end"):
-            uri = storage.location(recipe, stage)  # the files: in place, or the cache entry of a remote output
-            local = storage.cache_root() / "artifacts" / manifest["digest"] if storage.is_remote(uri) else uri
-            tracking.log_lineage(tr, recipe, stage, manifest, local, uri)
+            tracking.log_lineage(tr, recipe, stage, manifest, storage.local_copy(loc, manifest["digest"]), loc)
         ok = True
     finally:
         with phase("mlflow_end"):

@@ -110,13 +110,24 @@ def verify(uri: str | Path) -> dict:
     return m
 
 
+def _store() -> Path:
+    """The cache of fetched (or published) remote artifacts: one folder per manifest digest."""
+    return cache_root() / "artifacts"
+
+
+def local_copy(uri: str | Path, digest: str) -> Path:
+    """The local folder holding the files of the artifact with `digest` stored at `uri`: the
+    artifact itself when stored locally, its cache entry when remote (after `fetch` or `output`)."""
+    return _store() / digest if is_remote(uri) else Path(uri)
+
+
 def _stamp(objects: dict[str, dict]) -> dict[str, list]:
     """What identifies the stored objects a cached copy was made from: key, size and ETag."""
     return {k: [v.get("size"), v.get("ETag")] for k, v in objects.items()}
 
 
 def _stamp_file(digest: str, uri: str) -> Path:
-    return cache_root() / "artifacts" / f"{digest}.{hashlib.sha256(uri.encode()).hexdigest()[:16]}.json"
+    return _store() / f"{digest}.{hashlib.sha256(uri.encode()).hexdigest()[:16]}.json"
 
 
 def _valid(folder: Path, digest: str) -> bool:
@@ -135,8 +146,8 @@ def fetch(uri: str | Path) -> tuple[Path, dict]:
     fs, path = _fs(uri)
     m = _remote_manifest(uri, fs, path)
     objects = _objects(fs, path)
-    store = cache_root() / "artifacts"
-    dest = store / m["digest"]
+    store = _store()
+    dest = local_copy(uri, m["digest"])
     try:
         if json.loads(_stamp_file(m["digest"], uri).read_text()) == _stamp(objects) and _valid(dest, m["digest"]):
             return dest, m
@@ -161,7 +172,7 @@ def _install(tmp: Path, digest: str, uri: str, objects: dict[str, dict]) -> None
     """Make the verified folder `tmp` the cache entry of `digest`, unless a valid one is there
     already (same content: another pipeline or a concurrent fetch made it), and remember which
     stored objects at `uri` it stands for."""
-    dest = cache_root() / "artifacts" / digest
+    dest = _store() / digest
     if not _valid(dest, digest):
         old = dest.with_name(f".old-{uuid.uuid4().hex[:8]}")
         try:
@@ -202,7 +213,7 @@ def output(uri: str):
         with artifacts.atomic_dir(uri) as tmp:
             yield tmp
         return
-    store = cache_root() / "artifacts"
+    store = _store()
     store.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".out-", dir=store))
     try:

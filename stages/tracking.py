@@ -239,7 +239,7 @@ def log_lineage(tr: Tracker, recipe, stage: str, manifest: dict, folder: str | P
     models, tags = [], {"fastgen.output_digest": manifest["digest"], "fastgen.storage_uri": storage_uri}
     for name, inp in manifest.get("inputs", {}).items():
         tags[f"fastgen.input_uri.{name}"] = inp["path"]
-        ids = upstream_models(c, (tr.upstream or {}).get(name))
+        ids = upstream_models(c, tr.upstream.get(name))
         if ids:
             models += [LoggedModelInput(i) for i in ids]
         else:
