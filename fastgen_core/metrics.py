@@ -36,6 +36,12 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 512, seed
     return float((pa - pb).square().mean().sqrt())
 
 
+def nearest_neighbour_distance(a: torch.Tensor, b: torch.Tensor, chunk: int = 2048) -> float:
+    """Mean over the rows of a (N, D) of the Euclidean distance to the nearest row of b (M, D)."""
+    a, b = a.double().flatten(1), b.double().flatten(1)
+    return float(torch.cat([torch.cdist(a[i:i + chunk], b).min(dim=1).values for i in range(0, len(a), chunk)]).mean())
+
+
 def toy_metrics(samples: torch.Tensor, density: ToyDensity, reference: torch.Tensor, seed: int = 0) -> dict[str, float]:
     """Metrics of 2D samples against a known toy density.
 
@@ -45,6 +51,9 @@ def toy_metrics(samples: torch.Tensor, density: ToyDensity, reference: torch.Ten
                    covered; mode k is covered when at least N / (4K) of the N samples are on
                    support and assigned to k by `density.mode_of`.
     off_support:   fraction of samples not on support (`density.on_support`).
+    nn_dist:       distance to the data: mean Euclidean distance from a sample to its nearest
+                   neighbour among `reference` (a precision-type measure: it falls when samples
+                   concentrate on the data, whatever the coverage; sliced W2 measures both).
     mode_recall:   how much of the true mode mass the on-support samples reproduce,
                    sum_k min(p_k, pi_k), with p_k the share of on-support samples assigned to mode
                    k and pi_k its true weight: 1 when they spread over the modes in the true
@@ -59,6 +68,7 @@ def toy_metrics(samples: torch.Tensor, density: ToyDensity, reference: torch.Ten
         "nll": float(-density.log_prob(samples).clamp(min=OFF_SUPPORT_LOG_PROB).mean()),
         "mode_coverage": float((counts >= n / (4 * k)).double().mean()),
         "off_support": float(1 - on.double().mean()),
+        "nn_dist": nearest_neighbour_distance(samples, reference),
         "mode_recall": float(torch.minimum(counts.double() / max(int(counts.sum()), 1), density.weights).sum()),
     }
 
@@ -85,13 +95,43 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     return max(float(np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross), 0.0)
 
 
+def eval_labels(labels_pool: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """The n class labels a conditional generator gets for one seed: the pool, tiled to n rows
+    if needed, in a random order fixed by `seed`. With n = len(pool) the generated set has exactly
+    the reference's class histogram: drawing labels with replacement instead adds a random class
+    imbalance to every Frechet distance (measured on digits: teacher FD 0.38 ± 0.13 over seeds
+    with random labels, 0.17 ± 0.02 with matched ones)."""
+    reps = -(-n // len(labels_pool))
+    tiled = labels_pool.repeat(reps)
+    return tiled[torch.randperm(len(tiled), generator=torch.Generator().manual_seed(30_000 + seed))[:n]]
+
+
+def matched_rows(pool_labels: torch.Tensor, target_labels: torch.Tensor, seed: int) -> torch.Tensor:
+    """Indices of rows of a labelled pool, drawn without replacement by `seed`, with the same class
+    histogram as `target_labels` (the floor of a class-conditional evaluation)."""
+    g = torch.Generator().manual_seed(seed)
+    picks = []
+    for c, k in zip(*torch.unique(target_labels, return_counts=True)):
+        rows = (pool_labels == c).nonzero().flatten()
+        if len(rows) < k:
+            raise ValueError(f"the real pool has {len(rows)} rows of class {int(c)}, need {int(k)}")
+        picks.append(rows[torch.randperm(len(rows), generator=g)[:k]])
+    return torch.cat(picks)
+
+
 def floor_metrics(metric_fn: Callable[[torch.Tensor], dict[str, float]], real_pool: torch.Tensor, n: int,
-                  seeds) -> list[dict[str, float]]:
+                  seeds, pool_labels: torch.Tensor | None = None,
+                  target_labels: dict[int, torch.Tensor] | None = None) -> list[dict[str, float]]:
     """The floor, per seed: metric_fn on n rows of `real_pool` drawn without replacement by that
-    seed. It depends on nothing generated: compute it once per evaluation and pass it on."""
+    seed, with the class histogram of `target_labels[seed]` when labels are given (the labels
+    the generators got for that seed). It depends on nothing generated: compute it once per
+    evaluation and pass it on."""
     if len(real_pool) < n:
         raise ValueError(f"real_pool has {len(real_pool)} rows, need at least n = {n}")
-    picks = (torch.randperm(len(real_pool), generator=torch.Generator().manual_seed(s))[:n] for s in seeds)
+    if target_labels is not None:
+        picks = (matched_rows(pool_labels, target_labels[s], s) for s in seeds)
+    else:
+        picks = (torch.randperm(len(real_pool), generator=torch.Generator().manual_seed(s))[:n] for s in seeds)
     return [metric_fn(real_pool[p]) for p in picks]
 
 

@@ -29,12 +29,11 @@ from .training import _data
 PRIMARY = {"toy": "swd", "image": "fd"}
 
 
-def _generate(model, n: int, nfe: int, seed: int, labels_pool, device) -> torch.Tensor:
+def _generate(model, n: int, nfe: int, seed: int, labels, device) -> torch.Tensor:
+    """n samples for one seed; a conditional model gets `labels[seed]` (`metrics.eval_labels`)."""
     g = torch.Generator().manual_seed(10_000 + seed)
     z = torch.randn((n, *model.shape), generator=g)
-    y = None
-    if model.num_classes > 0:
-        y = labels_pool[torch.randint(len(labels_pool), (n,), generator=g)].to(device)
+    y = labels[seed].to(device) if model.num_classes > 0 else None
     torch.manual_seed(20_000 + seed)  # stochastic multistep samplers
     return model.sample(z.to(device), nfe, y).float().cpu()
 
@@ -86,14 +85,16 @@ def run(ctx) -> None:
         ref = feats(data.x_test)
         n = min(cfg.n_samples, len(data.x_test))
         metric_fn = lambda s: {"fd": M.frechet_distance(feats(s), ref)}  # noqa: E731
-        real_pool = data.x  # floor: n real train images against the test split
+        real_pool, pool_labels = data.x, data.y  # floor: n real train images against the test split
     else:
         n = cfg.n_samples
         metric_fn = lambda s: M.toy_metrics(s, data.density, data.x_test)  # noqa: E731
-        real_pool = data.density.sample(n, torch.Generator().manual_seed(777))[0]  # fresh draws for the floor
-    labels_pool = data.y_test if data.y_test is not None else None
+        # fresh draws for the floor (twice n when conditional, so that a class-matched floor finds its rows)
+        real_pool, pool_labels = data.density.sample(n * (2 if data.num_classes else 1), torch.Generator().manual_seed(777))
+    # class-conditional data: every seed's generated set and floor share the test split's class histogram
+    labels = {s: M.eval_labels(data.y_test, n, s) for s in cfg.seeds} if data.num_classes else None
     prim = PRIMARY["image" if data.is_image else "toy"]
-    floor_per_seed = M.floor_metrics(metric_fn, real_pool, n, cfg.seeds)  # the same for every model and NFE
+    floor_per_seed = M.floor_metrics(metric_fn, real_pool, n, cfg.seeds, pool_labels, labels)  # same for all rows
 
     results, curves = {}, {}
     (ctx.out / "samples").mkdir()
@@ -112,7 +113,7 @@ def run(ctx) -> None:
             cache: dict[int, torch.Tensor] = {}
 
             def samples_fn(seed, nfe=nfe, cache=cache, model=model):
-                cache[seed] = _generate(model, n, nfe, seed, labels_pool, device)
+                cache[seed] = _generate(model, n, nfe, seed, labels, device)
                 return cache[seed]
 
             stats = M.with_floor(metric_fn, samples_fn, real_pool, n, cfg.seeds, floor=floor_per_seed)

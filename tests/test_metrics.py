@@ -6,7 +6,8 @@ import torch
 
 from fastgen_core.config import DataConfig
 from fastgen_core.data import load_data
-from fastgen_core.metrics import frechet_distance, sliced_wasserstein, toy_metrics, with_floor
+from fastgen_core.metrics import (frechet_distance, nearest_neighbour_distance, sliced_wasserstein, toy_metrics,
+                                  with_floor)
 
 
 def randn(*shape, seed=0):
@@ -61,7 +62,7 @@ def test_frechet_identical_and_nonnegative():
 def test_toy_metrics_true_samples():
     ds = load_data(DataConfig(name="8gaussians", n_train=4000, n_test=4000))
     m = toy_metrics(ds.x, ds.density, ds.x_test)
-    assert set(m) == {"swd", "nll", "mode_coverage", "off_support", "mode_recall"}
+    assert set(m) == {"swd", "nll", "mode_coverage", "off_support", "mode_recall", "nn_dist"}
     assert all(type(v) is float and math.isfinite(v) for v in m.values())
     assert m["mode_coverage"] == 1.0 and m["off_support"] < 0.02 and m["swd"] < 0.05 and m["mode_recall"] > 0.97
     entropy = math.log(8) + math.log(2 * math.pi * math.e * 0.05 ** 2)  # well-separated equal mixture
@@ -92,6 +93,20 @@ def test_toy_metrics_half_the_modes():
     off = torch.cat([x[:3000], torch.zeros(1000, 2)])
     m = toy_metrics(off, d, ds.x_test)
     assert m["off_support"] == pytest.approx(0.25, abs=0.01) and math.isfinite(m["nll"])
+
+
+def test_nearest_neighbour_distance():
+    b = torch.tensor([[0.0, 0.0], [10.0, 0.0]])
+    a = torch.tensor([[0.0, 3.0], [9.0, 0.0], [10.0, 0.0]])
+    assert nearest_neighbour_distance(a, b) == pytest.approx((3 + 1 + 0) / 3)
+    assert nearest_neighbour_distance(a, b, chunk=1) == nearest_neighbour_distance(a, b)
+    # precision, not coverage: samples on one mode only are as close to the data as the full set,
+    # samples spread around the modes are farther
+    ds = load_data(DataConfig(name="8gaussians", n_train=4000, n_test=4000))
+    x, d = ds.x, ds.density
+    full = toy_metrics(x, d, ds.x_test)["nn_dist"]
+    assert toy_metrics(x[d.mode_of(x) == 0], d, ds.x_test)["nn_dist"] == pytest.approx(full, rel=0.2)
+    assert toy_metrics(x + 0.1 * randn(*x.shape), d, ds.x_test)["nn_dist"] > 1.5 * full
 
 #----------------------------------------------------------------------------
 # Floors.
@@ -126,3 +141,17 @@ def test_with_floor():
     assert single["swd"]["std"] == 0.0 and single["swd"]["mean"] == pytest.approx(gen[0])
     with pytest.raises(ValueError):
         with_floor(metric_fn, samples_fn, real_pool[:500], n=1000, seeds=[0])
+
+
+def test_eval_labels_and_matched_floor_rows():
+    from fastgen_core.metrics import eval_labels, matched_rows
+    pool = torch.tensor([0, 0, 1, 2, 2, 2])
+    a, b = eval_labels(pool, 6, seed=0), eval_labels(pool, 6, seed=1)
+    assert sorted(a.tolist()) == sorted(pool.tolist()) and not torch.equal(a, b)  # same histogram, new order
+    assert torch.equal(a, eval_labels(pool, 6, seed=0))
+    assert torch.bincount(eval_labels(pool, 12, seed=0)).tolist() == [4, 2, 6]  # tiled
+    train = torch.tensor([2, 0, 1, 1, 2, 0, 2, 2, 0])
+    rows = matched_rows(train, a, seed=3)
+    assert len(set(rows.tolist())) == 6 and torch.bincount(train[rows]).tolist() == [2, 1, 3]
+    with pytest.raises(ValueError, match="2 rows of class 1, need 3"):
+        matched_rows(train, torch.tensor([1, 1, 1]), seed=0)
