@@ -150,7 +150,7 @@ def test_guided_rows_are_evaluated(ag_run):
     rows = ["teacher", "teacher+auto_guide_small_w2", "teacher+auto_guide_snap_w2", "teacher+cfg_w2"]
     assert list(res) == rows
     for r in rows:
-        assert set(res[r]["nfe_5"]) == {"swd", "nll", "mode_coverage", "off_support", "mode_recall"}
+        assert set(res[r]["nfe_5"]) == {"swd", "nll", "mode_coverage", "off_support", "mode_recall", "nn_dist"}
         assert (stage_dir(recipe, "eval") / f"samples/{r}_nfe5.npz").is_file()
     # the three guided samplers differ from each other and from the unguided teacher
     assert len({res[r]["nfe_5"]["swd"]["mean"] for r in rows}) == 4
@@ -219,4 +219,5 @@ def test_autoguidance_concentrates_without_dropping_branches():
 
     plain, auto, cfg = metrics(main), metrics(autoguided(main, weak, w)), metrics(cfg_guided(main, w, d.num_classes))
     assert auto["off_support"] < 0.7 * plain["off_support"] and auto["nll"] < plain["nll"]
+    assert auto["nn_dist"] < 0.9 * plain["nn_dist"]                   # closer to the data
     assert auto["mode_recall"] > cfg["mode_recall"] + 0.05
