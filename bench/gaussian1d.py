@@ -1,11 +1,16 @@
 """The 1D Gaussian check of Align Your Flow (METHODS.md §3): multistep W2 of consistency models vs
 flow maps on data N(0, c²), c = 0.5.
 
-Four curves, W2 to the data as a function of the number of sampling steps:
+Six curves, W2 to the data as a function of the number of sampling steps:
 - `cm_exact`: the closed-form optimal CM f*(x_t, t) = c·x_t/√(t² + (1−t)²c²). Exact in
   distribution at every step count (each re-noised input has the right marginal), so W2 = 0: any
   rise with steps comes from model error, not from the optimum itself;
-- `cm_delta`: the same CM with a 10% relative error in its F (closed form): rises beyond a few steps;
+- `cm_delta`: the same CM with a 10% relative error in its F (closed form): falls to a minimum at a
+  few steps, then rises without bound;
+- `cm_delta_out`: the same CM with a 2% relative error in its output x̂0 (closed form): rises from
+  the first step on;
+- `flow_map_delta`: the exact flow map with the same 10% relative error in its F (closed form):
+  never rises;
 - `cm_trained`: a consistency-distilled model (`methods.cd`) trained here with the exact Gaussian
   teacher, sampled with CM multistep sampling (re-noising between steps);
 - `flow_map_trained`: an AYF-EMD flow map (`methods.ayf`) with the same network, teacher and budget,
@@ -130,6 +135,9 @@ def main(argv=None) -> int:
             "steps": n,
             "cm_exact": ayf.gaussian_cm_multistep_w2(lambda v, t: ayf.gaussian_optimal_cm(v, t, a.c), n, a.c),
             "cm_delta": ayf.gaussian_cm_multistep_w2(lambda v, t: ayf.gaussian_perturbed_cm(v, t, a.c, delta), n, a.c),
+            "cm_delta_out": ayf.gaussian_cm_multistep_w2(lambda v, t: ayf.gaussian_scaled_cm(v, t, a.c, 0.02), n, a.c),
+            "flow_map_delta": ayf.gaussian_flow_map_w2(
+                lambda v, t, s: ayf.gaussian_perturbed_flow_map(v, t, s, a.c, delta), n, a.c),
             "cm_trained": w2_to_gaussian(sample_on_grid(cm_model, z, n, a.grid), a.c),
             "flow_map_trained": w2_to_gaussian(sample_on_grid(fm_model, z, n, a.grid), a.c),
         })
@@ -140,7 +148,7 @@ def main(argv=None) -> int:
     (out / "gaussian1d.json").write_text(json.dumps(
         {"machine": machine, "c": a.c, "train_steps": a.steps, "grid": a.grid, "delta": delta, "train_s": round(train_s, 1),
          "mc_floor": floor, "rows": rows}, indent=2))
-    cols = ["cm_exact", "cm_delta", "cm_trained", "flow_map_trained"]
+    cols = ["cm_exact", "cm_delta", "cm_delta_out", "flow_map_delta", "cm_trained", "flow_map_trained"]
     print("steps | " + " | ".join(cols))
     for r in rows:
         print(f"{r['steps']:5d} | " + " | ".join(f"{r[c]:.4f}" for c in cols))

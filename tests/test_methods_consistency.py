@@ -371,6 +371,9 @@ def test_gaussian_imperfect_cm_degrades_with_steps_flow_map_does_not():
     assert w_cm[-1] > w_cm[1]                                          # 64 steps worse than 2
     assert all(b <= a + 1e-12 for a, b in zip(w_fm, w_fm[1:]))         # flow map never gets worse
     assert w_fm[-1] < w_cm[-1]
+    # an error in the output x̂0 instead (f = 1.02·f*): W2 rises from the first step on
+    w_out = [ayf.gaussian_cm_multistep_w2(lambda x, t: ayf.gaussian_scaled_cm(x, t, 0.5, 0.02), n) for n in steps]
+    assert all(b > a for a, b in zip(w_out, w_out[1:])) and w_out[-1] > 5 * w_out[0]
     # Monte-Carlo check of the closed form (CM, 16 steps)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(400_000, generator=g, dtype=torch.float64)

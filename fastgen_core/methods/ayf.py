@@ -264,6 +264,11 @@ def gaussian_perturbed_cm(x_t, t: float, c: float = 0.5, delta: float = 0.0):
     return (1 + delta) * gaussian_optimal_cm(x_t, t, c) - delta * x_t
 
 
+def gaussian_scaled_cm(x_t, t: float, c: float = 0.5, delta: float = 0.0):
+    """A consistency model with a relative error δ in its output x̂0: f = (1 + δ)·f*."""
+    return (1 + delta) * gaussian_optimal_cm(x_t, t, c)
+
+
 def gaussian_perturbed_flow_map(x_t, t: float, s: float, c: float = 0.5, delta: float = 0.0):
     """A flow map with the same relative error in F: f = (1 + δ)·f* − δ·x_t (still f(x, t, t) = x)."""
     return (1 + delta) * gaussian_flow_map(x_t, t, s, c) - delta * x_t
