@@ -330,6 +330,18 @@ def test_ayf_loss_and_short_run(data, objective):
     assert m.cfg.r_max < 1
 
 
+@pytest.mark.parametrize("objective", ["emd", "lmd"])
+def test_ayf_diagonal_share_of_the_batch_has_s_equal_t(data, objective):
+    torch.manual_seed(0)
+    m = _method(ayf, data, FakeTeacher(data, analytic=True), objective=objective, init_from_teacher=False,
+                diagonal=0.25)
+    t, s = m.sample_ts(20000, "cpu")
+    assert (s <= t).all() and abs((s == t).double().mean().item() - 0.25) < 0.02
+    m0 = _method(ayf, data, FakeTeacher(data, analytic=True), objective=objective, init_from_teacher=False)
+    t, s = m0.sample_ts(20000, "cpu")
+    assert (s == t).sum() == 0
+
+
 def test_ayf_autoguided_teacher_needs_a_guide(data):
     teacher = FakeTeacher(data, analytic=False)
     with pytest.raises(ValueError, match="guide"):

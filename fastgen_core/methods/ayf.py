@@ -38,6 +38,9 @@ relativistic loss with R1/R2 penalties; we offer the relativistic loss, no penal
 
 Unconfirmed choices (METHODS.md §3): (t, s) are drawn as t ~ U[t_min, t_max], s = u·t (EMD) or
 s ∈ [t_min, t] (LMD, the teacher is not defined at s = 0), u ~ U[0, 1], with uniform weighting;
+optionally a share `diagonal` of the batch has s = t, where both objectives are flow matching on
+the teacher velocity (as flow-map matching's diagonal term; it sharpens F(x, t, t), which many
+short jumps compound);
 t_min, t_max are σ_min, σ_max mapped to FM time. Sampling starts at t_max from
 x = (1 − t_max)·σ_max·z (the EDM input σ_max·z in FM scaling) and jumps x ← f_θ(x, t_i, t_{i+1})
 over the Karras grid of nfe + 1 levels (without its last) mapped to FM time, then to s = 0.
@@ -69,6 +72,7 @@ class Config(Strict):
     r_max: float = Field(0.99, ge=0, lt=1, description="final tangent-warmup factor (never 1)")
     tangent_c: float = Field(0.1, gt=0, description="tangent normalisation g/(‖g‖ + c)")
     guidance: float = Field(1.0, description="autoguided teacher λ: v = λ·v_main + (1−λ)·v_weak (needs a `guide` input unless 1)")
+    diagonal: float = Field(0.0, ge=0, lt=1, description="share of the batch with s = t (flow matching on the teacher velocity)")
     init_from_teacher: bool = Field(True, description="copy the teacher's weights (s-embedding zero-initialised); a `student` input overrides")
     gan: bool = Field(False, description="adversarial finetune: add a GAN term on few-step samples (discriminator 'disc')")
     gan_steps: int = Field(1, ge=1, description="fakes are k-step flow-map samples, k ~ U{1..gan_steps}")
@@ -168,6 +172,8 @@ class Method(_Base):
         t = t_min + (t_max - t_min) * torch.rand(n, device=device)
         u = torch.rand(n, device=device)
         s = u * t if self.cfg.objective == "emd" else t_min + u * (t - t_min)
+        if self.cfg.diagonal > 0:  # s = t: the flow map's velocity F(x, t, t) = v (flow matching)
+            s = torch.where(torch.rand(n, device=device) < self.cfg.diagonal, t, s)
         return t, s
 
     def loss(self, group, batch, step):
