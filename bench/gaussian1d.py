@@ -104,8 +104,7 @@ def sample_on_grid(model, z: torch.Tensor, n: int, grid: str) -> torch.Tensor:
     if model.meta["method"] == "ayf":
         return ayf.flow_map_sample(model.nets["net"], model.noise, z, times)
     sigmas = [float(to_edm("fm", torch.tensor(t, dtype=torch.float64))[1]) for t in times[:-1]]
-    f = cd.ConsistencyFn(model.nets["net"], model.noise)
-    return cm_multistep(f, z, sigmas, model.noise.sigma_min)
+    return cm_multistep(cd.consistency_fn(model), z, sigmas, model.noise.sigma_min)
 
 
 def main(argv=None) -> int:

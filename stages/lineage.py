@@ -42,11 +42,9 @@ class LineageError(Exception):
 
 # --- reading manifests (local folders or any fsspec URL, e.g. s3://) -----------------------------
 def read_manifest(loc: str | Path) -> dict:
-    import fsspec
-
+    """`storage.read_manifest`, with an unreachable store reported as a missing manifest."""
     try:
-        with fsspec.open(f"{str(loc).rstrip('/')}/{artifacts.MANIFEST}", "r") as f:
-            return json.load(f)
+        return storage.read_manifest(loc)
     except FileNotFoundError:
         raise
     except OSError as e:  # e.g. an unreachable bucket: as good as absent for lineage

@@ -102,5 +102,4 @@ def consistency_fn(model):
 
 def sample(model, z, nfe, class_labels=None):
     taus = model.noise.karras_sigmas(nfe + 1)[:-1].tolist()
-    f = ConsistencyFn(model.nets["net"], model.noise)
-    return cm_multistep(f, z, taus, model.noise.sigma_min, class_labels=class_labels)
+    return cm_multistep(consistency_fn(model), z, taus, model.noise.sigma_min, class_labels=class_labels)

@@ -95,11 +95,5 @@ class Method(_Base):
             pt.lerp_(p, 1 - mu)
 
 
-def consistency_fn(model):
-    """f(x, σ) of a trained model (EDM convention), e.g. for `fastgen_core.editing`."""
-    return cd.ConsistencyFn(model.nets["net"], model.noise)
-
-
-def sample(model, z, nfe, class_labels=None):
-    """Multistep consistency sampling, exactly as `cd.sample`."""
-    return cd.sample(model, z, nfe, class_labels)
+# The same consistency function and multistep sampler as CD.
+consistency_fn, sample = cd.consistency_fn, cd.sample
