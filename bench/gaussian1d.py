@@ -1,4 +1,4 @@
-"""The 1D Gaussian check of Align Your Flow (METHODS.md §3): multistep W2 of consistency models vs
+"""The 1D Gaussian check of Align Your Flow (docs/methods.md §3): multistep W2 of consistency models vs
 flow maps on data N(0, c²), c = 0.5.
 
 Six curves, W2 to the data as a function of the number of sampling steps:
@@ -47,7 +47,7 @@ from fastgen_core.methods.base import Context  # noqa: E402
 from fastgen_core.models import LoadedModel  # noqa: E402
 from fastgen_core.noise import EDM  # noqa: E402
 from fastgen_core.noise import to_edm  # noqa: E402
-from fastgen_core.recipe import TrainConfig  # noqa: E402
+from fastgen_core.config import TrainConfig  # noqa: E402
 from fastgen_core.samplers import cm_multistep  # noqa: E402
 
 STEPS = [1, 2, 3, 4, 6, 8, 12, 16, 32]

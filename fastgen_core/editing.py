@@ -1,5 +1,5 @@
 """Zero-shot editing with any consistency-type model f(x, σ) (EDM convention, x = x0 + σ·n)
-(Song et al. 2023, "Consistency Models", Alg. 4; METHODS.md §1).
+(Song et al. 2023, "Consistency Models", Alg. 4; docs/methods.md §1).
 
 The multistep sampler with the known part re-imposed on x0 after every evaluation:
 

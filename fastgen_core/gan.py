@@ -1,5 +1,5 @@
 """Adversarial pieces shared by the methods' optional GAN terms: CTM's GAN term on real data
-(METHODS.md §10), Align Your Flow's short adversarial finetune (§3), and later DMD2 (§5).
+(docs/methods.md §10), Align Your Flow's short adversarial finetune (§3), and later DMD2 (§5).
 
 Discriminator D(x, σ, y) -> one logit per sample. Vectors: an MLP; images (C, H, W): a small conv
 net (stride-2 convolutions, global average pool). The condition (the noise label ¼·ln σ of the
@@ -39,6 +39,7 @@ from torch import nn
 from .config import Strict
 from .methods.base import Group
 from .nets import ConditionEmbedding
+from .noise import col
 
 __all__ = ["GANConfig", "Discriminator", "d_loss", "g_loss", "adaptive_weight", "last_layer", "frozen",
            "accuracy", "Adversary", "add_discriminator", "gan_groups", "gan_term"]
@@ -169,8 +170,7 @@ class Adversary:
         if not self.cfg.noised:
             return xs, None
         sigma = self.noise.sample_sigma(xs[0].shape[0], device=xs[0].device)
-        col = sigma.view(-1, *([1] * (xs[0].dim() - 1)))
-        return tuple(x + col * torch.randn_like(x) for x in xs), sigma
+        return tuple(x + col(sigma, x) * torch.randn_like(x) for x in xs), sigma
 
     def discriminator_loss(self, real: torch.Tensor, fake: torch.Tensor, class_labels=None) -> tuple[torch.Tensor, dict]:
         """L_D on real data and detached fakes (no gradient reaches the generator)."""

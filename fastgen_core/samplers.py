@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from .noise import EDM, _col
+from .noise import EDM, col
 
 
-def _b(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+def per_sample(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
     """A scalar or per-sample (N,) noise level as a per-sample (N,) tensor."""
     return torch.as_tensor(v, dtype=x.dtype, device=x.device).expand(x.shape[0])
 
@@ -15,20 +15,20 @@ def _b(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 def heun_step(D, x: torch.Tensor, s_cur, s_next, **cond) -> torch.Tensor:
     """One step of EDM's 2nd-order Heun solver of dx/dσ = (x − D(x, σ))/σ from s_cur to s_next
     (floats or per-sample tensors); samples whose s_next is 0 take the Euler step."""
-    sc, sn = _b(s_cur, x), _b(s_next, x)
-    d = (x - D(x, sc, **cond)) / _col(sc, x)
-    x_e = x + _col(sn - sc, x) * d
+    sc, sn = per_sample(s_cur, x), per_sample(s_next, x)
+    d = (x - D(x, sc, **cond)) / col(sc, x)
+    x_e = x + col(sn - sc, x) * d
     if bool((sn > 0).any()):
         sn_safe = torch.where(sn > 0, sn, torch.ones_like(sn))
-        d2 = (x_e - D(x_e, sn_safe, **cond)) / _col(sn_safe, x)
-        x_h = x + _col(sn - sc, x) * (d + d2) / 2
-        return torch.where(_col(sn > 0, x), x_h, x_e)
+        d2 = (x_e - D(x_e, sn_safe, **cond)) / col(sn_safe, x)
+        x_h = x + col(sn - sc, x) * (d + d2) / 2
+        return torch.where(col(sn > 0, x), x_h, x_e)
     return x_e
 
 
 def euler_step(D, x: torch.Tensor, s_cur, s_next, **cond) -> torch.Tensor:
-    sc, sn = _b(s_cur, x), _b(s_next, x)
-    return x + _col(sn - sc, x) * (x - D(x, sc, **cond)) / _col(sc, x)
+    sc, sn = per_sample(s_cur, x), per_sample(s_next, x)
+    return x + col(sn - sc, x) * (x - D(x, sc, **cond)) / col(sc, x)
 
 
 @torch.no_grad()
@@ -61,10 +61,10 @@ def cm_multistep(f, z: torch.Tensor, taus: list[float], eps: float, **cond) -> t
     """Consistency-model multistep sampling (Song et al. 2023, Alg. 1):
     x = τ_0·z; x0 = f(x, τ_0); for n ≥ 1: x = x0 + √(τ_n² − ε²)·z_n; x0 = f(x, τ_n)."""
     x = z * taus[0]
-    x0 = f(x, _b(taus[0], x), **cond)
+    x0 = f(x, per_sample(taus[0], x), **cond)
     for tau in taus[1:]:
         x = x0 + (tau**2 - eps**2) ** 0.5 * torch.randn_like(x0)
-        x0 = f(x, _b(tau, x), **cond)
+        x0 = f(x, per_sample(tau, x), **cond)
     return x0
 
 
@@ -73,7 +73,7 @@ def cm_multistep(f, z: torch.Tensor, taus: list[float], eps: float, **cond) -> t
 # teacher_sample, heun_step, and as a distillation teacher).
 
 def autoguided(D_main, D_weak, w: float):
-    """Autoguidance (Karras et al. 2024, Eq. 2; METHODS.md §12):
+    """Autoguidance (Karras et al. 2024, Eq. 2; docs/methods.md §12):
         D_w(x; σ) = D_weak(x; σ) + w·(D_main(x; σ) − D_weak(x; σ)).
     w = 1 gives D_main; w > 1 extrapolates away from the weaker guide (same task, same
     conditioning: it receives the same `**cond`)."""

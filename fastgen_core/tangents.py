@@ -1,7 +1,7 @@
 """Shared machinery of the continuous-time consistency / flow-map objectives (sCM, AYF):
 time derivatives of a network along a direction by ONE forward-mode JVP (or a central finite
-difference where JVPs are unsupported), tangent normalisation and warmup, and running several
-passes of a network under the same dropout mask.
+difference where JVPs are unsupported, every pass under the same dropout mask as the forward
+pass: `methods.common.same_randomness`), tangent normalisation and warmup.
 """
 from __future__ import annotations
 
@@ -10,20 +10,8 @@ from typing import Callable, Literal, Sequence
 
 import torch
 
-
-def new_seed() -> int:
-    """A seed drawn from the global generator (so runs stay reproducible under `torch.manual_seed`)."""
-    return int(torch.randint(2**62, ()).item())
-
-
-@contextlib.contextmanager
-def same_randomness(seed: int, like: torch.Tensor | None = None):
-    """Run the body with the RNG seeded by `seed`, restoring the previous RNG state afterwards:
-    two passes under the same seed draw the same dropout masks (online/target, forward/JVP)."""
-    devices = [like.device] if like is not None and like.is_cuda else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        yield
+from .methods.common import same_randomness
+from .noise import col
 
 
 def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.Tensor],
@@ -55,7 +43,7 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
 
 def normalise(g: torch.Tensor, c: float = 0.1) -> torch.Tensor:
     """Tangent normalisation g ← g / (‖g‖ + c), the norm taken per sample over all its dims."""
-    norm = g.flatten(1).norm(dim=1).reshape(-1, *[1] * (g.ndim - 1))
+    norm = col(g.flatten(1).norm(dim=1), g)
     return g / (norm + c)
 
 

@@ -1,5 +1,5 @@
-"""Zero-shot editing (METHODS.md §1) keeps the known part to float precision; autoguidance and
-classifier-free guidance combine denoisers as written (METHODS.md §12)."""
+"""Zero-shot editing (docs/methods.md §1) keeps the known part to float precision; autoguidance and
+classifier-free guidance combine denoisers as written (docs/methods.md §12)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""The shared adversarial pieces (fastgen_core/gan.py) and the GAN terms of CTM (METHODS.md §10)
+"""The shared adversarial pieces (fastgen_core/gan.py) and the GAN terms of CTM (docs/methods.md §10)
 and of Align Your Flow's adversarial finetune (§3): losses, the adaptive weight, gradient
 isolation between generator and discriminator, and short runs where the discriminator learns."""
 from __future__ import annotations
@@ -15,7 +15,7 @@ from fastgen_core.methods import ayf, ctm
 from fastgen_core.methods.base import Context
 from fastgen_core.models import LoadedModel
 from fastgen_core.noise import EDM
-from fastgen_core.recipe import TrainConfig
+from fastgen_core.config import TrainConfig
 
 from test_methods_consistency import FakeTeacher, _randomise_output
 
@@ -204,7 +204,7 @@ def test_softplus_is_the_non_saturating_logistic_loss():
 
 
 def test_ctm_gan_term_sharpens_one_step_samples():
-    """METHODS.md §5/§10 faithful check, small: CTM from scratch with the exact mixture denoiser as
+    """docs/methods.md §5/§10 faithful check, small: CTM from scratch with the exact mixture denoiser as
     teacher, 400 iterations with and without the GAN term (equal budget, same seed). The GAN term
     puts more 1-step samples on the support (measured: 0.892 -> 0.728 off support) and lowers
     their NLL. The recipe-scale comparison is `ctm` vs `ctm_gan` in params/toy_ctm.yaml."""

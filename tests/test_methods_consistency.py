@@ -1,4 +1,4 @@
-"""Consistency-family methods (METHODS.md §1, §3, §4, §10): CT schedules, sCM and AYF JVPs against
+"""Consistency-family methods (docs/methods.md §1, §3, §4, §10): CT schedules, sCM and AYF JVPs against
 finite differences, boundary conditions of CTM and flow maps, γ = 1 CTM sampling equals CM
 multistep sampling, teacher initialisations, short NaN-free loop runs with the analytic mixture
 teacher, and the 1D Gaussian analysis of CM vs flow-map multistep sampling."""
@@ -18,7 +18,7 @@ from fastgen_core.methods.base import Context
 from fastgen_core.models import LoadedModel
 from fastgen_core.nets import build_network
 from fastgen_core.noise import EDM, EDMDenoiser, denoiser_in
-from fastgen_core.recipe import TrainConfig
+from fastgen_core.config import TrainConfig
 from fastgen_core.samplers import cm_multistep, heun_step
 from fastgen_core.tangents import jvp
 
@@ -118,6 +118,19 @@ def test_ct_target_ema_and_short_run(data):
     assert torch.isfinite(x).all()
 
 
+def test_ct_K_defaults_to_the_stage_steps(data):
+    """K: None spans the schedule over the stage's train.steps (Context.steps): the same run as K set by hand."""
+    runs = {}
+    for K, steps in ((None, 6), (6, 0)):
+        torch.manual_seed(0)
+        m = ct.Method(ct.Config(K=K, s1=10), Context(data, EDM(), NCFG, steps=steps))
+        assert m.K == 6 and m.N(6) == 11
+        runs[K] = loop.train(m, TrainConfig(steps=6, batch_size=32, lr=1e-3), None, progress=False)
+    assert all(torch.equal(v, runs[6]["net"][k]) for k, v in runs[None]["net"].items())
+    with pytest.raises(ValueError, match="train.steps"):
+        ct.Method(ct.Config(), Context(data, EDM(), NCFG))
+
+
 # ----------------------------------------------------------------------------- sCM
 
 def test_scm_jvp_equals_finite_difference_float64():
@@ -146,7 +159,7 @@ def test_scm_jvp_real_network_and_shared_dropout():
     x, t, v = torch.randn(32, 2), torch.rand(32) * 1.4 + 0.05, torch.randn(32, 2)
     F_func, d_func = scm.dF_dt(net, x, t, v, 0.5, "edm", mode="func", seed=7)
     F_fd, d_fd = scm.dF_dt(net, x, t, v, 0.5, "edm", mode="fd", eps=1e-3, seed=7)
-    from fastgen_core.tangents import same_randomness
+    from fastgen_core.methods.common import same_randomness
     with same_randomness(7):
         F = scm.F_theta(net, x, t, 0.5, "edm")
     assert torch.equal(F, F_func) and torch.equal(F, F_fd)            # one dropout mask for all passes
@@ -354,7 +367,7 @@ def test_ayf_autoguided_teacher_needs_a_guide(data):
     assert torch.allclose(ayf.velocity(m.D_fm, x, t), 2.0 * v_main + (1 - 2.0) * v_weak, atol=1e-4)
 
 
-# ----------------------------------------------------------------------------- 1D Gaussian (METHODS §3)
+# ----------------------------------------------------------------------------- 1D Gaussian (docs/methods.md §3)
 
 def test_gaussian_exact_maps_are_exact_at_every_step_count():
     """With the exact optimum, CM multistep is exact in distribution too (each re-noised input has

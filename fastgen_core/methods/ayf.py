@@ -1,5 +1,5 @@
 """Align Your Flow: continuous-time flow-map distillation (Sabour, Fidler & Kreis 2025;
-METHODS.md §3). Flow-matching convention: x_t = (1 − t)·x0 + t·ε, t = 1 noise, velocity
+docs/methods.md §3). Flow-matching convention: x_t = (1 − t)·x0 + t·ε, t = 1 noise, velocity
 v = dx_t/dt = ε − x0; an EDM teacher is used through `noise.denoiser_in("fm", ·)` with
 v_teacher(x_t, t) = (x_t − x̂0(x_t, t))/t.
 
@@ -36,7 +36,7 @@ weight against L_AYF when on. The paper's finetune is short (~3k steps at scale)
 penalties and sample schedule are (unconfirmed) here (a third-party reimplementation names a
 relativistic loss with R1/R2 penalties; we offer the relativistic loss, no penalties).
 
-Unconfirmed choices (METHODS.md §3): (t, s) are drawn as t ~ U[t_min, t_max], s = u·t (EMD) or
+Unconfirmed choices (docs/methods.md §3): (t, s) are drawn as t ~ U[t_min, t_max], s = u·t (EMD) or
 s ∈ [t_min, t] (LMD, the teacher is not defined at s = 0), u ~ U[0, 1], with uniform weighting;
 optionally a share `diagonal` of the batch has s = t, where both objectives are flow matching on
 the teacher velocity (as flow-map matching's diagonal term; it sharpens F(x, t, t), which many
@@ -54,23 +54,22 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..config import Strict
 from ..gan import GANConfig, add_discriminator, gan_groups, gan_term
 from ..noise import EDMDenoiser, denoiser_in, from_edm, to_edm
-from ..samplers import _b, _col, autoguided
-from ..tangents import jvp, new_seed, normalise, same_randomness, warmup
+from ..samplers import autoguided
+from ..tangents import jvp, normalise, warmup
 from .base import Method as _Base
-from .ctm import add_student
+from .base import Role
+from .common import (TangentSettings, add_trained_student, add_two_time_student, col, condition,
+                     edm_consistency_fn, multistep_sigmas, new_seed, per_sample, same_randomness)
 
 
-class Config(Strict):
+class Config(TangentSettings):
+    """AYF's settings; the tangent warmup factor r rises to `r_max` (`warmup_steps`)."""
+
     name: Literal["ayf"] = "ayf"
     objective: Literal["emd", "lmd"] = Field("emd", description="Eulerian (EMD) or Lagrangian (LMD) map distillation")
-    jvp: Literal["func", "fd"] = Field("func", description="derivatives by torch.func.jvp, or by a central finite difference")
-    fd_eps: float = Field(1e-3, gt=0, description="finite-difference step (jvp: fd)")
-    warmup_steps: int = Field(10000, ge=0, description="tangent warmup: r rises linearly 0 → r_max over this many steps")
     r_max: float = Field(0.99, ge=0, lt=1, description="final tangent-warmup factor (never 1)")
-    tangent_c: float = Field(0.1, gt=0, description="tangent normalisation g/(‖g‖ + c)")
     guidance: float = Field(1.0, description="autoguided teacher λ: v = λ·v_main + (1−λ)·v_weak (needs a `guide` input unless 1)")
     diagonal: float = Field(0.0, ge=0, lt=1, description="share of the batch with s = t (flow matching on the teacher velocity)")
     init_from_teacher: bool = Field(True, description="copy the teacher's weights (s-embedding zero-initialised); a `student` input overrides")
@@ -94,20 +93,20 @@ def D_theta(net: nn.Module, noise, x_t, t, s, **cond) -> torch.Tensor:
 
 def F_theta(net: nn.Module, noise, x_t, t, s, **cond) -> torch.Tensor:
     """F_θ(x_t, t, s) = (x_t − D_θ(x_t, t; s))/t."""
-    t, s = _b(t, x_t), _b(s, x_t)
-    return (x_t - D_theta(net, noise, x_t, t, s, **cond)) / _col(t, x_t)
+    t, s = per_sample(t, x_t), per_sample(s, x_t)
+    return (x_t - D_theta(net, noise, x_t, t, s, **cond)) / col(t, x_t)
 
 
 def flow_map(net: nn.Module, noise, x_t, t, s, **cond) -> torch.Tensor:
     """f_θ(x_t, t, s) = x_t + (s − t)·F_θ(x_t, t, s)."""
-    t, s = _b(t, x_t), _b(s, x_t)
-    return x_t + _col(s - t, x_t) * F_theta(net, noise, x_t, t, s, **cond)
+    t, s = per_sample(t, x_t), per_sample(s, x_t)
+    return x_t + col(s - t, x_t) * F_theta(net, noise, x_t, t, s, **cond)
 
 
 def velocity(D_fm, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """Teacher velocity v(x_t, t) = (x_t − x̂0(x_t, t))/t (D_fm: an EDM denoiser wrapped to FM time)."""
-    t = _b(t, x_t)
-    return (x_t - D_fm(x_t, t, **cond)) / _col(t, x_t)
+    t = per_sample(t, x_t)
+    return (x_t - D_fm(x_t, t, **cond)) / col(t, x_t)
 
 
 def t_range(noise) -> tuple[float, float]:
@@ -123,35 +122,38 @@ def dF(net, noise, x_t, t, s, tangents, mode="func", eps=1e-3, seed=None, **cond
 
 def tangent_emd(F_minus, v, dF_dt, t, s, r):
     """EMD tangent g = (v − F⁻) + r·(s − t)·dF⁻/dt (= df/dt with the derivative term scaled by r)."""
-    return (v - F_minus) + r * _col(s - t, v) * dF_dt
+    return (v - F_minus) + r * col(s - t, v) * dF_dt
 
 
 def tangent_lmd(F_minus, v_s, dF_ds, t, s, r):
     """LMD tangent g = (v(f⁻, s) − F⁻) − r·(s − t)·∂_s F⁻ (= v(f, s) − ∂_s f, derivative term scaled by r)."""
-    return (v_s - F_minus) - r * _col(s - t, v_s) * dF_ds
+    return (v_s - F_minus) - r * col(s - t, v_s) * dF_ds
 
 
 # ----------------------------------------------------------------------------- method
 
-def add_trained_student(method, student) -> None:
-    """Own "net" as a copy of a trained flow map (the `student` input of an adversarial finetune)."""
-    if not getattr(student.nets["net"].embed, "second_time", False):
-        raise ValueError("ayf: the `student` input must be a flow map (a network with a second time s), e.g. an ayf stage")
-    method.add_net("net", student.meta_net_cfg("net"), init_from=student.nets["net"])
-
-
 class Method(_Base):
+    roles = {
+        "teacher": Role("model", method="edm", description="the EDM teacher whose velocity the flow map distils"),
+        "student": Role("model", required=False, method="ayf",
+                        description="a trained flow map to start from (adversarial finetune, continued training)"),
+        "guide": Role("model", required=False, method="edm",
+                      description="the weaker EDM model of an autoguided teacher (needed when guidance != 1)"),
+    }
+
+    @classmethod
+    def required_roles(cls, cfg: Config) -> set[str]:
+        return {"teacher"} | ({"guide"} if cfg.guidance != 1.0 else set())
+
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
         teacher = ctx.inputs["teacher"]
         if "student" in ctx.inputs:
             add_trained_student(self, ctx.inputs["student"])
         else:
-            add_student(self, teacher, cfg.init_from_teacher)
+            add_two_time_student(self, teacher, cfg.init_from_teacher)
         D_edm = teacher.denoiser()
         if cfg.guidance != 1.0:
-            if "guide" not in ctx.inputs:
-                raise ValueError("ayf: guidance != 1 needs a `guide` input (a weaker EDM model)")
             D_edm = autoguided(D_edm, ctx.inputs["guide"].denoiser(), cfg.guidance)
         self.D_fm = denoiser_in("fm", D_edm, ctx.noise.sigma_data)
         self.adv = add_discriminator(self, cfg.adversarial) if cfg.gan else None
@@ -179,13 +181,13 @@ class Method(_Base):
     def loss(self, group, batch, step):
         cfg, noise, net = self.cfg, self.ctx.noise, self.nets["net"]
         x0, y = batch["x"], self.labels(batch)
-        cond = {} if y is None else {"class_labels": y}
+        cond = condition(y)
         if group == "disc":
             with torch.no_grad():
                 fake = self.fake(x0, **cond)
             return self.adv.discriminator_loss(x0, fake, y)
         t, s = self.sample_ts(x0.shape[0], x0.device)
-        x_t = _col(1 - t, x0) * x0 + _col(t, x0) * torch.randn_like(x0)
+        x_t = col(1 - t, x0) * x0 + col(t, x0) * torch.randn_like(x0)
         r = warmup(step, cfg.warmup_steps, cfg.r_max)
         seed = new_seed()
         with same_randomness(seed, x0):
@@ -199,7 +201,7 @@ class Method(_Base):
             else:
                 F_minus, dF_ds = dF(net, noise, x_t, t, s, (torch.zeros_like(x_t), torch.zeros_like(t), torch.ones_like(s)),
                                     cfg.jvp, cfg.fd_eps, seed, **cond)
-                f_minus = x_t + _col(s - t, x_t) * F_minus
+                f_minus = x_t + col(s - t, x_t) * F_minus
                 g = tangent_lmd(F_minus, velocity(self.D_fm, f_minus, s, **cond), dF_ds, t, s, r)
             g = normalise(g, cfg.tangent_c)
         loss = (F.float() - F_minus.float() - g.float()).pow(2).flatten(1).mean(1).mean()
@@ -215,7 +217,7 @@ class Method(_Base):
 
 def fm_times(noise, nfe: int) -> list[float]:
     """t_max = t_0 > … > t_{nfe−1} (Karras grid of nfe + 1 levels without its last, in FM time), then 0."""
-    sig = noise.karras_sigmas(nfe + 1)[:-1].double()
+    sig = multistep_sigmas(noise, nfe).double()
     return from_edm("fm", sig).tolist() + [0.0]
 
 
@@ -232,16 +234,11 @@ def flow_map_sample(net, noise, z: torch.Tensor, times: list[float], **cond) -> 
 def consistency_fn(model):
     """f(x, σ) in the EDM convention: f_θ((1 − t)·x, t, 0) at t = σ/(1 + σ)."""
     net, noise = model.nets["net"], model.noise
-
-    def f(x, sigma, **cond):
-        t = from_edm("fm", _b(sigma, x))
-        return flow_map(net, noise, _col(1 - t, x) * x, t, torch.zeros_like(t), **cond)
-    return f
+    return edm_consistency_fn(lambda x_t, t, **cond: flow_map(net, noise, x_t, t, torch.zeros_like(t), **cond), "fm")
 
 
 def sample(model, z, nfe, class_labels=None):
-    cond = {} if class_labels is None else {"class_labels": class_labels}
-    return flow_map_sample(model.nets["net"], model.noise, z, fm_times(model.noise, nfe), **cond)
+    return flow_map_sample(model.nets["net"], model.noise, z, fm_times(model.noise, nfe), **condition(class_labels))
 
 
 # ----------------------------------------------------------------------------- 1D Gaussian check

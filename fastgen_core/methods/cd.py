@@ -1,4 +1,4 @@
-"""Consistency distillation (Song et al. 2023, "Consistency Models"; METHODS.md §1).
+"""Consistency distillation (Song et al. 2023, "Consistency Models"; docs/methods.md §1).
 
     f_θ(x, σ) = c_skip(σ)·x + c_out(σ)·F_θ(c_in(σ)·x, c_noise(σ))
     c_skip = σ_d²/((σ−ε)² + σ_d²),  c_out = σ_d·(σ−ε)/√(σ² + σ_d²)   ⇒ f_θ(x, ε) = x exactly.
@@ -12,23 +12,24 @@ Sampling: multistep (Alg. 1) on τ = Karras grid of nfe + 1 levels without its l
 """
 from __future__ import annotations
 
-import copy
-import math
 from typing import Literal
 
 import torch
 from pydantic import Field
 
 from ..config import Strict
-from ..samplers import _col, cm_multistep, heun_step
+from ..samplers import cm_multistep, heun_step
 from .base import Method as _Base
+from .base import Role
+from .common import (Metric, add_target, col, distance, multistep_sigmas, network_settings, new_seed,
+                     same_randomness, update_target)
 
 
 class Config(Strict):
     name: Literal["cd"] = "cd"
     N: int = Field(18, ge=2, description="number of Karras grid points of the discretisation")
     mu: float = Field(0.0, ge=0, lt=1, description="target-network EMA μ (0: stop-grad online weights)")
-    metric: Literal["l2", "pseudo_huber"] = Field("l2", description="distance d; pseudo-Huber uses c = 0.00054·√dim")
+    metric: Metric = Field("l2", description="distance d; pseudo-Huber uses c = 0.00054·√dim")
     init_from_teacher: bool = Field(True, description="initialise the student with the teacher's weights")
 
 
@@ -45,28 +46,20 @@ class ConsistencyFn(torch.nn.Module):
         c_skip = sd**2 / ((sigma - eps) ** 2 + sd**2)
         c_out = sd * (sigma - eps) / (sigma**2 + sd**2).sqrt()
         c_in = 1 / (sigma**2 + sd**2).sqrt()
-        F = self.net(_col(c_in, x) * x, sigma.log() / 4, **cond)
-        return _col(c_skip, x) * x + _col(c_out, x) * F
-
-
-def distance(a: torch.Tensor, b: torch.Tensor, metric: str) -> torch.Tensor:
-    """Per-sample d(a, b): mean squared error, or pseudo-Huber √(‖a−b‖² + c²) − c."""
-    diff = (a - b).flatten(1)
-    if metric == "l2":
-        return (diff**2).mean(1)
-    c = 0.00054 * math.sqrt(diff.shape[1])
-    return ((diff**2).sum(1) + c**2).sqrt() - c
+        F = self.net(col(c_in, x) * x, sigma.log() / 4, **cond)
+        return col(c_skip, x) * x + col(c_out, x) * F
 
 
 class Method(_Base):
+    roles = {"teacher": Role("model", method="edm", description="the EDM teacher whose ODE steps CD distils")}
+
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
         teacher = ctx.inputs["teacher"]
-        net_cfg = ctx.network or teacher.meta_net_cfg("net")
+        net_cfg = network_settings(ctx, teacher)
         self.add_net("net", net_cfg, init_from=teacher.nets["net"] if cfg.init_from_teacher else None)
         if cfg.mu > 0:
-            self.add_net("target", net_cfg, init_from=self.nets["net"])
-            self.nets["target"].requires_grad_(False)
+            add_target(self, net_cfg)
         self.D_teacher = teacher.denoiser()
         self.f = ConsistencyFn(self.nets["net"], ctx.noise)
         self.f_target = ConsistencyFn(self.nets["target"] if cfg.mu > 0 else self.nets["net"], ctx.noise)
@@ -76,23 +69,19 @@ class Method(_Base):
         x, y = batch["x"], self.labels(batch)
         i = torch.randint(self.cfg.N - 1, (x.shape[0],), device=x.device)
         s_i, s_next = self.sigmas[i], self.sigmas[i + 1]
-        x_i = x + _col(s_i, x) * torch.randn_like(x)
+        x_i = x + col(s_i, x) * torch.randn_like(x)
         with torch.no_grad():
             x_hat = heun_step(self.D_teacher, x_i, s_i, s_next, class_labels=y)
-        seed = int(torch.randint(2**62, ()).item())
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        seed = new_seed()
+        with same_randomness(seed, x):  # online and target passes share the dropout mask
             online = self.f(x_i, s_i, class_labels=y)
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        with torch.no_grad(), same_randomness(seed, x):
             target = self.f_target(x_hat, s_next, class_labels=y)
         return distance(online, target, self.cfg.metric).mean(), {}
 
-    @torch.no_grad()
     def after_step(self, step):
         if self.cfg.mu > 0:
-            for pt, p in zip(self.nets["target"].parameters(), self.nets["net"].parameters()):
-                pt.lerp_(p, 1 - self.cfg.mu)
+            update_target(self.nets["target"], self.nets["net"], self.cfg.mu)
 
 
 def consistency_fn(model):
@@ -101,5 +90,5 @@ def consistency_fn(model):
 
 
 def sample(model, z, nfe, class_labels=None):
-    taus = model.noise.karras_sigmas(nfe + 1)[:-1].tolist()
+    taus = multistep_sigmas(model.noise, nfe).tolist()
     return cm_multistep(consistency_fn(model), z, taus, model.noise.sigma_min, class_labels=class_labels)

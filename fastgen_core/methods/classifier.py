@@ -19,6 +19,8 @@ class Config(Strict):
 
 
 class Method(_Base):
+    generates = False
+
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
         from ..nets import build_network

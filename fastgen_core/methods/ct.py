@@ -1,4 +1,4 @@
-"""Consistency training (Song et al. 2023, "Consistency Models", §5 and Alg. 3; METHODS.md §1).
+"""Consistency training (Song et al. 2023, "Consistency Models", §5 and Alg. 3; docs/methods.md §1).
 
 No teacher: the teacher's ODE step of CD is replaced by the same noise added at the next level,
 
@@ -11,11 +11,11 @@ with the paper's step schedule N(·) and target-EMA schedule μ(·) (Alg. 3):
     N(k) = ⌈√(k/K·((s1 + 1)² − s0²) + s0²) − 1⌉ + 1,     μ(k) = exp(s0·ln μ0 / N(k)),
     θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ  after every step (not the evaluation EMA).
 
-CIFAR defaults s0 = 2, s1 = 150, μ0 = 0.9. K (the number of iterations the schedule spans) is a
-setting: make it equal to the stage's `train.steps`. The consistency function, the distance and
-the multistep sampler are the ones of `cd` (f(x, ε) = x exactly). The student trains from
-scratch: its network comes from the stage's `network` (a `teacher` input, if given, only supplies
-the network settings when `network` is omitted and is otherwise unused).
+CIFAR defaults s0 = 2, s1 = 150, μ0 = 0.9. K (the number of iterations the schedule spans) is the
+stage's `train.steps` unless set. The consistency function and the multistep sampler are the ones
+of `cd` (f(x, ε) = x exactly). The student trains from scratch: its network comes from the stage's
+`network` (a `teacher` input, if given, only supplies the network settings when `network` is
+omitted and is otherwise unused).
 """
 from __future__ import annotations
 
@@ -26,10 +26,10 @@ import torch
 from pydantic import Field
 
 from ..config import Strict
-from ..samplers import _col
-from ..tangents import new_seed, same_randomness
 from . import cd
 from .base import Method as _Base
+from .base import Role
+from .common import Metric, add_target, col, distance, network_settings, new_seed, same_randomness, update_target
 
 
 class Config(Strict):
@@ -37,8 +37,8 @@ class Config(Strict):
     s0: int = Field(2, ge=2, description="initial number of discretisation levels N(0)")
     s1: int = Field(150, ge=2, description="final number of discretisation steps: N(K) = s1 + 1")
     mu0: float = Field(0.9, gt=0, lt=1, description="target EMA at N = s0: μ(k) = exp(s0·ln μ0 / N(k))")
-    K: int = Field(10000, gt=0, description="iterations over which N(k) grows from s0 to s1 + 1 (set to train.steps)")
-    metric: Literal["l2", "pseudo_huber"] = Field("l2", description="distance d (as cd)")
+    K: int | None = Field(None, gt=0, description="iterations over which N(k) grows from s0 to s1 + 1 (None: the stage's train.steps)")
+    metric: Metric = Field("l2", description="distance d (as cd)")
 
 
 def N_k(k: int, K: int, s0: int, s1: int) -> int:
@@ -53,26 +53,28 @@ def mu_k(k: int, K: int, s0: int, s1: int, mu0: float) -> float:
 
 
 class Method(_Base):
+    roles = {"teacher": Role("model", required=False,
+                             description="only supplies the network settings when the stage has no `network`")}
+
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
-        net_cfg = ctx.network
-        if net_cfg is None:
-            if "teacher" not in ctx.inputs:
-                raise ValueError("ct trains from scratch: give the stage a `network` (or a teacher to copy settings from)")
-            net_cfg = ctx.inputs["teacher"].meta_net_cfg("net")
+        self.K = cfg.K if cfg.K is not None else ctx.steps
+        if self.K <= 0:
+            raise ValueError("ct: K (the iterations the N(k) schedule spans) is the stage's train.steps: give "
+                             "train.steps > 0 (Context.steps) or set K")
+        net_cfg = network_settings(ctx, ctx.inputs.get("teacher"))
         self.add_net("net", net_cfg)
-        self.add_net("target", net_cfg, init_from=self.nets["net"])
-        self.nets["target"].requires_grad_(False)
+        add_target(self, net_cfg)
         self.f = cd.ConsistencyFn(self.nets["net"], ctx.noise)
         self.f_target = cd.ConsistencyFn(self.nets["target"], ctx.noise)
 
     def N(self, step: int) -> int:
         c = self.cfg
-        return N_k(step, c.K, c.s0, c.s1)
+        return N_k(step, self.K, c.s0, c.s1)
 
     def mu(self, step: int) -> float:
         c = self.cfg
-        return mu_k(step, c.K, c.s0, c.s1, c.mu0)
+        return mu_k(step, self.K, c.s0, c.s1, c.mu0)
 
     def loss(self, group, batch, step):
         x, y = batch["x"], self.labels(batch)
@@ -83,16 +85,13 @@ class Method(_Base):
         z = torch.randn_like(x)
         seed = new_seed()
         with same_randomness(seed, x):  # online and target passes share the dropout mask
-            online = self.f(x + _col(s_i, x) * z, s_i, class_labels=y)
+            online = self.f(x + col(s_i, x) * z, s_i, class_labels=y)
         with torch.no_grad(), same_randomness(seed, x):
-            target = self.f_target(x + _col(s_next, x) * z, s_next, class_labels=y)
-        return cd.distance(online, target, self.cfg.metric).mean(), {"N": N}
+            target = self.f_target(x + col(s_next, x) * z, s_next, class_labels=y)
+        return distance(online, target, self.cfg.metric).mean(), {"N": N}
 
-    @torch.no_grad()
     def after_step(self, step):
-        mu = self.mu(step)
-        for pt, p in zip(self.nets["target"].parameters(), self.nets["net"].parameters()):
-            pt.lerp_(p, 1 - mu)
+        update_target(self.nets["target"], self.nets["net"], self.mu(step))
 
 
 # The same consistency function and multistep sampler as CD.

@@ -1,5 +1,5 @@
 """Consistency Trajectory Models (Kim et al. 2023, "Consistency Trajectory Model: Learning
-Probability Flow ODE Trajectory of Diffusion"; METHODS.md §10). EDM convention (σ = t).
+Probability Flow ODE Trajectory of Diffusion"; docs/methods.md §10). EDM convention (σ = t).
 
     G_θ(x_t, t, s) = (s/t)·x_t + (1 − s/t)·g_θ(x_t, t, s)        ⇒ G_θ(x, t, t) = x exactly,
     g_θ(x_t, t, s) = c_skip(t)·x_t + c_out(t)·F_θ(c_in(t)·x_t, ¼ln t, s-label ¼ln s)
@@ -46,10 +46,11 @@ from torch import nn
 
 from ..config import Strict
 from ..gan import GANConfig, add_discriminator, gan_groups, gan_term
-from ..samplers import _b, _col, heun_step
-from ..tangents import new_seed, same_randomness
-from . import cd
+from ..samplers import heun_step
 from .base import Method as _Base
+from .base import Role
+from .common import (Metric, add_target, add_two_time_student, col, condition, distance, new_seed, per_sample,
+                     same_randomness, update_target)
 
 
 class Config(Strict):
@@ -57,7 +58,7 @@ class Config(Strict):
     N: int = Field(18, ge=2, description="Karras grid levels of the discretisation")
     max_teacher_steps: int = Field(4, ge=1, description="most teacher Heun steps from t to u (unconfirmed cap)")
     mu: float = Field(0.999, ge=0, lt=1, description="target-network EMA (0: stop-grad copy of the online weights; paper value unconfirmed)")
-    metric: Literal["l2", "pseudo_huber"] = Field("l2", description="distance d in data space (LPIPS at scale)")
+    metric: Metric = Field("l2", description="distance d in data space (LPIPS at scale)")
     dsm_weight: float = Field(1.0, ge=0, description="λ_DSM of the auxiliary denoising loss (unconfirmed)")
     gan: bool = Field(False, description="add the GAN term on real data (discriminator network 'disc')")
     adversarial: GANConfig = Field(default_factory=GANConfig, description="settings of the GAN term (gan: true)")
@@ -75,41 +76,16 @@ class TrajectoryFn(nn.Module):
 
     def g(self, x, t, s, **cond):
         """g_θ = c_skip(t)·x + c_out(t)·F_θ(c_in(t)·x, ¼ln t, ¼ln s)."""
-        t, s = _b(t, x), _b(s, x)
+        t, s = per_sample(t, x), per_sample(s, x)
         c_skip, c_out, c_in, c_noise = self.noise.precond(t)
-        F = self.net(_col(c_in, x) * x, c_noise, s=s.log() / 4, **cond)
-        return _col(c_skip, x) * x + _col(c_out, x) * F
+        F = self.net(col(c_in, x) * x, c_noise, s=s.log() / 4, **cond)
+        return col(c_skip, x) * x + col(c_out, x) * F
 
     def forward(self, x, t, s, **cond):
         """G_θ = (s/t)·x + (1 − s/t)·g_θ(x, t, s)."""
-        t, s = _b(t, x), _b(s, x)
-        ratio = _col(s / t, x)
+        t, s = per_sample(t, x), per_sample(s, x)
+        ratio = col(s / t, x)
         return ratio * x + (1 - ratio) * self.g(x, t, s, **cond)
-
-
-def student_net_cfg(net_cfg):
-    """The teacher's network settings with the s-embedding switched on."""
-    return net_cfg.model_copy(update={"second_time": True})
-
-
-def init_from(student: nn.Module, teacher: nn.Module) -> None:
-    """Copy the teacher's weights; only the s-embedding may be missing; zero its projection."""
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
-    if unexpected or any(not k.startswith(("embed.map_s", "embed.fourier_s")) for k in missing):
-        raise ValueError(f"teacher and student networks differ: missing {missing}, unexpected {unexpected}")
-    with torch.no_grad():
-        student.embed.map_s.weight.zero_()
-        student.embed.map_s.bias.zero_()
-
-
-def add_student(method, teacher, init: bool):
-    """Own the two-time student network "net" (teacher settings + s-embedding), optionally
-    starting from the teacher's weights; returns its NetworkConfig."""
-    net_cfg = student_net_cfg(method.ctx.network or teacher.meta_net_cfg("net"))
-    method.add_net("net", net_cfg)
-    if init:
-        init_from(method.nets["net"], teacher.nets["net"])
-    return net_cfg
 
 
 def teacher_solve(D, x: torch.Tensor, sigmas: torch.Tensor, n_from: torch.Tensor, n_to: torch.Tensor,
@@ -121,17 +97,18 @@ def teacher_solve(D, x: torch.Tensor, sigmas: torch.Tensor, n_from: torch.Tensor
         if not bool(active.any()):
             break
         idx = (n_from + k).clamp(max=last)
-        x = torch.where(_col(active, x), heun_step(D, x, sigmas[idx], sigmas[idx + 1], **cond), x)
+        x = torch.where(col(active, x), heun_step(D, x, sigmas[idx], sigmas[idx + 1], **cond), x)
     return x
 
 
 class Method(_Base):
+    roles = {"teacher": Role("model", method="edm", description="the EDM teacher whose Heun steps give x_u")}
+
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
         teacher = ctx.inputs["teacher"]
-        net_cfg = add_student(self, teacher, cfg.init_from_teacher)
-        self.add_net("target", net_cfg, init_from=self.nets["net"])
-        self.nets["target"].requires_grad_(False)
+        net_cfg = add_two_time_student(self, teacher, cfg.init_from_teacher)
+        add_target(self, net_cfg)
         self.G = TrajectoryFn(self.nets["net"], ctx.noise)
         self.G_target = TrajectoryFn(self.nets["target"], ctx.noise)
         self.D_teacher = teacher.denoiser()
@@ -162,11 +139,11 @@ class Method(_Base):
 
     def loss(self, group, batch, step):
         x0, y = batch["x"], self.labels(batch)
-        cond = {} if y is None else {"class_labels": y}
+        cond = condition(y)
         noise, sig = self.ctx.noise, self.sigmas
         n_t, n_s, n_u = self.indices(x0.shape[0], x0.device)
         t, s, u = sig[n_t], sig[n_s], sig[n_u]
-        x_t = x0 + _col(t, x0) * torch.randn_like(x0)
+        x_t = x0 + col(t, x0) * torch.randn_like(x0)
         if group == "disc":
             with torch.no_grad():
                 fake = self.one_step(x0, **cond) if self.cfg.gan_time == "max" else self.x_hat(x_t, t, s, **cond)
@@ -179,10 +156,10 @@ class Method(_Base):
             online = self.x_hat(x_t, t, s, **cond)
         with torch.no_grad(), same_randomness(seed, x0):
             target = self.G_target(self.G_target(x_u, u, s, **cond), s, eps, **cond)
-        l_ctm = cd.distance(online, target, self.cfg.metric).mean()
+        l_ctm = distance(online, target, self.cfg.metric).mean()
         # DSM on g_θ(x, σ, σ)
         sigma = noise.sample_sigma(x0.shape[0], device=x0.device)
-        g = self.G.g(x0 + _col(sigma, x0) * torch.randn_like(x0), sigma, sigma, **cond)
+        g = self.G.g(x0 + col(sigma, x0) * torch.randn_like(x0), sigma, sigma, **cond)
         l_dsm = (noise.loss_weight(sigma) * ((g - x0) ** 2).flatten(1).mean(1)).mean()
         loss, logs = l_ctm + self.cfg.dsm_weight * l_dsm, {"ctm": l_ctm.item(), "dsm": l_dsm.item()}
         if self.adv is not None and step >= self.cfg.adversarial.start:
@@ -192,10 +169,8 @@ class Method(_Base):
             logs.update(gan=l_gan.item(), gan_weight=float(lam))
         return loss, logs
 
-    @torch.no_grad()
     def after_step(self, step):
-        for pt, p in zip(self.nets["target"].parameters(), self.nets["net"].parameters()):
-            pt.lerp_(p, 1 - self.cfg.mu)
+        update_target(self.nets["target"], self.nets["net"], self.cfg.mu)
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -213,7 +188,7 @@ def gamma_sample(G, z: torch.Tensor, times: list[float], gamma: float, sigma_min
     x = z * times[0]
     for t_cur, t_next in zip(times[:-1], times[1:]):
         s = gamma_s(t_next, gamma, sigma_min)
-        x = G(x, _b(t_cur, x), _b(s, x), **cond)
+        x = G(x, per_sample(t_cur, x), per_sample(s, x), **cond)
         n = torch.randn_like(x)
         x = x + max(t_next**2 - s**2, 0.0) ** 0.5 * n
     return x
@@ -228,6 +203,6 @@ def consistency_fn(model):
 def sample(model, z, nfe, class_labels=None):
     times = model.noise.karras_sigmas(nfe + 1).tolist()
     times[-1] = model.noise.sigma_min
-    cond = {} if class_labels is None else {"class_labels": class_labels}
+    cond = condition(class_labels)
     G = TrajectoryFn(model.nets["net"], model.noise)
     return gamma_sample(G, z, times, model.cfg.gamma, model.noise.sigma_min, **cond)

@@ -16,6 +16,7 @@ from ..config import Strict
 from ..noise import EDMDenoiser
 from ..samplers import teacher_sample
 from .base import Method as _Base
+from .common import col
 
 
 class Config(Strict):
@@ -40,8 +41,7 @@ class Method(_Base):
         x0, y = batch["x"], drop_labels(self.labels(batch), self.cfg.label_dropout, self.ctx.data.num_classes)
         noise = self.ctx.noise
         sigma = noise.sample_sigma(x0.shape[0], device=x0.device)
-        sb = sigma.reshape(-1, *[1] * (x0.ndim - 1))
-        D = self.D(x0 + sb * torch.randn_like(x0), sigma, class_labels=y)
+        D = self.D(x0 + col(sigma, x0) * torch.randn_like(x0), sigma, class_labels=y)
         per = ((D - x0) ** 2).flatten(1).mean(1)
         return (noise.loss_weight(sigma) * per).mean(), {}
 

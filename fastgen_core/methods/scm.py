@@ -1,5 +1,5 @@
 """sCM: continuous-time consistency models in TrigFlow (Lu & Song 2024, "Simplifying,
-Stabilizing and Scaling Continuous-Time Consistency Models"; METHODS.md §4). sCD and sCT.
+Stabilizing and Scaling Continuous-Time Consistency Models"; docs/methods.md §4). sCD and sCT.
 
 TrigFlow: x_t = cos t·x0 + sin t·z, z ~ N(0, σ_d² I), t ∈ [0, π/2]; an EDM
 noise level σ is the time t = arctan(σ/σ_d) (conversions: `noise.to_edm/from_edm("trigflow")`).
@@ -30,7 +30,7 @@ Time label c_noise (a choice, `Config.c_noise`):
 
 Sampling: 1 step x0 = f(x_T, t_max) with x_T = σ_d·sin(t_max)·z (the EDM input
 σ_max·z rescaled by cos t_max), t_max = arctan(σ_max/σ_d); 2 steps re-noise x0 at t_mid = 1.1
-(**unconfirmed**, METHODS.md) and apply f again; more steps use the Karras grid mapped to t.
+(**unconfirmed**, docs/methods.md §4) and apply f again; more steps use the Karras grid mapped to t.
 """
 from __future__ import annotations
 
@@ -41,22 +41,20 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..config import Strict
 from ..nets import FourierFeatures
 from ..noise import denoiser_in, from_edm
-from ..samplers import _b, _col
-from ..tangents import jvp, new_seed, normalise, same_randomness, warmup
-from .base import Group
+from ..tangents import jvp, normalise, warmup
+from .base import Group, Role
 from .base import Method as _Base
+from .common import (TangentSettings, col, condition, edm_consistency_fn, multistep_sigmas, network_settings,
+                     new_seed, per_sample, same_randomness)
 
 
-class Config(Strict):
+class Config(TangentSettings):
+    """sCM's settings; the tangent warmup factor r rises to 1 (`warmup_steps`)."""
+
     name: Literal["scm"] = "scm"
     variant: Literal["scd", "sct"] = Field("scd", description="scd: ODE velocity from an EDM teacher; sct: one-sample estimate, no teacher")
-    jvp: Literal["func", "fd"] = Field("func", description="dF/dt by torch.func.jvp, or by a central finite difference")
-    fd_eps: float = Field(1e-3, gt=0, description="finite-difference step (jvp: fd)")
-    warmup_steps: int = Field(10000, ge=0, description="tangent warmup: r rises linearly 0 → 1 over this many steps")
-    tangent_c: float = Field(0.1, gt=0, description="tangent normalisation g/(‖g‖ + c)")
     P_mean: float = Field(-1.0, description="ln σ ~ N(P_mean, P_std²), t = arctan(σ/σ_d)")
     P_std: float = Field(1.4, gt=0, description="see P_mean")
     c_noise: Literal["edm", "t"] = Field("edm", description="time label: ¼·ln(σ_d·tan t) (allows teacher init) or t")
@@ -79,9 +77,9 @@ def F_theta(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, sigma_data: floa
 
 def f_theta(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float, kind: str, **cond) -> torch.Tensor:
     """f_θ(x_t, t) = cos t·x_t − sin t·σ_d·F_θ(x_t/σ_d, c_noise(t))."""
-    t = _b(t, x_t)
+    t = per_sample(t, x_t)
     F = F_theta(net, x_t, t, sigma_data, kind, **cond)
-    return _col(torch.cos(t), x_t) * x_t - _col(torch.sin(t), x_t) * sigma_data * F
+    return col(torch.cos(t), x_t) * x_t - col(torch.sin(t), x_t) * sigma_data * F
 
 
 def t_range(noise) -> tuple[float, float]:
@@ -99,20 +97,20 @@ def sample_t(n: int, P_mean: float, P_std: float, noise, device=None) -> torch.T
 
 def dxt_dt_sct(x0: torch.Tensor, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """sCT velocity estimate dx_t/dt = cos t·z − sin t·x0 (z ~ N(0, σ_d² I), the noise of x_t)."""
-    return _col(torch.cos(t), x0) * z - _col(torch.sin(t), x0) * x0
+    return col(torch.cos(t), x0) * z - col(torch.sin(t), x0) * x0
 
 
 def dxt_dt_scd(D_trig, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
     """sCD velocity σ_d·F_teacher = (cos t·x_t − x̂0_teacher(x_t, t))/sin t, where D_trig is the EDM
     teacher wrapped by `noise.denoiser_in("trigflow", ...)` (queried at σ = σ_d·tan t)."""
     x0_hat = D_trig(x_t, t, **cond)
-    return (_col(torch.cos(t), x_t) * x_t - x0_hat) / _col(torch.sin(t), x_t)
+    return (col(torch.cos(t), x_t) * x_t - x0_hat) / col(torch.sin(t), x_t)
 
 
 def tangent_g(F_minus: torch.Tensor, cs_dF_dt: torch.Tensor, dxt_dt: torch.Tensor, x_t: torch.Tensor,
               t: torch.Tensor, r: float, sigma_data: float) -> torch.Tensor:
     """g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·cos t·sin t·x_t − r·σ_d·(cos t·sin t·dF⁻/dt)."""
-    cos, sin = _col(torch.cos(t), x_t), _col(torch.sin(t), x_t)
+    cos, sin = col(torch.cos(t), x_t), col(torch.sin(t), x_t)
     return -cos**2 * (sigma_data * F_minus - dxt_dt) - r * cos * sin * x_t - r * sigma_data * cs_dF_dt
 
 
@@ -122,7 +120,7 @@ def dF_dt(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tens
     with tangents (cos t·sin t·dx_t/dt, cos t·sin t) (or a central difference, mode "fd")."""
     cs = torch.cos(t) * torch.sin(t)
     fn = lambda x, tt: F_theta(net, x, tt, sigma_data, kind, **cond)  # noqa: E731
-    return jvp(fn, (x_t, t), (_col(cs, x_t) * dxt_dt, cs), mode=mode, eps=eps, seed=seed)
+    return jvp(fn, (x_t, t), (col(cs, x_t) * dxt_dt, cs), mode=mode, eps=eps, seed=seed)
 
 
 class AdaptiveWeight(nn.Module):
@@ -150,14 +148,17 @@ def negate_output(net: nn.Module) -> None:
 # ----------------------------------------------------------------------------- method
 
 class Method(_Base):
+    roles = {"teacher": Role("model", required=False, method="edm",
+                             description="the EDM teacher: sCD's ODE velocity and the initial weights (needed by sCD)")}
+
+    @classmethod
+    def required_roles(cls, cfg: Config) -> set[str]:
+        return {"teacher"} if cfg.variant == "scd" else set()
+
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
         teacher = ctx.inputs.get("teacher")
-        if cfg.variant == "scd" and teacher is None:
-            raise ValueError("sCD needs a `teacher` input (an EDM model)")
-        net_cfg = ctx.network or (teacher.meta_net_cfg("net") if teacher is not None else None)
-        if net_cfg is None:
-            raise ValueError("sCT without a teacher needs the stage's `network`")
+        net_cfg = network_settings(ctx, teacher)
         init = cfg.init_from_teacher and teacher is not None
         if init and cfg.c_noise != "edm":
             raise ValueError("init_from_teacher needs c_noise: edm (the teacher's time label); "
@@ -175,10 +176,10 @@ class Method(_Base):
     def loss(self, group, batch, step):
         cfg, sd, net = self.cfg, self.sd, self.nets["net"]
         x0, y = batch["x"], self.labels(batch)
-        cond = {} if y is None else {"class_labels": y}
+        cond = condition(y)
         t = sample_t(x0.shape[0], cfg.P_mean, cfg.P_std, self.ctx.noise, x0.device)
         z = sd * torch.randn_like(x0)
-        x_t = _col(torch.cos(t), x0) * x0 + _col(torch.sin(t), x0) * z
+        x_t = col(torch.cos(t), x0) * x0 + col(torch.sin(t), x0) * z
         if cfg.variant == "sct":
             v = dxt_dt_sct(x0, z, t)
         else:
@@ -207,7 +208,7 @@ def trig_times(noise, nfe: int, t_mid: float = 1.1) -> list[float]:
         return [t_max]
     if nfe == 2:
         return [t_max, t_mid]
-    return from_edm("trigflow", noise.karras_sigmas(nfe + 1)[:-1].double(), noise.sigma_data).tolist()
+    return from_edm("trigflow", multistep_sigmas(noise, nfe).double(), noise.sigma_data).tolist()
 
 
 @torch.no_grad()
@@ -224,15 +225,11 @@ def trig_multistep(net, z: torch.Tensor, times: list[float], sigma_data: float, 
 def consistency_fn(model):
     """f(x, σ) in the EDM convention (x = x0 + σ·n): f_θ(cos t·x, t) at t = arctan(σ/σ_d)."""
     cfg, sd, net = model.cfg, model.noise.sigma_data, model.nets["net"]
-
-    def f(x, sigma, **cond):
-        t = from_edm("trigflow", _b(sigma, x), sd)
-        return f_theta(net, _col(torch.cos(t), x) * x, t, sd, cfg.c_noise, **cond)
-    return f
+    return edm_consistency_fn(lambda x_t, t, **cond: f_theta(net, x_t, t, sd, cfg.c_noise, **cond), "trigflow", sd)
 
 
 def sample(model, z, nfe, class_labels=None):
     cfg = model.cfg
-    cond = {} if class_labels is None else {"class_labels": class_labels}
+    cond = condition(class_labels)
     times = trig_times(model.noise, nfe, cfg.t_mid)
     return trig_multistep(model.nets["net"], z, times, model.noise.sigma_data, cfg.c_noise, **cond)
