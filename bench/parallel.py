@@ -73,7 +73,7 @@ def write_recipe(tmp: Path, name: str, seed: int, root: str, uri: str) -> Path:
 
 def run_pipeline(path: str) -> None:
     """(child process) every stage of the recipe in order, in this process."""
-    from fastgen_core.recipe import load_recipe
+    from stages.recipe import load_recipe
     from stages.runtime import run_stage
 
     r = load_recipe(path)
@@ -104,7 +104,7 @@ def check(path: Path, uri: str) -> dict:
     import s3fs
     from mlflow import MlflowClient
 
-    from fastgen_core.recipe import load_recipe
+    from stages.recipe import load_recipe
     from stages import lineage, storage
 
     r = load_recipe(path)

@@ -67,7 +67,7 @@ def tiny(raw: dict) -> dict:
     return raw
 
 
-# phase (stages/runtime.py, stages/training.py) -> column. `run` (the stage's own code) is split
+# phase (stages/runtime.py, stages/train.py) -> column. `run` (the stage's own code) is split
 # by the phases nested in it (`run/<name>`); what is left of it is the stage's own work.
 OUTSIDE_RUN = {"recipe": "other", "inputs": "data", "import": "other", "git": "other", "data": "data",
                "mlflow_setup": "mlflow", "manifest": "other", "mlflow_end": "mlflow"}
@@ -128,7 +128,7 @@ class SessionCPU(threading.Thread):
 
 def start_cluster(env: dict, num_cpus: int, tuned: bool) -> str:
     """`ray start --head` a local cluster the stages attach to through RAY_ADDRESS."""
-    from stages.training import _LOCAL_RAY_SYSTEM_CONFIG
+    from stages.train import _LOCAL_RAY_SYSTEM_CONFIG
 
     cmd = [str(Path(sys.executable).with_name("ray")), "start", "--head", f"--num-cpus={num_cpus}",
            "--include-dashboard=false", "--disable-usage-stats"]
@@ -178,7 +178,7 @@ def main(argv=None) -> int:
     rpath.write_text(yaml.safe_dump(raw, sort_keys=False))
 
     sys.path.insert(0, str(PROJECT))
-    from fastgen_core.recipe import load_recipe
+    from stages.recipe import load_recipe
 
     recipe = load_recipe(rpath)
     order = recipe.order()
@@ -214,7 +214,7 @@ def main(argv=None) -> int:
     if a.backend == "ray" and a.reuse_cluster:
         tuned = env.get("FASTGEN_RAY_TUNING", "fast") != "default"
         if tuned:  # _ray_init leaves an existing cluster's settings alone: set them for the drivers
-            from stages.training import _LOCAL_RAY_ENV
+            from stages.train import _LOCAL_RAY_ENV
 
             env = {**_LOCAL_RAY_ENV, **env}
         t = time.perf_counter()

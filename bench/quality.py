@@ -3,10 +3,10 @@
 For each `outputs/<recipe>/eval/metrics.json`: the teacher at its largest NFE and each student at
 NFE 1, 2, 4, 8 (where evaluated), as the primary metric (2D: sliced W2, with NLL beside it; images:
 FD in the recipe's feature network) with its floor (real vs real), the ratio of the student's
-distance above the floor to the teacher's (1 = as good as the teacher at full NFE; the issue's
-target at 1 step is ≤ 2), and samples/s measured here. Writes bench/results/quality.json,
-bench/results/quality.md (the table) and bench/results/quality.png (ratio vs NFE, one panel per
-dataset kind); prints the table.
+distance above the floor to the teacher's (1 = as good as the teacher at full NFE; the 1-step
+target is ≤ 2, docs/methods.md §1), and samples/s measured here. Writes
+bench/results/quality.json, bench/results/quality.md (the table) and bench/results/quality.png
+(ratio vs NFE, one panel per dataset kind); prints the table. Measured tables: docs/results.md.
 
     python bench/quality.py [--outputs outputs] [--n 5000]
 """

@@ -1,7 +1,7 @@
 """Typed settings shared by the library: data and networks.
 
-These are the leaves of the recipe schema (`fastgen_core.recipe`). They live here so that
-`data.py` and `nets.py` can import them without importing the whole recipe machinery.
+These are leaves of the recipe schema (`stages/recipe.py`, docs/recipes.md) that the library itself
+uses: data, networks and the training loop read them without knowing about recipes or stages.
 """
 from __future__ import annotations
 
@@ -54,3 +54,30 @@ class NetworkConfig(Strict):
     second_time: bool = Field(False, description="add an embedding of a second time s (flow maps, CTM)")
     scalar_cond: bool = Field(False, description="add an embedding of a scalar condition (guidance w)")
     cond_channels: int = Field(0, ge=0, description="extra input channels/features concatenated to x (image condition, self-conditioning)")
+
+
+class TrainConfig(Strict):
+    steps: int = Field(2000, ge=0, description="optimisation steps (iterations of the loop)")
+    batch_size: int = Field(256, gt=0, description="global batch size, split across workers")
+    lr: float = Field(1e-3, gt=0, description="learning rate (methods may scale it per optimiser)")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="optimiser family")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="Adam betas")
+    weight_decay: float = Field(0.0, ge=0, description="weight decay")
+    grad_clip: float | None = Field(None, gt=0, description="clip gradient norm per optimiser (None: no clipping)")
+    lr_warmup: int = Field(0, ge=0, description="linear learning-rate warmup steps")
+    ema_decay: float = Field(0.999, ge=0, lt=1, description="evaluation EMA decay per step")
+    ckpt_every: int = Field(500, gt=0, description="write a resumable checkpoint every this many steps")
+    log_every: int = Field(50, gt=0, description="log metrics every this many steps")
+    snapshots: list[int] = Field(
+        [], description="steps at which the loop keeps a copy of the EMA weights; training stages save them as "
+        "model folders snapshots/step_NNNNNN/ (e.g. an early snapshot as an autoguidance guide)")
+    snapshot_ema_decay: float | None = Field(
+        None, ge=0, lt=1, description="EMA decay of the snapshots (the guide's EMA is tuned separately); "
+        "None: snapshot the evaluation EMA")
+
+    @model_validator(mode="after")
+    def _snapshots_within_run(self):
+        bad = [k for k in self.snapshots if not 1 <= k <= self.steps]
+        if bad:
+            raise ValueError(f"snapshots {bad} outside 1..steps = {self.steps}")
+        return self

@@ -12,6 +12,7 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,17 @@ class Dataset:
     @property
     def is_image(self) -> bool:
         return self.x.ndim == 4
+
+
+@lru_cache(maxsize=4)
+def _load_data_json(cfg_json: str) -> Dataset:
+    return load_data(DataConfig.model_validate_json(cfg_json))
+
+
+def cached_data(cfg: DataConfig) -> Dataset:
+    """`load_data`, memoised per settings in this process (several stages in one process, e.g. a
+    Prefect flow or a test, load the same data once). Callers must not modify the tensors."""
+    return _load_data_json(cfg.model_dump_json())
 
 
 def load_data(cfg: DataConfig) -> Dataset:

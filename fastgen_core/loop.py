@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from .methods.base import Method
 
 
-def _world() -> tuple[int, int]:
+def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -83,7 +83,7 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
     `method.export` networks. `cfg` is a recipe `TrainConfig`; `callback(step, logs)` receives the
     averaged logs every `cfg.log_every` steps (rank 0 only); `snapshots`, if given, receives
     {step: state dicts} for the steps in `cfg.snapshots`."""
-    rank, world = _world()
+    rank, world = rank_and_world()
     groups = method.groups()
     opts = {g.name: _make_opt(g.params, cfg, g.lr_scale) for g in groups}
     ema = {n: copy.deepcopy(method.nets[n]).requires_grad_(False) for n in method.export}

@@ -13,14 +13,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import NetworkConfig
-from .noise import EDM, EDMDenoiser
+from .noise import EDMDenoiser, Process, load_process
 
 
 @dataclass
 class LoadedModel:
     meta: dict
     nets: nn.ModuleDict
-    noise: EDM
+    noise: Process  # the process the model was trained in (fastgen_core.noise)
 
     @property
     def method(self) -> ModuleType:
@@ -60,7 +60,7 @@ def snapshot_dir(model_dir: str | Path, step: int) -> Path:
 
 
 def save_model(out: Path, method_name: str, method_cfg, net_cfgs: dict[str, NetworkConfig],
-               states: dict[str, dict], shape, num_classes: int, noise: EDM, extra: dict | None = None) -> None:
+               states: dict[str, dict], shape, num_classes: int, noise: Process, extra: dict | None = None) -> None:
     tensors = {f"{n}.{k}": v.detach().cpu().contiguous().clone() for n, sd in states.items() for k, v in sd.items()}
     save_file(tensors, str(Path(out) / "model.safetensors"))
     meta = {
@@ -69,7 +69,7 @@ def save_model(out: Path, method_name: str, method_cfg, net_cfgs: dict[str, Netw
         "networks": {n: net_cfgs[n].model_dump(mode="json") for n in states},
         "shape": list(shape),
         "num_classes": num_classes,
-        "noise": noise.__dict__,
+        "noise": noise.model_dump(mode="json"),
         **(extra or {}),
     }
     (Path(out) / "model.json").write_text(json.dumps(meta, indent=2))
@@ -90,4 +90,4 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         prefix = name + "."
         net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         nets[name] = net.to(device).eval().requires_grad_(False)
-    return LoadedModel(meta, nets, EDM(**meta["noise"]))
+    return LoadedModel(meta, nets, load_process(meta["noise"]))

@@ -20,7 +20,7 @@ import uuid
 
 from prefect import flow, task
 
-from fastgen_core.recipe import Recipe, RecipeError, load_recipe
+from stages.recipe import Recipe, RecipeError, load_recipe
 from stages.runtime import run_stage
 
 
@@ -36,7 +36,7 @@ def pipeline(recipe: Recipe, recipe_path: str | None = None, force: bool = False
     `recipe_path` restores the recipe's file path where the recipe arrives without it (a
     deployment's JSON parameters); by default the recipe keeps its own."""
     if recipe_path is not None:
-        recipe._path = recipe_path
+        recipe.at(recipe_path)
     own = "FASTGEN_INVOCATION" not in os.environ  # one MLflow parent run for this flow run
     if own:
         os.environ["FASTGEN_INVOCATION"] = f"prefect-{uuid.uuid4().hex[:12]}"

@@ -1,7 +1,7 @@
 """`fastgen` command line.
 
     fastgen validate params/*.yaml     check recipes (one line per problem; exit 2 on any)
-    fastgen stage RECIPE STAGE          run one stage (same as python -m stages.<kind>)
+    fastgen stage RECIPE STAGE          run one stage (same as python -m stages.run)
     fastgen flow RECIPE                 run a recipe as a Prefect flow
     fastgen dvcgen [--check]            (re)generate dvc.yaml from params/
     fastgen lineage TARGET [--json] [--source auto|manifests|mlflow] [--tracking-uri URI]
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "validate":
-        from fastgen_core.recipe import RecipeError, load_recipe
+        from stages.recipe import RecipeError, load_recipe
 
         bad = 0
         for p in rest:
@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     if cmd == "stage":
         from .runtime import main as stage_main
 
-        return stage_main(None, rest)
+        return stage_main(rest)
     if cmd == "flow":
         from flows.pipeline import main as flow_main
 

@@ -2,13 +2,13 @@
 images with any consistency-type model (CM Alg. 4, `fastgen_core.editing`).
 
 Input: `model` (a cd / ct / scm / ctm / ayf stage: any method whose module has `consistency_fn`).
-Settings: `edit` (fastgen_core.recipe.EditConfig): task, mask, k, n_images, steps, seed.
+Settings: `edit` (`EditConfig` below): task, mask, k, n_images, steps, seed.
 Outputs: `edited.npz` (truth, observed, edited, baseline; mask for inpainting; edited_mean with
 `samples` > 1), `metrics.json` (MSE/PSNR against the truth on the unknown coordinates and on all
 pixels of one edit per image, of the mean of `samples` edits, and of a naive baseline; and
 `known_max_abs_change`: how far editing moved the known pixels / patch means /
 luminance, float rounding only) and `plots/edit.png` (truth | observed | edited | mean | baseline).
-CLI: python -m stages.edit RECIPE.yaml STAGE, or `fastgen edit` on a model folder (stages/cli.py).
+CLI: python -m stages.run RECIPE.yaml STAGE, or `fastgen edit` on a model folder (stages/cli.py).
 """
 from __future__ import annotations
 
@@ -16,14 +16,64 @@ import argparse
 import json
 import sys
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 
-from fastgen_core import editing as E
-from fastgen_core.recipe import EditConfig
+from pydantic import Field
 
-from .runtime import StageError, main
+from fastgen_core import editing as E
+from fastgen_core.config import Strict
+from fastgen_core.data import cached_data
+from fastgen_core.methods import available_methods, get_method
+
+from .spec import Problem, StageError, StageSpec, one_input
+
+class EditConfig(Strict):
+    """Zero-shot editing of held-out test images with a consistency-type model (CM Alg. 4)."""
+
+    task: Literal["inpaint", "superres", "colorize"] = Field(
+        "inpaint", description="inpaint: fill masked pixels; superres: restore detail keeping k×k patch means; "
+        "colorize: restore colour keeping the luminance (RGB data)")
+    mask: Literal["left_half", "right_half", "top_half", "bottom_half", "center", "random"] = Field(
+        "left_half", description="inpaint: the region to fill (center: the middle square of half the side; "
+        "random: each pixel with probability `fraction`, per image)")
+    fraction: float = Field(0.5, gt=0, lt=1, description="inpaint with mask random: fraction of pixels to fill")
+    k: int = Field(2, ge=2, description="superres: patch size (the image side must be a multiple)")
+    n_images: int = Field(100, gt=0, description="number of test-split images edited (the first ones)")
+    steps: int = Field(4, gt=0, description="model evaluations: τ = Karras grid of steps + 1 levels without its last")
+    samples: int = Field(1, gt=0, description="edits per image (different noise); with more than one, their mean "
+                         "(a posterior-mean estimate: what MSE rewards) is scored too")
+    seed: int = Field(0, description="seed of the noise (and of a random mask)")
+    plots: bool = Field(True, description="write a truth | observed | edited | [mean] | baseline image grid")
+
+
+class Spec(StageSpec):
+    """Zero-shot editing with the consistency-type model of input `model`."""
+
+    kind: Literal["edit"]
+    edit: EditConfig = Field(default_factory=EditConfig, description="task, mask, steps, images")
+
+    def problems(self, recipe, name: str) -> list[Problem]:
+        """One `model` input trained by a consistency-type method (one whose module has
+        `consistency_fn`); image data; colorization on RGB data."""
+        model = one_input(self, "model")
+        if model is None or set(self.inputs) != {"model"}:
+            return [(f"stages.{name}.inputs.model", "an edit stage needs one model stage as input `model`")]
+        probs = []
+        mname = recipe.model_method(model)
+        if model in recipe.stages and (mname not in available_methods()
+                                       or not hasattr(get_method(mname), "consistency_fn")):
+            probs.append((f"stages.{name}.inputs.model", f"stage {model!r} ({recipe.stages[model].kind}, method "
+                          f"{mname!r}) is not a consistency-type model: editing needs one with consistency_fn "
+                          f"({', '.join(m for m in available_methods() if hasattr(get_method(m), 'consistency_fn'))})"))
+        if recipe.data.kind == "toy":
+            probs.append((f"stages.{name}.kind", "editing needs image data (data.kind digits or images), not toy"))
+        elif self.edit.task == "colorize" and not recipe.data.color and recipe.data.kind != "images":
+            probs.append((f"stages.{name}.edit.task", "colorize needs RGB data (e.g. data.color: true for digits)"))
+        return probs
+
 
 
 def consistency_of(model, where: str):
@@ -94,11 +144,10 @@ def summary(metrics: dict) -> str:
 
 
 def run(ctx) -> None:
-    from .training import _data
     from fastgen_core.models import load_model
 
     cfg, recipe = ctx.spec.edit, ctx.recipe
-    data = _data(recipe.data.model_dump_json())
+    data = cached_data(recipe.data)
     if not data.is_image:
         raise StageError(f"{recipe.path}: data.kind: editing needs image data, not {recipe.data.kind!r}")
     n = min(cfg.n_images, len(data.x_test))
@@ -222,6 +271,3 @@ def _write_atomic(path: Path, write) -> None:
         write(f)
     tmp.replace(path)
 
-
-if __name__ == "__main__":
-    sys.exit(main("edit"))

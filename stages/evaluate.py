@@ -8,23 +8,109 @@ teacher NFEs (an NFE is one guided-denoiser call, i.e. two network evaluations).
 Outputs: `metrics.json` (model → nfe_K → metric statistics; `dvc metrics show` reads it),
 `samples/<model>_nfe<K>.npz` (the samples of every seed, so anyone can recompute a metric) and
 `plots/` (samples over the data or image grids, quality vs NFE).
-CLI: python -m stages.evaluate RECIPE.yaml STAGE
+CLI: python -m stages.run RECIPE.yaml STAGE
 """
 from __future__ import annotations
 
 import json
 import sys
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from fastgen_core import metrics as M
-from fastgen_core import plots
+from fastgen_core.config import Strict
+from fastgen_core.data import cached_data
 from fastgen_core.models import load_model
 from fastgen_core.samplers import autoguided, cfg_guided, teacher_nfe, teacher_sample
 
-from .runtime import StageError, main
-from .training import _data
+from .spec import Problem, StageError, StageSpec, one_input
+
+class GuidanceSpec(Strict):
+    """One guided sampler of an EDM teacher, evaluated as an extra row at the teacher NFEs
+    (docs/methods.md §12). NFE counts guided-denoiser calls; each costs two network evaluations."""
+
+    kind: Literal["auto", "cfg"] = Field(
+        ..., description="auto: D_weak + w·(D_main − D_weak); cfg: D(∅) + w·(D(c) − D(∅))")
+    main: str = Field(..., description="stage name of the main (EDM) model; an input of this evaluate stage")
+    guide: str | None = Field(None, description="auto: stage name of the weak guide (an input of this evaluate stage)")
+    w: float = Field(..., gt=0, description="guidance weight (1: the main model unguided)")
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9_+.-]+$",
+                             description="row name; default <main>+auto_<guide>_w<w> or <main>+cfg_w<w>")
+
+    @property
+    def row(self) -> str:
+        if self.name:
+            return self.name
+        return f"{self.main}+auto_{self.guide}_w{self.w:g}" if self.kind == "auto" else f"{self.main}+cfg_w{self.w:g}"
+
+
+class EvalConfig(Strict):
+    n_samples: int = Field(5000, gt=0, description="samples per model, NFE and seed")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="seeds: metrics are reported as mean ± std over them")
+    nfe: list[int] = Field([1, 2, 4, 8], description="NFEs at which students are evaluated")
+    teacher_nfe: list[int] = Field([1, 3, 35], description="NFEs at which teachers are evaluated (Heun: 2·steps − 1)")
+    plots: bool = Field(True, description="write sample plots and quality-vs-NFE plot")
+    guidance: list[GuidanceSpec] = Field([], description="guided samplers of EDM models, evaluated at teacher_nfe")
+    pass_factor: float = Field(2.0, ge=0, description=(
+        "a student passes (and is registered in the MLflow model registry) when its primary metric's "
+        "distance above the real-data floor at 1 NFE is at most this times the teacher's at its largest NFE"))
+
+
+class Spec(StageSpec):
+    """Every model of input `models` (and the guided rows) at every NFE; `features` for images,
+    `pairs` for coupling preservation."""
+
+    kind: Literal["evaluate"]
+    evaluate: EvalConfig = Field(default_factory=EvalConfig, description="samples, seeds, NFEs, guidance, plots")
+
+    def problems(self, recipe, name: str) -> list[Problem]:
+        at, probs = f"stages.{name}.inputs", []
+        if "models" not in self.inputs:
+            probs.append((f"{at}.models", "an evaluate stage needs the list of models it evaluates"))
+        for role, v in self.inputs.items():  # models, and any other role naming guidance models
+            for up in [] if role in ("features", "pairs") else [v] if isinstance(v, str) else v:
+                if up in recipe.stages and recipe.model_method(up) is None:
+                    probs.append((f"{at}.{role}", f"stage {up!r} ({recipe.stages[up].kind}) makes no model"))
+        feats = one_input(self, "features")
+        if feats in recipe.stages and recipe.model_method(feats) != "classifier":
+            probs.append((f"{at}.features", f"stage {feats!r} is not a feature network (method classifier)"))
+        pairs = one_input(self, "pairs")
+        if pairs in recipe.stages and recipe.stages[pairs].kind != "ode_pairs":
+            probs.append((f"{at}.pairs", f"stage {pairs!r} is not an ode_pairs stage"))
+        for i, g in enumerate(self.evaluate.guidance):
+            probs += _guidance_problems(recipe, name, i, g)
+        return probs
+
+
+def _guidance_problems(r, name: str, i: int, g: GuidanceSpec) -> list[Problem]:
+    at, probs, ups = f"stages.{name}.evaluate.guidance.{i}", [], r.upstream(name)
+    for field in ("main", "guide"):
+        s = getattr(g, field)
+        if s is None:
+            continue
+        if s not in ups:
+            probs.append((f"{at}.{field}", f"{s!r} is not an input of this evaluate stage"))
+        elif r.model_method(s) != "edm":
+            probs.append((f"{at}.{field}", f"guidance needs an EDM denoiser; stage {s!r} is not an edm model"))
+    if g.kind == "auto" and g.guide is None:
+        probs.append((f"{at}.guide", "kind auto needs a guide"))
+    if g.kind == "cfg":
+        if g.guide is not None:
+            probs.append((f"{at}.guide", "kind cfg guides the main model with itself: remove guide"))
+        main = r.stages.get(g.main)
+        method = getattr(main, "method", None)
+        if not r.data.conditional:
+            probs.append((f"{at}.kind", "cfg needs class-conditional data (data.conditional: true)"))
+        elif method is not None and not getattr(method, "label_dropout", 0):
+            probs.append((f"{at}.main", f"cfg needs a main model trained with label_dropout > 0 (stage {g.main!r})"))
+    rows = [x.row for x in r.stages[name].evaluate.guidance]
+    if rows.count(g.row) > 1 or g.row in ups:
+        probs.append((f"{at}.name", f"row name {g.row!r} is not unique"))
+    return probs
+
 
 PRIMARY = {"toy": "swd", "image": "fd"}
 
@@ -39,7 +125,7 @@ def _generate(model, n: int, nfe: int, seed: int, labels, device) -> torch.Tenso
 
 
 class Guided:
-    """A guided sampler of an EDM model with the interface `_generate` uses (METHODS.md §12):
+    """A guided sampler of an EDM model with the interface `_generate` uses (docs/methods.md §12):
     D_w = D_weak + w·(D_main − D_weak) (auto) or D(∅) + w·(D(c) − D(∅)) (cfg), Heun on the Karras grid."""
 
     meta = {"method": "edm"}
@@ -70,8 +156,10 @@ def _coupling(model, pairs_dir, teacher_nfe_max: int, is_teacher: bool, device, 
 
 
 def run(ctx) -> None:
+    from fastgen_core import plots
+
     cfg, recipe = ctx.spec.evaluate, ctx.recipe
-    data = _data(recipe.data.model_dump_json())
+    data = cached_data(recipe.data)
     device = ctx.device
     if data.is_image:
         if "features" not in ctx.inputs:
@@ -146,6 +234,3 @@ def run(ctx) -> None:
     ctx.tracker.log_metrics(0, flat)
     ctx.metrics = flat
 
-
-if __name__ == "__main__":
-    sys.exit(main("evaluate"))

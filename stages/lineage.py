@@ -383,7 +383,7 @@ def verify_artifact(path: str | Path) -> list[str]:
 
 def verify_target(target: str) -> tuple[list[str], int]:
     if target.endswith((".yaml", ".yml")):
-        from fastgen_core.recipe import load_recipe
+        from stages.recipe import load_recipe
 
         r = load_recipe(target)
         paths = [storage.location(r, s) for s in r.order()]

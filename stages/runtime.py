@@ -1,73 +1,33 @@
 """What every stage shares: resolve inputs (verified against their manifests), skip when up to
 date, run into a temporary folder, write the manifest last, rename into place, track in MLflow.
 
-`run_stage(recipe, name)` is the one entry point: the CLIs (`python -m stages.<kind>`), `dvc repro`,
+`run_stage(recipe, name)` is the one entry point: the CLI (`python -m stages.run`), `dvc repro`,
 the Prefect flow and the tests all call it.
 """
 from __future__ import annotations
 
 import argparse
-import contextvars
 import importlib
 import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from fastgen_core import artifacts
-from fastgen_core.recipe import Recipe, RecipeError, load_recipe
+from fastgen_core.data import cached_data
 
 from . import storage, tracking
+from .recipe import Recipe, RecipeError, load_recipe
+from .spec import StageError
+from .timing import TIMING_PREFIX, phase, recording, sub_phases
+
+__all__ = ["PROJECT", "TIMING_PREFIX", "StageError", "run_stage", "stage_dir", "main"]
 
 PROJECT = Path(__file__).resolve().parent.parent
-
-
-class StageError(Exception):
-    """A stage that cannot run with what it was given (one line, shown without a traceback)."""
-
-
-# --- timing ------------------------------------------------------------------------------------
-# run_stage measures its phases (seconds, time.perf_counter) and prints them as one line
-# `[fastgen-timing] {json}` on stderr when it returns; bench/pipeline.py parses it. Code running
-# inside a stage (stages/training.py) adds its own phases with `phase(name)` / `add_phase`; those
-# are reported as `run/<name>`, parts of the stage's `run` phase.
-TIMING_PREFIX = "[fastgen-timing]"
-_timings: contextvars.ContextVar[dict | None] = contextvars.ContextVar("fastgen_timings", default=None)
-
-
-def add_phase(name: str, seconds: float) -> None:
-    """Add `seconds` to phase `name` of the stage running in this context (no-op outside one)."""
-    t = _timings.get()
-    if t is not None:
-        t[name] = t.get(name, 0.0) + seconds
-
-
-@contextmanager
-def phase(name: str):
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        add_phase(name, time.perf_counter() - t0)
-
-
-@contextmanager
-def _sub_phases(prefix: str):
-    """Phases recorded inside the block are stored as `<prefix>/<name>` (nested in `prefix`)."""
-    outer, inner = _timings.get(), {}
-    token = _timings.set(inner)
-    try:
-        yield
-    finally:
-        _timings.reset(token)
-        if outer is not None:
-            for k, v in inner.items():
-                outer[f"{prefix}/{k}"] = outer.get(f"{prefix}/{k}", 0.0) + v
 
 
 def process_age() -> float | None:
@@ -163,9 +123,7 @@ def up_to_date(recipe: Recipe, stage: str, inputs: dict[str, list[Input]]) -> di
 def run_stage(recipe: Recipe | str, stage: str, force: bool = False) -> dict:
     """Run one stage of a recipe (if not up to date) and return its manifest."""
     t_entry, p0, age = time.time(), time.perf_counter(), process_age()
-    phases: dict[str, float] = {}
-    token = _timings.set(phases)
-    try:
+    with recording() as phases:
         with phase("recipe"):
             if not isinstance(recipe, Recipe):
                 recipe = load_recipe(recipe)
@@ -174,8 +132,6 @@ def run_stage(recipe: Recipe | str, stage: str, force: bool = False) -> dict:
         manifest, skipped = _run_stage(recipe, stage, force)
         _print_timing(recipe, stage, t_entry, age, phases, time.perf_counter() - p0, skipped)
         return manifest
-    finally:
-        _timings.reset(token)
 
 
 def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
@@ -189,15 +145,13 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
         print(f"[fastgen] {recipe.name}/{stage}: up to date", file=sys.stderr)
         return m, True
     with phase("import"):
-        kind = importlib.import_module(f"stages.{spec.kind}")
+        module = importlib.import_module(f"stages.{recipe.module_of(stage)}")
     t0 = time.time()
     params = recipe.stage_params(stage)
     with phase("git"):
         code = artifacts.git_commit(PROJECT)
     with phase("data"):
-        from .training import _data
-
-        ds = _data(recipe.data.model_dump_json())
+        ds = cached_data(recipe.data)
         data_digest = artifacts.tensors_digest(ds.x, ds.y, ds.x_test, ds.y_test)
     loc = storage.location(recipe, stage)  # where the output is stored: a local folder or s3://...
     tags = {"fastgen.kind": spec.kind, "fastgen.params_digest": recipe.digest(stage),
@@ -212,8 +166,8 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
     try:
         with storage.output(loc) as tmp:
             ctx = StageContext(recipe, stage, tmp, inputs, tr)
-            with phase("run"), _sub_phases("run"):
-                kind.run(ctx)
+            with phase("run"), sub_phases("run"):
+                module.run(ctx)
             with phase("manifest"):
                 manifest = artifacts.write_manifest(tmp, {
                     "recipe": recipe.name, "recipe_path": recipe.path, "stage": stage, "kind": spec.kind,
@@ -237,9 +191,9 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
     return manifest, False
 
 
-def main(kind: str | None = None, argv: list[str] | None = None) -> int:
-    """CLI: python -m stages.<kind> RECIPE.yaml STAGE [--force]."""
-    ap = argparse.ArgumentParser(prog=f"python -m stages.{kind or 'runtime'}", description=__doc__)
+def main(argv: list[str] | None = None) -> int:
+    """CLI: python -m stages.run RECIPE.yaml STAGE [--force]."""
+    ap = argparse.ArgumentParser(prog="python -m stages.run", description=__doc__)
     ap.add_argument("recipe", help="recipe YAML file in params/")
     ap.add_argument("stage", help="stage name in the recipe")
     ap.add_argument("--force", action="store_true", help="run even if the output is up to date")
@@ -248,9 +202,6 @@ def main(kind: str | None = None, argv: list[str] | None = None) -> int:
         recipe = load_recipe(a.recipe)
         if a.stage not in recipe.stages:
             raise StageError(f"{a.recipe}: stages: no stage named {a.stage!r} (have: {', '.join(recipe.stages)})")
-        if kind and recipe.stages[a.stage].kind != kind:
-            raise StageError(f"{a.recipe}: stages.{a.stage}.kind: is {recipe.stages[a.stage].kind!r}, "
-                             f"not {kind!r} (use python -m stages.{recipe.stages[a.stage].kind})")
         run_stage(recipe, a.stage, force=a.force)
     except RecipeError as e:
         print("\n".join(e.problems), file=sys.stderr)
@@ -259,7 +210,3 @@ def main(kind: str | None = None, argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

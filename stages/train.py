@@ -1,9 +1,15 @@
-"""Training stages' shared runtime: build a method from a recipe stage and run the one loop,
-in-process (`compute.backend: local`) or on Ray Train workers (`compute.backend: ray`).
+"""Training stages `teacher`, `distill` and `feature_net`: one kind family, one module. Each builds
+its method from the recipe stage and runs the one loop (`fastgen_core.loop.train`) in-process
+(`compute.backend: local`) or on Ray Train workers (`compute.backend: ray`), then saves the model
+(model.safetensors + model.json, and EMA snapshots under snapshots/). The three kinds differ only in
+what they say about the model (a teacher, a distilled student, a feature network for metrics).
 
 Both paths call the same `fit(config)`; under Ray it is `TorchTrainer`'s per-worker function
 (torch.distributed is initialised by Ray Train: gloo on CPU, NCCL on GPU) and rank 0 hands the
-trained model back as a Ray Train checkpoint, which the driver copies into the stage output.
+trained model back as a Ray Train checkpoint, which the driver copies into the stage output. The
+recipe travels to the workers as the validated `Recipe` object.
+
+CLI: python -m stages.run RECIPE.yaml STAGE
 """
 from __future__ import annotations
 
@@ -11,34 +17,69 @@ import os
 import shutil
 import tempfile
 import time
-from functools import lru_cache
+from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import Field
 
 from fastgen_core import loop
-from fastgen_core.data import load_data
+from fastgen_core.config import NetworkConfig, TrainConfig
+from fastgen_core.data import cached_data
 from fastgen_core.methods import get_method
 from fastgen_core.methods.base import Context
 from fastgen_core.models import load_model, save_model, snapshot_dir
-from fastgen_core.noise import EDM
-from fastgen_core.recipe import parse_recipe
+from fastgen_core.noise import NoiseProcess
 
 from . import storage
-from .runtime import _timings, add_phase, phase
+from .spec import MethodConfig, Problem, StageSpec
+from .timing import add_phase, current, phase, recording
 
 
-@lru_cache(maxsize=4)
-def _load_data_cached(data_json: str):
-    from fastgen_core.config import DataConfig
+class Spec(StageSpec):
+    """A stage that trains a model with a method."""
 
-    return load_data(DataConfig.model_validate_json(data_json))
+    kind: Literal["teacher", "distill", "feature_net"] = Field(
+        ..., description="teacher: a diffusion teacher; distill: a student; feature_net: the metrics' feature network")
+    method: MethodConfig = Field(..., description="the method: `name` picks fastgen_core/methods/<name>.py, "
+                                 "the rest is its Config (docs/recipes.md lists every method's settings)")
+    network: NetworkConfig | None = Field(None, description="network of the trained model (None: copy the teacher's)")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="training-loop settings")
+    noise: NoiseProcess | None = Field(None, description="this stage's noise process (None: the recipe's `noise`)")
+
+    def problems(self, recipe, name: str) -> list[Problem]:
+        return method_problems(self, recipe, name)
+
+    def model_method(self, recipe, seen: tuple = ()) -> str | None:
+        return self.method.name
 
 
-def _data(data_json: str):
-    with phase("data"):
-        return _load_data_cached(data_json)
+def method_problems(spec, recipe, name: str) -> list[Problem]:
+    """The stage's inputs against the roles its method declares (`Method.input_problems`: each role
+    known, each required role given, input models trained with the right method), each input of
+    the right kind of stage, and a noise process the method trains in."""
+    m = get_method(spec.method.name).Method
+    at = f"stages.{name}"
+    given = {r: v for r, v in spec.inputs.items()
+             if all(up in recipe.stages for up in ([v] if isinstance(v, str) else v))}
+    probs = [(f"{at}.inputs.{line.split(': ', 1)[0]}", line.split(": ", 1)[1])
+             for line in m.input_problems(spec.method, given, method_of=recipe.model_method)]
+    for role, v in given.items():
+        want = m.roles.get(role)
+        for up in ([v] if isinstance(v, str) else v) if want else []:
+            st = recipe.stages[up]
+            if want.kind == "pairs" and st.kind != "ode_pairs":
+                probs.append((f"{at}.inputs.{role}", f"stage {up!r} ({st.kind}) makes no pair set: "
+                              "this input needs an ode_pairs stage"))
+            elif want.kind != "pairs" and recipe.model_method(up) is None:
+                probs.append((f"{at}.inputs.{role}", f"stage {up!r} ({st.kind}) makes no model"))
+    process = recipe.noise_of(name).process
+    if process not in m.processes:
+        probs.append((f"{at}.noise.process" if spec.noise is not None else "noise.process",
+                      f"method {spec.method.name!r} trains in the {' or '.join(m.processes)} process, not {process!r}"))
+    return probs
 
 
 def load_input(path: str | Path, device) -> object:
@@ -53,16 +94,18 @@ def load_input(path: str | Path, device) -> object:
 
 
 def build_method(recipe, stage: str, input_dirs: dict[str, list[str]], device="cpu"):
+    """The stage's method, built from its (already validated) settings and loaded inputs."""
     spec = recipe.stages[stage]
-    data = _data(recipe.data.model_dump_json())
+    with phase("data"):
+        data = cached_data(recipe.data)
     with phase("model_setup"):
-        mcfg = recipe.method_config(stage)
         inputs = {}
         for role, dirs in input_dirs.items():
             loaded = [load_input(d, device) for d in dirs]
             inputs[role] = loaded[0] if isinstance(spec.inputs[role], str) else loaded
-        ctx = Context(data, EDM(**recipe.noise.model_dump()), spec.network, inputs, torch.device(device), recipe.seed)
-        return get_method(mcfg.name).Method(mcfg, ctx)
+        ctx = Context(data, recipe.noise_of(stage), spec.network, inputs, torch.device(device), recipe.seed,
+                      steps=spec.train.steps)
+        return get_method(spec.method.name).Method(spec.method, ctx)
 
 
 def _dist_check(method) -> dict[str, float]:
@@ -85,10 +128,14 @@ def fit(config: dict) -> None:
     """Per-worker training function (also called directly for local runs)."""
     t_fit = time.perf_counter()
     in_ray = config.get("ray", False)
-    # phases of this call: the stage's own timings when local, a fresh record on a Ray worker
-    token = _timings.set({}) if _timings.get() is None else None
-    timings = _timings.get()
-    recipe = parse_recipe(config["recipe"], config["recipe_path"])
+    # phases of this call: the stage's own record when local, a fresh one on a Ray worker
+    outer = current()
+    with (nullcontext(outer) if outer is not None else recording()) as timings:
+        _fit(config, t_fit, in_ray, timings)
+
+
+def _fit(config: dict, t_fit: float, in_ray: bool, timings: dict) -> None:
+    recipe = config["recipe"]
     if recipe.compute.threads:
         torch.set_num_threads(recipe.compute.threads)
     stage, spec = config["stage"], recipe.stages[config["stage"]]
@@ -99,7 +146,7 @@ def fit(config: dict) -> None:
         device = ray.train.torch.get_device()
     torch.manual_seed(recipe.seed)  # network initialisation: the same in every run and on every worker
     method = build_method(recipe, stage, config["input_dirs"], device)
-    rank, world = loop._world()
+    rank, world = loop.rank_and_world()
     if world > 1:  # replicas start identical, as with DDP (gradients are then averaged every step)
         with torch.no_grad():
             for t in [*method.nets.parameters(), *method.nets.buffers()]:
@@ -141,23 +188,19 @@ def fit(config: dict) -> None:
                 save_model(where, config["method_name"], method.cfg, method.net_cfgs, sd,
                            method.ctx.data.shape, method.ctx.data.num_classes, method.ctx.noise, extra)
 
-    try:
-        if not in_ray:
-            save(config["out"])
-            return
-        import ray.train
+    if not in_ray:
+        save(config["out"])
+        return
+    import ray.train
 
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save(tmp)
-                report = {"steps": spec.train.steps, **facts, "timing/fit": time.perf_counter() - t_fit,
-                          **{f"timing/{k}": v for k, v in timings.items()}}
-                ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-            else:
-                ray.train.report({"steps": spec.train.steps, **facts})
-    finally:
-        if token is not None:
-            _timings.reset(token)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            save(tmp)
+            report = {"steps": spec.train.steps, **facts, "timing/fit": time.perf_counter() - t_fit,
+                      **{f"timing/{k}": v for k, v in timings.items()}}
+            ray.train.report(report, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report({"steps": spec.train.steps, **facts})
 
 
 # Ray Train defaults that cost seconds per stage on a short single-node job and buy nothing there.
@@ -223,15 +266,16 @@ def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -
     return metrics
 
 
-def train_stage(ctx) -> None:
+def run(ctx) -> None:
     """Run the training of stage `ctx.name` and write model.safetensors + model.json to ctx.out."""
     recipe, compute = ctx.recipe, ctx.recipe.compute
-    raw = recipe.model_dump(mode="json")
     ckpt = ctx.partial_dir()
     config = {
-        "recipe": raw, "recipe_path": recipe.path, "stage": ctx.name,
-        "method_name": recipe.stages[ctx.name].method["name"],
-        "input_dirs": {role: [str(i.path) for i in ins] for role, ins in ctx.inputs.items()},
+        "recipe": recipe, "stage": ctx.name,
+        "method_name": recipe.stages[ctx.name].method.name,
+        # the inputs the method takes (a smaller weak guide names its teacher without training on it)
+        "input_dirs": {role: [str(i.path) for i in ins] for role, ins in ctx.inputs.items()
+                       if role in get_method(ctx.spec.method.name).Method.roles},
         "ckpt_dir": str(ckpt), "out": str(ctx.out), "use_gpu": compute.use_gpu,
         "run_id": ctx.tracker.run_id, "tracking_uri": ctx.tracker.uri,
     }
@@ -244,3 +288,4 @@ def train_stage(ctx) -> None:
     else:
         fit(config)
     shutil.rmtree(ckpt, ignore_errors=True)  # finished: the resumable state is no longer needed
+

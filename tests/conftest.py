@@ -156,7 +156,7 @@ def tiny_recipe_session(tmp_path_factory, mlflow_template):
 def stagewise_run(tiny_recipe_session):
     """The tiny pipeline run the way `dvc repro` runs it: `run_stage` for each stage in order, all
     under one FASTGEN_INVOCATION (one MLflow parent run). Shared by the flow and MLflow tests."""
-    from fastgen_core.recipe import load_recipe
+    from stages.recipe import load_recipe
     from stages.runtime import run_stage
 
     path = tiny_recipe_session("stagewise")

@@ -1,4 +1,4 @@
-"""Autoguidance (METHODS.md §12): the loop's EMA snapshots, the `weak_snapshot` stage in both modes,
+"""Autoguidance (docs/methods.md §12): the loop's EMA snapshots, the `weak_snapshot` stage in both modes,
 guided rows of the evaluate stage, and a faithful check of D_w = D_weak + w·(D_main − D_weak)
 against classifier-free guidance with analytic denoisers of the branching (fractal) toy."""
 from __future__ import annotations
@@ -16,7 +16,8 @@ from fastgen_core.methods import edm
 from fastgen_core.methods.base import Context
 from fastgen_core.metrics import toy_metrics
 from fastgen_core.noise import EDM
-from fastgen_core.recipe import RecipeError, TrainConfig, load_recipe, parse_recipe
+from fastgen_core.config import TrainConfig
+from stages.recipe import RecipeError, load_recipe, parse_recipe
 from fastgen_core.samplers import autoguided, cfg_guided, teacher_sample
 from conftest import run_stagewise
 from stages.runtime import stage_dir
@@ -204,7 +205,7 @@ def _conditional(d: ToyDensity):
 
 
 def test_autoguidance_concentrates_without_dropping_branches():
-    """METHODS.md §12: with a main model that blurs the data a little and a guide that blurs it
+    """docs/methods.md §12: with a main model that blurs the data a little and a guide that blurs it
     more, autoguided samples land on the branches more often than unguided ones, and keep the
     branches' proportions better than CFG at the same w, which drops variety."""
     d = fractal()

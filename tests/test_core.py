@@ -14,7 +14,7 @@ from fastgen_core.data import load_data
 from fastgen_core.methods import cd, edm
 from fastgen_core.methods.base import Context
 from fastgen_core.noise import EDM, denoiser_in, from_edm, to_edm
-from fastgen_core.recipe import TrainConfig
+from fastgen_core.config import TrainConfig
 from fastgen_core.samplers import edm_sample, teacher_nfe
 
 torch.set_default_dtype(torch.float32)

@@ -21,7 +21,7 @@ import yaml
 from fastgen_core import editing as E
 from fastgen_core.config import DataConfig
 from fastgen_core.data import color_digits, load_data
-from fastgen_core.recipe import RecipeError, load_recipe, parse_recipe
+from stages.recipe import RecipeError, load_recipe, parse_recipe
 from conftest import run_stagewise
 from stages.runtime import stage_dir
 

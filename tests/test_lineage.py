@@ -8,7 +8,7 @@ import json
 import pytest
 
 from fastgen_core import artifacts
-from fastgen_core.recipe import load_recipe
+from stages.recipe import load_recipe
 from stages import lineage
 from stages.runtime import StageError, run_stage, stage_dir
 

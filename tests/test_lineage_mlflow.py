@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from fastgen_core import artifacts
-from fastgen_core.recipe import load_recipe
+from stages.recipe import load_recipe
 from stages import lineage, tracking
 from stages.runtime import run_stage, stage_dir
 
@@ -223,7 +223,7 @@ def test_lineage_from_mlflow_alone_when_the_files_are_gone(ran, capsys):
         assert lineage.lineage(f"{cd}/model.safetensors", "auto", uri)["digest"] == mans["cd"]["digest"]
         assert lineage.main_lineage([cd, "--tracking-uri", uri]) == 0
         out = capsys.readouterr().out
-        for s in ("tiny_cd/cd (distill: N=10", "└── [teacher] tiny_cd/teacher (teacher: name=edm)",
+        for s in ("tiny_cd/cd (distill: N=10", "└── [teacher] tiny_cd/teacher (teacher: label_dropout=0.0, name=edm)",
                   mans["cd"]["data"]["digest"][:16], mans["cd"]["code"]["git_commit"][:12],
                   "train steps=20 batch=128", "[sibling via teacher] tiny_cd/pairs (ode_pairs)", "(from mlflow)"):
             assert s in out

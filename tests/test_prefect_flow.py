@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from fastgen_core import artifacts
-from fastgen_core.recipe import load_recipe
+from stages.recipe import load_recipe
 from stages.runtime import TIMING_PREFIX, stage_dir
 
 STAGES = ["teacher", "pairs", "cd", "eval"]

@@ -1,5 +1,5 @@
 """The teacher stage of the tiny recipe on Ray Train (`compute: {backend: ray, num_workers: 2}`),
-on a local Ray runtime that `stages.training._ray_init` starts with 2 CPUs and this module shuts
+on a local Ray runtime that `stages.train._ray_init` starts with 2 CPUs and this module shuts
 down: the checkpoint loads and samples well, the loss went down, and the two workers really
 trained one model data-parallel (two processes, world size 2, replicas identical at the end)."""
 from __future__ import annotations
@@ -17,7 +17,7 @@ from fastgen_core import artifacts
 from fastgen_core import metrics as M
 from fastgen_core.data import load_data
 from fastgen_core.models import load_model
-from fastgen_core.recipe import load_recipe
+from stages.recipe import load_recipe
 from stages.runtime import TIMING_PREFIX, run_stage, stage_dir
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fastgen_core.recipe import RecipeError, load_recipe
+from stages.recipe import RecipeError, load_recipe
 from stages.runtime import main
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +58,7 @@ def test_bad_recipe_one_line_exit_2_nothing_written(case, tmp_path, capsys):
     line = next(l for l in e.value.problems if field in l)
     assert line.startswith(f"{p}: ") and words in line and "\n" not in line
     # the CLI: status 2, the same lines on stderr, nothing written
-    assert main("teacher", [str(p), "teacher"]) == 2
+    assert main([str(p), "teacher"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert any(field in l and l.startswith(str(p)) for l in err)
     assert not (tmp_path / "out").exists() and not (tmp_path / "mlflow.db").exists()
@@ -77,7 +77,7 @@ def test_every_problem_reported(tmp_path):
 
 def test_cli_subprocess_exit_status(tmp_path):
     p = write(tmp_path, _set("stages.cd.method", {"name": "magic"}))
-    r = subprocess.run([sys.executable, "-m", "stages.distill", str(p), "cd"], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run([sys.executable, "-m", "stages.run", str(p), "cd"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert lines == [f"{p}: stages.cd.method.name: unknown method 'magic' (known: "
@@ -105,7 +105,7 @@ def test_stage_digest_depends_only_on_its_settings():
     r = load_recipe(ROOT / "params/toy_cd.yaml")
     raw = r.model_dump(mode="json")
     raw["stages"]["cd"]["train"]["lr"] = 1e-5
-    from fastgen_core.recipe import parse_recipe
+    from stages.recipe import parse_recipe
     r2 = parse_recipe(raw)
     assert r.digest("teacher") == r2.digest("teacher")
     assert r.digest("cd") != r2.digest("cd")

@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 from fastgen_core import artifacts
-from fastgen_core.recipe import load_recipe
+from stages.recipe import load_recipe
 from stages.runtime import stage_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -36,7 +36,10 @@ def shrink(raw: dict) -> dict:
     if data.get("kind", "toy") == "toy":
         data["n_train"], data["n_test"] = min(data.get("n_train", 20000), 1000), min(data.get("n_test", 5000), 300)
     for spec in r["stages"].values():
-        t = spec.setdefault("train", {})
+        if spec.get("kind") not in ("teacher", "distill", "feature_net", "weak_snapshot"):
+            t = {}  # only training kinds take `train`
+        else:
+            t = spec.setdefault("train", {})
         t["steps"] = min(t.get("steps", 2000), 8)
         t["batch_size"] = min(t.get("batch_size", 256), 64)
         t.update(log_every=4, ckpt_every=1000)

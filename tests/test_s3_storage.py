@@ -14,7 +14,7 @@ import pytest
 import s3fs
 
 from fastgen_core import artifacts
-from fastgen_core.recipe import load_recipe
+from stages.recipe import load_recipe
 from stages import lineage, storage
 from stages.runtime import StageError, run_stage
 

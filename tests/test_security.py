@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from fastgen_core import artifacts
-from fastgen_core.recipe import load_recipe
+from stages.recipe import load_recipe
 from stages import tracking
 from stages.runtime import PROJECT, run_stage, stage_dir
 
