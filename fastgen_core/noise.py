@@ -44,7 +44,6 @@ def col(v: Tensor, x: Tensor) -> Tensor:
     return v.reshape(-1, *[1] * (x.ndim - 1))
 
 
-_col = col  # old name, kept while callers switch
 
 
 def _bc(v: Tensor, x: Tensor) -> Tensor:
