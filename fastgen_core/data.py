@@ -317,8 +317,16 @@ def color_digits(ink: torch.Tensor, seed: int) -> torch.Tensor:
 # Images: folder / CIFAR-10 / MNIST from a local path or an fsspec URI (s3://...).
 
 
+def cache_root() -> Path:
+    """fastgen's local cache: $FASTGEN_CACHE_DIR, else $XDG_CACHE_HOME/fastgen, else ~/.cache/fastgen
+    (remote data here under data/; fetched artifacts and resumable checkpoints beside it)."""
+    if os.environ.get("FASTGEN_CACHE_DIR"):
+        return Path(os.environ["FASTGEN_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastgen"
+
+
 def _cache_root() -> Path:
-    return Path(os.environ.get("FASTGEN_CACHE", Path.home() / ".cache" / "fastgen")) / "data"
+    return cache_root() / "data"
 
 
 def local_root(root: str) -> Path:

@@ -5,7 +5,10 @@ Per iteration: draw a minibatch from `method.tensors()`; for each optimiser grou
 (`step % every == 0`) zero its gradients, compute `method.loss(group)`, backpropagate, average
 gradients over workers, clip and step; then update the evaluation EMA and call
 `method.after_step`. Checkpoints (`last.pt`, tensors only, loaded with `weights_only=True`) are
-written atomically every `ckpt_every` steps and training resumes from them.
+written atomically every `ckpt_every` steps and training resumes from them exactly: they hold every
+random state the loop draws from (the batch generator, torch's CPU generator, and CUDA's generators
+of all devices when CUDA is in use), for every worker. A non-finite loss stops training with
+`NonFiniteLoss` (step, group, and the last checkpoint, which holds only finite steps).
 
 Snapshots: at the steps in `cfg.snapshots` the loop keeps a copy of the EMA weights of the
 exported networks (e.g. an early snapshot of a teacher as its autoguidance guide). They come from
@@ -16,6 +19,9 @@ Data parallelism: when `torch.distributed` is initialised (Ray Train workers, gl
 GPU), every worker draws its own share of the global batch and gradients are averaged with one
 all-reduce per group. We average gradients by hand instead of wrapping in DDP because a method
 owns several networks stepped by several optimisers, and DDP assumes one module and one forward.
+Every worker takes part in every all-reduce whatever its backward reached: a parameter that got no
+gradient on one worker contributes zeros (as DDP's unused parameters do), and a non-finite loss on
+any worker stops all of them at the same step instead of leaving the others waiting.
 """
 from __future__ import annotations
 
@@ -39,18 +45,50 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def _allreduce_grads(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over workers in one flat all-reduce."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if world == 1 or not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+class NonFiniteLoss(FloatingPointError):
+    """A loss that is not finite. `step` is the loop's step index (the `step` passed to
+    `Method.loss`); `checkpoint` the last checkpoint written, which holds `checkpoint_step`
+    completed steps, all with finite losses (None when none was written yet)."""
+
+    def __init__(self, step: int, group: str, value: float, checkpoint: Path | None,
+                 checkpoint_step: int | None, rank: int = 0):
+        self.step, self.group, self.value, self.rank = step, group, value, rank
+        self.checkpoint, self.checkpoint_step = checkpoint, checkpoint_step
+        where = " on another worker" if value is None else f" ({value})"
+        kept = (f"last finite checkpoint (step {checkpoint_step}) kept in {checkpoint}"
+                if checkpoint is not None else "no checkpoint written yet")
+        super().__init__(f"non-finite loss{where} at step {step} in optimiser group {group!r}; {kept}")
+
+    def __reduce__(self):  # travels from a Ray Train worker to the driver
+        return type(self), (self.step, self.group, self.value, self.checkpoint, self.checkpoint_step, self.rank)
+
+
+def _allreduce_grads(params: list[torch.nn.Parameter], world: int, bad: bool = False) -> bool:
+    """Average gradients over workers in one flat all-reduce; return whether any worker's loss was
+    not finite (`bad` is this worker's). Every worker contributes every parameter, zeros where it
+    got no gradient, so the collective never depends on which parameters a worker's loss reached;
+    a parameter with a gradient on no worker keeps none (the optimiser skips it, as it would alone)."""
+    if world == 1:
+        return bad
+    flat = torch.cat([torch.zeros(p.numel(), dtype=p.dtype, device=p.device) if p.grad is None or bad
+                      else p.grad.reshape(-1) for p in params] +
+                     [torch.tensor([float(p.grad is not None and not bad) for p in params] + [float(bad)],
+                                   dtype=params[0].dtype if params else torch.float32,
+                                   device=params[0].device if params else "cpu")])
     dist.all_reduce(flat)
-    flat /= world
+    if flat[-1] > 0:
+        return True
+    has = flat[-1 - len(params):-1]
     i = 0
-    for g in grads:
-        g.copy_(flat[i:i + g.numel()].view_as(g))
-        i += g.numel()
+    for p, n in zip(params, has):
+        if n > 0:
+            avg = (flat[i:i + p.numel()] / world).view_as(p)
+            if p.grad is None:
+                p.grad = avg.to(p.dtype, copy=True)
+            else:
+                p.grad.copy_(avg)
+        i += p.numel()
+    return False
 
 
 def _make_opt(params, cfg, lr_scale: float) -> torch.optim.Optimizer:
@@ -76,66 +114,138 @@ def _state(nets: dict[str, torch.nn.Module]) -> dict[str, dict]:
     return {n: {k: v.detach().clone() for k, v in e.state_dict().items()} for n, e in nets.items()}
 
 
+def rng_state(gen: torch.Generator) -> dict:
+    """This worker's random states: its batch generator, torch's CPU generator and, when CUDA is in
+    use in this process, the generators of all CUDA devices (a process that never touched CUDA drew
+    nothing from them, and reading them would start CUDA on every device)."""
+    state = {"gen": gen.get_state(), "rng": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(gen: torch.Generator, state: dict) -> None:
+    gen.set_state(state["gen"])
+    torch.set_rng_state(state["rng"])
+    if "cuda_rng" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"][:torch.cuda.device_count()])
+
+
+def _all_rng_states(gen: torch.Generator, world: int) -> list[dict]:
+    """Every worker's `rng_state`, in rank order (a collective: every worker calls it)."""
+    mine = rng_state(gen)
+    if world == 1:
+        return [mine]
+    every: list = [None] * world
+    dist.all_gather_object(every, mine)
+    return every
+
+
+def _load_checkpoint(ckpt: Path) -> dict:
+    try:
+        return torch.load(ckpt, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # a pickle that would run code or build objects: refused
+        raise pickle.UnpicklingError(f"{ckpt}: not a tensors-only checkpoint, refusing to resume from it "
+                                     f"({str(e).splitlines()[0]})") from None
+
+
+def checkpoint_step(ckpt_dir: str | Path | None) -> int | None:
+    """The number of completed steps in `ckpt_dir`'s checkpoint (None: there is none)."""
+    ckpt = Path(ckpt_dir) / "last.pt" if ckpt_dir else None
+    if ckpt is None or not ckpt.exists():
+        return None
+    try:  # memory-mapped: the tensors are not read
+        state = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, pickle.UnpicklingError):  # not a plain zip checkpoint: refused with its reason
+        state = _load_checkpoint(ckpt)
+    return int(state["step"])
+
+
+class _State:
+    """What the loop carries from step to step and saves in its checkpoint."""
+
+    def __init__(self, method: Method, cfg, groups: list, gen: torch.Generator):
+        self.method, self.gen = method, gen
+        self.opts = {g.name: _make_opt(g.params, cfg, g.lr_scale) for g in groups}
+        self.ema = {n: copy.deepcopy(method.nets[n]).requires_grad_(False) for n in method.export}
+        self.snap_ema = self.ema if cfg.snapshot_ema_decay is None else {
+            n: copy.deepcopy(method.nets[n]).requires_grad_(False) for n in method.export}
+        self.taken: dict[int, dict[str, dict]] = {}
+
+    def save(self, ckpt: Path, step: int, world: int, rank: int) -> None:
+        """Write the checkpoint after `step` completed steps (a collective: every worker calls it;
+        rank 0 writes, and every worker returns once it is written)."""
+        rngs = _all_rng_states(self.gen, world)
+        if rank == 0:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            _save_atomic({"step": step, "nets": self.method.nets.state_dict(),
+                          "ema": {n: e.state_dict() for n, e in self.ema.items()},
+                          "opts": {n: o.state_dict() for n, o in self.opts.items()},
+                          "rng_states": rngs, "snapshots": self.taken,
+                          **({"snap_ema": {n: e.state_dict() for n, e in self.snap_ema.items()}}
+                             if self.snap_ema is not self.ema else {})}, ckpt)
+        if world > 1:
+            dist.barrier()
+
+    def load(self, ckpt: Path, rank: int) -> int:
+        """Restore from the checkpoint; return its number of completed steps. Each worker takes
+        back its own random states (a checkpoint from fewer workers leaves the others' seeded)."""
+        state = _load_checkpoint(ckpt)
+        self.method.nets.load_state_dict(state["nets"])
+        for n, sd in state["ema"].items():
+            self.ema[n].load_state_dict(sd)
+        for n, sd in state["opts"].items():
+            self.opts[n].load_state_dict(sd)
+        for n, sd in state.get("snap_ema", {}).items():
+            self.snap_ema[n].load_state_dict(sd)
+        self.taken = state.get("snapshots", {})
+        rngs = state.get("rng_states") or [{"gen": state["gen"], "rng": state["rng"]}]
+        if rank < len(rngs):
+            set_rng_state(self.gen, rngs[rank])
+        return int(state["step"])
+
+
 def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0,
           callback: Callable[[int, dict], None] | None = None, progress: bool = True,
           snapshots: dict[int, dict[str, dict]] | None = None) -> dict[str, dict]:
     """Run `cfg.steps` iterations of `method`; return the evaluation-EMA state dicts of
     `method.export` networks. `cfg` is a recipe `TrainConfig`; `callback(step, logs)` receives the
     averaged logs every `cfg.log_every` steps (rank 0 only); `snapshots`, if given, receives
-    {step: state dicts} for the steps in `cfg.snapshots`."""
+    {step: state dicts} for the steps in `cfg.snapshots`. Raises `NonFiniteLoss` (on every worker)
+    when a loss is not finite."""
     rank, world = rank_and_world()
     groups = method.groups()
-    opts = {g.name: _make_opt(g.params, cfg, g.lr_scale) for g in groups}
-    ema = {n: copy.deepcopy(method.nets[n]).requires_grad_(False) for n in method.export}
-    snap_ema = ema if cfg.snapshot_ema_decay is None else {
-        n: copy.deepcopy(method.nets[n]).requires_grad_(False) for n in method.export}
-    taken: dict[int, dict[str, dict]] = {}
+    st = _State(method, cfg, groups, torch.Generator().manual_seed(seed * 1000 + rank))
+    torch.manual_seed(seed * 1000 + 7919 * rank + 1)
     tensors = method.tensors()
     n_data = next(iter(tensors.values())).shape[0]
     local_bs = max(1, cfg.batch_size // world)
-    gen = torch.Generator().manual_seed(seed * 1000 + rank)
-    torch.manual_seed(seed * 1000 + 7919 * rank + 1)
 
-    start = 0
     ckpt = Path(ckpt_dir) / "last.pt" if ckpt_dir else None
-    if ckpt is not None and ckpt.exists():
-        try:
-            state = torch.load(ckpt, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as e:  # a pickle that would run code or build objects: refused
-            raise pickle.UnpicklingError(f"{ckpt}: not a tensors-only checkpoint, refusing to resume from it "
-                                         f"({str(e).splitlines()[0]})") from None
-        method.nets.load_state_dict(state["nets"])
-        for n, sd in state["ema"].items():
-            ema[n].load_state_dict(sd)
-        for n, sd in state["opts"].items():
-            opts[n].load_state_dict(sd)
-        for n, sd in state.get("snap_ema", {}).items():
-            snap_ema[n].load_state_dict(sd)
-        taken = state.get("snapshots", {})
-        gen.set_state(state["gen"])
-        torch.set_rng_state(state["rng"])
-        start = int(state["step"])
+    start = st.load(ckpt, rank) if ckpt is not None and ckpt.exists() else 0
+    saved = start if start else None  # the last checkpoint's step
 
     sums: dict[str, list[float]] = {}  # name -> [sum, count]
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, disable=not progress or rank != 0,
                mininterval=2.0, desc=type(method).__module__.rsplit(".", 1)[-1], dynamic_ncols=True)
     method.nets.train()
     for step in bar:
-        idx = torch.randint(n_data, (local_bs,), generator=gen)
+        idx = torch.randint(n_data, (local_bs,), generator=st.gen)
         batch = {k: v[idx].to(method.ctx.device) for k, v in tensors.items()}
         warm = min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else 1.0
         for g in groups:
             if step % g.every:
                 continue
-            opt = opts[g.name]
+            opt = st.opts[g.name]
             for pg in opt.param_groups:
                 pg["lr"] = cfg.lr * g.lr_scale * warm
             opt.zero_grad(set_to_none=True)
             loss, logs = method.loss(g.name, batch, step)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss in group {g.name!r} at step {step}: {loss.item()}")
-            loss.backward()
-            _allreduce_grads(g.params, world)
+            bad = not bool(torch.isfinite(loss))
+            if not bad:
+                loss.backward()
+            if _allreduce_grads(g.params, world, bad):
+                raise NonFiniteLoss(step, g.name, loss.item() if bad else None, ckpt if saved else None, saved, rank)
             if cfg.grad_clip:
                 torch.nn.utils.clip_grad_norm_(g.params, cfg.grad_clip)
             opt.step()
@@ -144,11 +254,11 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
                 acc[0] += v
                 acc[1] += 1
         for n in method.export:
-            _ema_update(ema[n], method.nets[n], cfg.ema_decay)
-            if snap_ema is not ema:
-                _ema_update(snap_ema[n], method.nets[n], cfg.snapshot_ema_decay)
+            _ema_update(st.ema[n], method.nets[n], cfg.ema_decay)
+            if st.snap_ema is not st.ema:
+                _ema_update(st.snap_ema[n], method.nets[n], cfg.snapshot_ema_decay)
         if step + 1 in cfg.snapshots:
-            taken[step + 1] = _state(snap_ema)
+            st.taken[step + 1] = _state(st.snap_ema)
         method.after_step(step)
 
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
@@ -158,19 +268,14 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
                 bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k.endswith("loss")}, refresh=False)
                 if callback:
                     callback(step + 1, logs)
-        if ckpt is not None and rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
-            ckpt.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic({"step": step + 1, "nets": method.nets.state_dict(),
-                          "ema": {n: e.state_dict() for n, e in ema.items()},
-                          "opts": {n: o.state_dict() for n, o in opts.items()},
-                          "gen": gen.get_state(), "rng": torch.get_rng_state(), "snapshots": taken,
-                          **({"snap_ema": {n: e.state_dict() for n, e in snap_ema.items()}}
-                             if snap_ema is not ema else {})}, ckpt)
+        if ckpt is not None and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == cfg.steps):
+            st.save(ckpt, step + 1, world, rank)
+            saved = step + 1
     bar.close()
     method.nets.eval()
     if snapshots is not None:
-        snapshots.update(taken)
-    return {n: e.state_dict() for n, e in ema.items()}
+        snapshots.update(st.taken)
+    return {n: e.state_dict() for n, e in st.ema.items()}
 
 
 def ema_decay_for_halflife(halflife_steps: float) -> float:

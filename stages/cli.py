@@ -18,6 +18,30 @@ import sys
 USAGE = __doc__
 
 
+def validate(paths: list[str], verbose: bool) -> int:
+    """Validate recipe files; print one line per problem (and, if verbose, one per good recipe).
+    Recipes that share a name and storage root would write the same outputs and DVC stages: each
+    is reported. Returns the number of bad files."""
+    from stages.recipe import RecipeError, load_recipe
+
+    bad, where = set(), {}
+    for p in paths:
+        try:
+            r = load_recipe(p)
+        except RecipeError as e:
+            print("\n".join(e.problems), file=sys.stderr)
+            bad.add(p)
+            continue
+        other = where.setdefault((r.name, r.storage.root), p)
+        if other != p:
+            print(f"{p}: name: recipe {r.name!r} is also the name of {other} with the same storage.root: both "
+                  f"would write {r.storage.root}/{r.name}/ and the same DVC stages", file=sys.stderr)
+            bad.add(p)
+        elif verbose:
+            print(f"{p}: ok ({len(r.stages)} stages: {' -> '.join(r.order())})")
+    return len(bad)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -25,22 +49,20 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "validate":
-        from stages.recipe import RecipeError, load_recipe
+        if not rest:
+            print(f"fastgen validate: name the recipe files\n{USAGE}", file=sys.stderr)
+            return 2
+        return 2 if validate(rest, verbose=True) else 0
+    if cmd in ("stage", "flow"):
+        # a bad recipe stops here, before MLflow or Prefect is imported (Prefect makes its home
+        # folder on import)
+        recipe = next((a for a in rest if not a.startswith("-")), None)
+        if recipe is not None and validate([recipe], verbose=False):
+            return 2
+        if cmd == "stage":
+            from .runtime import main as stage_main
 
-        bad = 0
-        for p in rest:
-            try:
-                r = load_recipe(p)
-                print(f"{p}: ok ({len(r.stages)} stages: {' -> '.join(r.order())})")
-            except RecipeError as e:
-                print("\n".join(e.problems), file=sys.stderr)
-                bad += 1
-        return 2 if bad else 0
-    if cmd == "stage":
-        from .runtime import main as stage_main
-
-        return stage_main(rest)
-    if cmd == "flow":
+            return stage_main(rest)
         from flows.pipeline import main as flow_main
 
         return flow_main(rest)

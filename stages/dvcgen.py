@@ -63,10 +63,13 @@ def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
 
 
 def generate() -> str:
-    stages = {}
+    stages, owner = {}, {}
     for f in recipe_files():
         rel = f.relative_to(PROJECT).as_posix()
         recipe = load_recipe(rel if Path(rel).exists() else f)
+        if recipe.name in owner:  # their DVC stages and output folders would overwrite each other
+            raise RecipeError([f"{rel}: name: recipe name {recipe.name!r} is also the name of {owner[recipe.name]}"])
+        owner[recipe.name] = rel
         present = set(yaml.safe_load(f.read_text()))
         if "://" in recipe.storage.root or Path(recipe.storage.root).is_absolute():
             continue  # remote/absolute storage is not a DVC-tracked output

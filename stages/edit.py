@@ -24,11 +24,11 @@ import torch
 from pydantic import Field
 
 from fastgen_core import editing as E
-from fastgen_core.config import Strict
+from fastgen_core.config import SEED_MAX, Strict
 from fastgen_core.data import cached_data
 from fastgen_core.methods import available_methods, get_method
 
-from .spec import Problem, StageError, StageSpec, one_input
+from .spec import Problem, StageError, StageSpec, one_input, sample_shape
 
 class EditConfig(Strict):
     """Zero-shot editing of held-out test images with a consistency-type model (CM Alg. 4)."""
@@ -45,7 +45,7 @@ class EditConfig(Strict):
     steps: int = Field(4, gt=0, description="model evaluations: τ = Karras grid of steps + 1 levels without its last")
     samples: int = Field(1, gt=0, description="edits per image (different noise); with more than one, their mean "
                          "(a posterior-mean estimate: what MSE rewards) is scored too")
-    seed: int = Field(0, description="seed of the noise (and of a random mask)")
+    seed: int = Field(0, ge=0, lt=SEED_MAX, description="seed of the noise (and of a random mask)")
     plots: bool = Field(True, description="write a truth | observed | edited | [mean] | baseline image grid")
 
 
@@ -70,8 +70,12 @@ class Spec(StageSpec):
                           f"({', '.join(m for m in available_methods() if hasattr(get_method(m), 'consistency_fn'))})"))
         if recipe.data.kind == "toy":
             probs.append((f"stages.{name}.kind", "editing needs image data (data.kind digits or images), not toy"))
-        elif self.edit.task == "colorize" and not recipe.data.color and recipe.data.kind != "images":
+        elif self.edit.task == "colorize" and sample_shape(recipe.data)[0] not in (3, None):
             probs.append((f"stages.{name}.edit.task", "colorize needs RGB data (e.g. data.color: true for digits)"))
+        side = sample_shape(recipe.data)[-1]
+        if self.edit.task == "superres" and side is not None and recipe.data.kind != "toy" and side % self.edit.k:
+            probs.append((f"stages.{name}.edit.k", f"superres patches of {self.edit.k}×{self.edit.k} do not tile "
+                          f"the {side}×{side} images"))
         return probs
 
 

@@ -18,10 +18,10 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from fastgen_core import metrics as M
-from fastgen_core.config import Strict
+from fastgen_core.config import Strict, distinct, seeds_in_range
 from fastgen_core.data import cached_data
 from fastgen_core.models import load_model
 from fastgen_core.samplers import autoguided, cfg_guided, teacher_nfe, teacher_sample
@@ -49,14 +49,38 @@ class GuidanceSpec(Strict):
 
 class EvalConfig(Strict):
     n_samples: int = Field(5000, gt=0, description="samples per model, NFE and seed")
-    seeds: list[int] = Field([0, 1, 2], min_length=1, description="seeds: metrics are reported as mean ± std over them")
-    nfe: list[int] = Field([1, 2, 4, 8], description="NFEs at which students are evaluated")
-    teacher_nfe: list[int] = Field([1, 3, 35], description="NFEs at which teachers are evaluated (Heun: 2·steps − 1)")
+    seeds: list[int] = Field([0, 1, 2], min_length=1, description="seeds (distinct, 0..2^32 − 1): metrics are "
+                             "reported as mean ± std over them")
+    nfe: list[int] = Field([1, 2, 4, 8], min_length=1,
+                           description="NFEs at which students are evaluated (distinct, > 0)")
+    teacher_nfe: list[int] = Field([1, 3, 35], min_length=1, description="NFEs at which teachers are evaluated "
+                                   "(distinct: 1, 2 or odd, as Heun spends 2·steps − 1)")
     plots: bool = Field(True, description="write sample plots and quality-vs-NFE plot")
     guidance: list[GuidanceSpec] = Field([], description="guided samplers of EDM models, evaluated at teacher_nfe")
     pass_factor: float = Field(2.0, ge=0, description=(
         "a student passes (and is registered in the MLflow model registry) when its primary metric's "
         "distance above the real-data floor at 1 NFE is at most this times the teacher's at its largest NFE"))
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]):
+        return distinct(seeds_in_range(v), "seeds")
+
+    @field_validator("nfe", "teacher_nfe")
+    @classmethod
+    def _nfes(cls, v: list[int]):
+        if any(n <= 0 for n in v):
+            raise ValueError(f"every NFE must be > 0, got {v}")
+        return distinct(v, "NFEs")
+
+    @field_validator("teacher_nfe")
+    @classmethod
+    def _heun(cls, v: list[int]):
+        even = [n for n in v if teacher_nfe(n) != n]
+        if even:
+            raise ValueError(f"Heun spends 2·steps − 1 evaluations: {', '.join(map(str, even))} would run as "
+                             f"{', '.join(str(teacher_nfe(n)) for n in even)} (use 1, 2 or an odd number)")
+        return v
 
 
 class Spec(StageSpec):
@@ -75,6 +99,9 @@ class Spec(StageSpec):
                 if up in recipe.stages and recipe.model_method(up) is None:
                     probs.append((f"{at}.{role}", f"stage {up!r} ({recipe.stages[up].kind}) makes no model"))
         feats = one_input(self, "features")
+        if recipe.data.kind != "toy" and "features" not in self.inputs:
+            probs.append((f"{at}.features", "image data is scored in the features of a feature_net stage: "
+                          "give it as input `features`"))
         if feats in recipe.stages and recipe.model_method(feats) != "classifier":
             probs.append((f"{at}.features", f"stage {feats!r} is not a feature network (method classifier)"))
         pairs = one_input(self, "pairs")

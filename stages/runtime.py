@@ -3,15 +3,28 @@ date, run into a temporary folder, write the manifest last, rename into place, t
 
 `run_stage(recipe, name)` is the one entry point: the CLI (`python -m stages.run`), `dvc repro`,
 the Prefect flow and the tests all call it.
+
+One process at a time runs a stage into its output (`stage_lock`: an exclusive `flock` on
+`<stage>.lock` next to the stage's partial checkpoints); another run of the same stage waits for it,
+says so, and then usually finds the output up to date. The lock file also records the attempt
+holding it (its process and MLflow run) and is deleted when the attempt ends, failed or not: a lock
+file found with a run in it was left by an attempt that was killed. That run is marked KILLED, and
+if the attempt got as far as publishing its output (its manifest names that run) the stage runs
+again, so that every output's MLflow run holds its complete lineage.
 """
 from __future__ import annotations
 
 import argparse
+import fcntl
 import importlib
 import json
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -87,12 +100,105 @@ class StageContext:
         return torch.device("cuda" if use else "cpu")
 
     def partial_dir(self) -> Path:
-        """Where resumable checkpoints survive a crash: keyed by the stage's params digest
-        (next to the outputs; in the local cache when they are stored remotely)."""
-        key = f"{self.name}-{self.recipe.digest(self.name)[:16]}"
-        if storage.is_remote(self.recipe.storage.root):
-            return storage.cache_root() / "partial" / self.recipe.name / key
-        return stage_dir(self.recipe, self.name).parent / ".partial" / key
+        """Where resumable checkpoints survive a crash: keyed by the stage's params digest."""
+        return partial_root(self.recipe, self.name) / f"{self.name}-{self.recipe.digest(self.name)[:16]}"
+
+
+def partial_root(recipe: Recipe, stage: str) -> Path:
+    """The folder of a recipe's partial checkpoints and stage locks: next to the outputs, or in the
+    local cache when they are stored remotely."""
+    if storage.is_remote(recipe.storage.root):
+        return storage.cache_root() / "partial" / recipe.name
+    return stage_dir(recipe, stage).parent / ".partial"
+
+
+@dataclass
+class Lock:
+    fd: int
+    path: Path
+    left: dict                                 # what the previous holder recorded, if it was killed
+    facts: dict = field(default_factory=dict)  # what this holder recorded
+
+    def record(self, **facts) -> None:
+        """Add facts about the attempt holding the lock to the lock file."""
+        self.facts.update(facts)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, json.dumps(self.facts).encode(), 0)
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = json.loads(path.read_text())
+        return f"process {h['pid']} (since {h['started']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _acquire(path: Path, what: str) -> int:
+    """An exclusive flock on `path`, waiting (and saying so) while another process holds it. The
+    holder deletes the file on release, so a lock won on a file no longer at `path` is retried."""
+    said = False
+    while True:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:  # the folder was removed by a releasing holder: again
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if not said:
+                print(f"[fastgen] {what}: {_holder(path)} is running this stage; waiting for it to finish",
+                      file=sys.stderr, flush=True)
+                said = True
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+@contextmanager
+def stage_lock(recipe: Recipe, stage: str):
+    """Hold the lock of `stage`'s output for the block (see the module docstring); yields a `Lock`
+    whose `left` is what a killed earlier attempt recorded ({} if none)."""
+    path = partial_root(recipe, stage) / f"{stage}.lock"
+    with phase("lock"):
+        fd = _acquire(path, f"{recipe.name}/{stage}")
+    try:
+        raw = os.pread(fd, 1 << 16, 0)
+        try:
+            left = json.loads(raw) if raw else {}
+        except ValueError:
+            left = {}
+        lock = Lock(fd, path, left if isinstance(left, dict) else {})
+        lock.record(pid=os.getpid(), process=tracking.process_id(), started=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        yield lock
+    finally:
+        os.unlink(path)  # still holding it: a waiter that wins the old file sees it is gone and retries
+        os.close(fd)
+        try:
+            path.parent.rmdir()
+        except OSError:
+            pass
+
+
+def _end_killed_attempt(lock: Lock, recipe: Recipe, stage: str) -> str | None:
+    """Mark KILLED the MLflow run of an attempt that was killed while holding the lock, and remove
+    the temporary folders it left next to the output (`artifacts.atomic_dir`'s `.<name>.tmp-*`);
+    return that run's id."""
+    run_id = lock.left.get("run_id")
+    if run_id and lock.left.get("tracking_uri"):
+        tracking.kill_stale_run(lock.left["tracking_uri"], run_id,
+                                f"process {lock.left.get('process')} was killed while running stage {stage!r}; "
+                                f"found by {tracking.process_id()}")
+    if lock.left and not storage.is_remote(recipe.storage.root):
+        out = stage_dir(recipe, stage)
+        for tmp in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return run_id
 
 
 def resolve_inputs(recipe: Recipe, stage: str) -> dict[str, list[Input]]:
@@ -135,15 +241,35 @@ def run_stage(recipe: Recipe | str, stage: str, force: bool = False) -> dict:
 
 
 def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
-    spec = recipe.stages[stage]
     if recipe.compute.threads:
         torch.set_num_threads(recipe.compute.threads)
     with phase("inputs"):
         inputs = resolve_inputs(recipe, stage)
-        m = None if force else up_to_date(recipe, stage, inputs)
-    if m:
-        print(f"[fastgen] {recipe.name}/{stage}: up to date", file=sys.stderr)
-        return m, True
+    with stage_lock(recipe, stage) as lock:
+        with phase("inputs"):
+            killed = _end_killed_attempt(lock, recipe, stage)
+            m = None if force else up_to_date(recipe, stage, inputs)
+        if m and killed and (m.get("mlflow") or {}).get("run_id") == killed:
+            print(f"[fastgen] {recipe.name}/{stage}: the output is complete but the attempt that made it was killed "
+                  f"while logging to MLflow (run {killed}, now KILLED): running the stage again", file=sys.stderr)
+            m = None
+        if m:
+            print(f"[fastgen] {recipe.name}/{stage}: up to date", file=sys.stderr)
+            return m, True
+        return _execute(recipe, stage, inputs, lock), False
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception as one line: a StageError's own message, else its type and first line."""
+    if isinstance(e, (KeyboardInterrupt, Terminated)):
+        return "terminated (SIGTERM)" if isinstance(e, Terminated) else "interrupted (SIGINT)"
+    text = str(e).strip().splitlines()
+    return text[0] if isinstance(e, StageError) and text else f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _execute(recipe: Recipe, stage: str, inputs: dict[str, list[Input]], lock: Lock) -> dict:
+    """Run the stage into a temporary folder, write its manifest, publish it and track it."""
+    spec = recipe.stages[stage]
     with phase("import"):
         module = importlib.import_module(f"stages.{recipe.module_of(stage)}")
     t0 = time.time()
@@ -162,7 +288,9 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
                for ins in inputs.values() for i in ins}}
     with phase("mlflow_setup"):
         tr = tracking.start_stage_run(recipe, stage, params, tags)
-    ok = False
+    if tr.run_id:
+        lock.record(run_id=tr.run_id, parent_id=tr.parent_id, tracking_uri=tr.uri)
+    ok, reason, interrupted = False, None, False
     try:
         with storage.output(loc) as tmp:
             ctx = StageContext(recipe, stage, tmp, inputs, tr)
@@ -184,11 +312,22 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
         with phase("mlflow_end"):
             tracking.log_lineage(tr, recipe, stage, manifest, storage.local_copy(loc, manifest["digest"]), loc)
         ok = True
+    except BaseException as e:
+        reason, interrupted = _one_line(e), isinstance(e, (KeyboardInterrupt, Terminated))
+        raise
     finally:
         with phase("mlflow_end"):
-            tracking.end_stage_run(tr, ok)
+            tracking.end_stage_run(tr, ok, reason, interrupted)
     print(f"[fastgen] {recipe.name}/{stage}: done in {time.time() - t0:.1f}s", file=sys.stderr)
-    return manifest, False
+    return manifest
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised so that the stage ends its run (KILLED) and releases its lock on the way out."""
+
+
+def _terminate(signum, frame):
+    raise Terminated(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -198,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("stage", help="stage name in the recipe")
     ap.add_argument("--force", action="store_true", help="run even if the output is up to date")
     a = ap.parse_args(argv)
+    own = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if own else None
     try:
         recipe = load_recipe(a.recipe)
         if a.stage not in recipe.stages:
@@ -209,4 +350,10 @@ def main(argv: list[str] | None = None) -> int:
     except (StageError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"error: {a.recipe}: stage {a.stage!r} terminated (SIGTERM)", file=sys.stderr)
+        return e.code
+    finally:
+        if own:
+            signal.signal(signal.SIGTERM, before)
     return 0

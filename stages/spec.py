@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import Field
 
-from fastgen_core.config import Strict
+from fastgen_core.config import DataConfig, NetworkConfig, Strict
 from fastgen_core.methods import config_union
 
 if TYPE_CHECKING:
@@ -50,3 +50,32 @@ def one_input(spec: StageSpec, role: str) -> str | None:
     """The stage named by a single-valued input role (None when absent or a list)."""
     v = spec.inputs.get(role)
     return v if isinstance(v, str) else None
+
+
+def sample_shape(data: DataConfig) -> tuple[int | None, ...]:
+    """The shape of one sample of `data` as far as its settings tell (None: known only once
+    loaded): toy (2,), digits (C, 8, 8), images (C, H, W) with H = W = `resolution`."""
+    if data.kind == "toy":
+        return (2,)
+    if data.kind == "digits":
+        return (3 if data.color else 1, 8, 8)
+    return (data.channels, data.resolution, data.resolution)
+
+
+def network_problems(net: NetworkConfig, data: DataConfig, at: str) -> list[Problem]:
+    """A network that could not be built for `data` (`fastgen_core.nets.build_network`): a U-Net
+    for vectors, or one whose levels do not divide the image side; the classifier architecture,
+    which only the classifier method builds (from its own `width`)."""
+    if net.arch == "classifier":
+        return [(f"{at}.arch", "classifier is the feature network's architecture, built by method classifier "
+                 "from its width: use mlp or unet")]
+    if net.arch != "unet":
+        return []
+    side = sample_shape(data)[-1]
+    if data.kind == "toy":
+        return [(f"{at}.arch", "unet needs image data (data.kind digits or images), not toy: use mlp")]
+    factor = 2 ** (len(net.channel_mult) - 1)
+    if side is not None and side % factor:
+        return [(f"{at}.channel_mult", f"{len(net.channel_mult)} levels halve the image {len(net.channel_mult) - 1} "
+                 f"times, which needs a side divisible by {factor}, not {side}")]
+    return []

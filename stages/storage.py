@@ -26,6 +26,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from fastgen_core import artifacts
+from fastgen_core.data import cache_root
+
+from .timing import pause_point
 
 MANIFEST = artifacts.MANIFEST
 
@@ -42,11 +45,6 @@ def location(recipe, stage: str) -> str:
     r = Path(root)
     return str((r if r.is_absolute() else Path.cwd() / r) / recipe.name / stage)
 
-
-def cache_root() -> Path:
-    if os.environ.get("FASTGEN_CACHE_DIR"):
-        return Path(os.environ["FASTGEN_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fastgen"
 
 
 def _fs(uri: str):
@@ -196,8 +194,10 @@ def publish(folder: str | Path, uri: str) -> None:
         fs.rm_file(f"{path}/{MANIFEST}")  # from here on the old artifact is incomplete
     old = set(_objects(fs, path))
     new = sorted(artifacts.digest_files(folder))
-    for rel in new:
+    for i, rel in enumerate(new):
         fs.put_file(str(folder / rel), f"{path}/{rel}")
+        if i == 0:
+            pause_point("upload")  # tests only: an upload cut short (stages/timing.py)
     stale = sorted(old - set(new) - {MANIFEST})
     if stale:
         fs.rm([f"{path}/{rel}" for rel in stale])

@@ -4,19 +4,30 @@ Default store: a SQLite file `mlflow.db` in the project (no server needed). `MLF
 or the recipe's `tracking.uri` point it at a server. Only the `MlflowClient` API is used (no
 global active-run state), so concurrent stages in one process (Prefect) cannot cross their runs.
 
-The invocation a stage belongs to: `$FASTGEN_INVOCATION` if set (the Prefect flow and
-`fastgen run` set it), else the `dvc repro` process this stage runs under, else a fresh one.
+The invocation a stage belongs to: the Prefect flow run it is a task of (`invocation_scope`), else
+`$FASTGEN_INVOCATION` if set, else the `dvc repro` process this stage runs under, else a fresh one.
+
+Honest run states: every run is tagged with the process that opened it (`fastgen.process`: host,
+pid and the process's start time). A stage run ends FINISHED, or FAILED with its one-line reason
+(tag `fastgen.failure`). A run left RUNNING by a process that is gone (killed, e.g. by SIGKILL) is
+marked KILLED when the same stage starts again (`end_stale_runs`); runs of live processes are left
+alone, and a process on another host is never judged dead.
 """
 from __future__ import annotations
 
+import contextvars
 import json
 import os
 import re
+import socket
 import tempfile
 import threading
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
+
+from .timing import pause_point
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -29,13 +40,62 @@ def _proc_start(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
 
 
+def process_id() -> str:
+    """This process as `host:pid:start` (start: its start time in clock ticks since boot, so that a
+    later process given the same pid is not taken for it)."""
+    try:
+        start = _proc_start(os.getpid())
+    except (OSError, IndexError):
+        start = "?"
+    return f"{socket.gethostname()}:{os.getpid()}:{start}"
+
+
+def process_gone(proc: str) -> bool:
+    """Whether the process named by a `process_id` has ended. Only a process of this host can be
+    judged; one of another host (or a malformed name) counts as alive."""
+    try:
+        host, pid, start = proc.rsplit(":", 2)
+        pid = int(pid)
+    except ValueError:
+        return False
+    if host != socket.gethostname():
+        return False
+    try:
+        return start != "?" and _proc_start(pid) != start
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            return True
+        except OSError:
+            return False
+
+
 # Kept here, not in os.environ: a flow started later in this process must see no
 # FASTGEN_INVOCATION and make its own, instead of adopting these stages' parent run.
 _solo: str | None = None
+# The invocation of the flow run whose task is running in this context (threads of one process may
+# run tasks of several flow runs).
+_scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgen_invocation", default=None)
+
+
+@contextmanager
+def invocation_scope(invocation: str):
+    """Stages started inside the block belong to `invocation` (a flow run's)."""
+    token = _scoped.set(invocation)
+    try:
+        yield
+    finally:
+        _scoped.reset(token)
 
 
 def invocation_id() -> str:
     """Identify the pipeline invocation this process is part of (see module docstring)."""
+    if _scoped.get():
+        return _scoped.get()
     if os.environ.get("FASTGEN_INVOCATION"):
         return os.environ["FASTGEN_INVOCATION"]
     pid = os.getppid()
@@ -139,11 +199,13 @@ def start_stage_run(recipe, stage: str, params: dict, tags: dict) -> Tracker:
         else:
             parent = client.create_run(exp, run_name=f"{recipe.name}", tags={
                 "fastgen.invocation": inv, "fastgen.level": "pipeline", "fastgen.recipe": recipe.name,
-                "fastgen.recipe_path": scrub(recipe.path), "fastgen.recipe_digest": recipe.digest()}).info.run_id
+                "fastgen.recipe_path": scrub(recipe.path), "fastgen.recipe_digest": recipe.digest(),
+                "fastgen.process": process_id()}).info.run_id
+    end_stale_runs(client, exp, recipe.name, stage, tags.get("fastgen.params_digest"), parent)
     run = client.create_run(exp, run_name=stage, tags={
         "mlflow.parentRunId": parent, "fastgen.invocation": inv, "fastgen.level": "stage",
         "fastgen.recipe": recipe.name, "fastgen.stage": stage, "fastgen.recipe_digest": recipe.digest(),
-        **{k: scrub(v) for k, v in tags.items()}})
+        "fastgen.process": process_id(), **{k: scrub(v) for k, v in tags.items()}})
     rid = run.info.run_id
     flat = flatten(params)
     items = list(flat.items())
@@ -156,13 +218,67 @@ def start_stage_run(recipe, stage: str, params: dict, tags: dict) -> Tracker:
     return Tracker(client, rid, parent, uri, upstream)
 
 
-def end_stage_run(tr: Tracker, ok: bool) -> None:
+FAILURE_TAG = "fastgen.failure"  # why a run ended FAILED or KILLED, in one line
+
+
+def end_stage_run(tr: Tracker, ok: bool, reason: str | None = None, interrupted: bool = False) -> None:
+    """End the stage's run FINISHED, or FAILED (KILLED when `interrupted`: Ctrl-C, SIGTERM) with
+    `reason` (one line) in tag `fastgen.failure`."""
     if tr.client:
-        status = "FINISHED" if ok else "FAILED"
+        status = "FINISHED" if ok else "KILLED" if interrupted else "FAILED"
+        if reason:
+            tr.client.set_tag(tr.run_id, FAILURE_TAG, scrub(reason)[:5000])
         tr.client.set_terminated(tr.run_id, status)
-        # the parent is FAILED once any stage failed: a later stage's success does not undo that
-        if not ok or tr.client.get_run(tr.parent_id).info.status != "FAILED":
+        # the parent is FAILED (or KILLED) once any stage was: a later stage's success does not undo that
+        if not ok or tr.client.get_run(tr.parent_id).info.status not in ("FAILED", "KILLED"):
             tr.client.set_terminated(tr.parent_id, status)
+
+
+def kill_run(client, run_id: str, reason: str, keep_parent: str | None = None) -> None:
+    """Mark a run whose process is gone KILLED, with `reason`; its parent too (the invocation ended
+    with it), unless the parent is `keep_parent`, already ended FAILED or KILLED, or still has a
+    running stage in a live process."""
+    client.set_tag(run_id, FAILURE_TAG, scrub(reason)[:5000])
+    client.set_terminated(run_id, "KILLED")
+    run = client.get_run(run_id)
+    parent = run.data.tags.get("mlflow.parentRunId")
+    if not parent or parent == keep_parent or client.get_run(parent).info.status not in ("RUNNING", "FINISHED"):
+        return
+    siblings = client.search_runs([run.info.experiment_id], f"attributes.status = 'RUNNING' and "
+                                                            f"tags.`mlflow.parentRunId` = '{parent}'")
+    if any(not process_gone(r.data.tags.get("fastgen.process", "")) for r in siblings):
+        return
+    client.set_tag(parent, FAILURE_TAG, scrub(f"stage run {run_id} was killed")[:5000])
+    client.set_terminated(parent, "KILLED")
+
+
+def end_stale_runs(client, exp: str, recipe: str, stage: str, digest: str | None, keep_parent: str) -> list[str]:
+    """Mark KILLED every run of this stage (same recipe, stage and params digest) that is still
+    RUNNING although the process that opened it is gone; return their ids."""
+    if not digest:
+        return []
+    found = client.search_runs([exp], f"attributes.status = 'RUNNING' and tags.`fastgen.recipe` = '{recipe}' and "
+                                      f"tags.`fastgen.stage` = '{stage}' and tags.`fastgen.params_digest` = '{digest}'")
+    stale = [r for r in found if process_gone(r.data.tags.get("fastgen.process", ""))]
+    for r in stale:
+        kill_run(client, r.info.run_id, f"process {r.data.tags['fastgen.process']} ended without ending this run "
+                 f"(killed); found by a new run of the stage from {process_id()}", keep_parent)
+    return [r.info.run_id for r in stale]
+
+
+def kill_stale_run(uri: str, run_id: str, reason: str) -> bool:
+    """Mark run `run_id` of the store at `uri` KILLED if it is still RUNNING (its process is known
+    to be gone); return whether it was."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(uri)
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return False
+    except Exception:  # deleted, or in a store that no longer has it
+        return False
+    kill_run(client, run_id, reason)
+    return True
 
 
 # --- credentials ---------------------------------------------------------------------------------
@@ -248,6 +364,7 @@ def log_lineage(tr: Tracker, recipe, stage: str, manifest: dict, folder: str | P
                                    inp["role"], inp["digest"]))
     c.log_inputs(tr.run_id, datasets=datasets, models=models or None)
     tr.set_tags(tags)
+    pause_point("mlflow")
     with tempfile.TemporaryDirectory() as tmp:
         man = Path(tmp) / "manifest.json"
         man.write_text(scrub(json.dumps(manifest, indent=2, sort_keys=True)))

@@ -13,8 +13,11 @@ CLI: python -m stages.run RECIPE.yaml STAGE
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import nullcontext
@@ -34,8 +37,8 @@ from fastgen_core.models import load_model, save_model, snapshot_dir
 from fastgen_core.noise import NoiseProcess
 
 from . import storage
-from .spec import MethodConfig, Problem, StageSpec
-from .timing import add_phase, current, phase, recording
+from .spec import MethodConfig, Problem, StageError, StageSpec, network_problems
+from .timing import add_phase, current, pause_point, phase, recording
 
 
 class Spec(StageSpec):
@@ -50,10 +53,35 @@ class Spec(StageSpec):
     noise: NoiseProcess | None = Field(None, description="this stage's noise process (None: the recipe's `noise`)")
 
     def problems(self, recipe, name: str) -> list[Problem]:
-        return method_problems(self, recipe, name)
+        probs = method_problems(self, recipe, name) + settings_problems(self, recipe, name)
+        if self.network is None and self.method.name != "classifier" and "teacher" not in self.inputs:
+            probs.append((f"stages.{name}.network", "no `teacher` input to copy the network from: "
+                          "give this stage's network"))
+        return probs
 
     def model_method(self, recipe, seen: tuple = ()) -> str | None:
         return self.method.name
+
+
+def settings_problems(spec, recipe, name: str) -> list[Problem]:
+    """A training stage's settings that could not run on this recipe's data and compute: its
+    network (`stages.spec.network_problems`; the classifier builds its own from `method.width` and needs
+    labels), and a global batch the Ray workers cannot split evenly."""
+    at, probs, data, method = f"stages.{name}", [], recipe.data, getattr(spec.method, "name", None)
+    if method == "classifier":
+        if spec.network is not None:
+            probs.append((f"{at}.network", "method classifier builds its own network from method.width: "
+                          "remove network"))
+        if data.kind == "toy" and not (data.conditional or data.name == "labelled_mixture"):
+            probs.append((f"{at}.method.name", "the classifier needs labelled data: toy data has labels with "
+                          "data.conditional: true (or name labelled_mixture)"))
+    elif spec.network is not None:
+        probs += network_problems(spec.network, data, f"{at}.network")
+    workers = recipe.compute.num_workers
+    if recipe.compute.backend == "ray" and spec.train.batch_size % workers:
+        probs.append((f"{at}.train.batch_size", f"{spec.train.batch_size} does not split evenly over "
+                      f"compute.num_workers = {workers} Ray workers"))
+    return probs
 
 
 def method_problems(spec, recipe, name: str) -> list[Problem]:
@@ -152,27 +180,21 @@ def _fit(config: dict, t_fit: float, in_ray: bool, timings: dict) -> None:
             for t in [*method.nets.parameters(), *method.nets.buffers()]:
                 torch.distributed.broadcast(t, src=0)
 
-    callback, client = None, None
-    if config.get("run_id") and rank == 0:  # only rank 0 logs
-        with phase("mlflow_worker"):
-            from mlflow import MlflowClient
-            from mlflow.entities import Metric
-
-            client = MlflowClient(config["tracking_uri"])
-            client.get_run(config["run_id"])  # opens the store now, not inside the first training step
-
-        def callback(step, logs):
-            ts = int(time.time() * 1000)
-            client.log_batch(config["run_id"], metrics=[Metric(k, v, ts, step) for k, v in logs.items()])
-
+    callback = _logger(config) if rank == 0 else None  # only rank 0 logs
     snapshots: dict[int, dict] = {}
     with phase("train"):
-        states = loop.train(method, spec.train, config["ckpt_dir"], seed=recipe.seed, callback=callback,
-                            progress=config.get("progress", True), snapshots=snapshots)
+        try:
+            states = loop.train(method, spec.train, config["ckpt_dir"], seed=recipe.seed, callback=callback,
+                                progress=config.get("progress", True), snapshots=snapshots)
+        except loop.NonFiniteLoss as e:
+            if not in_ray:
+                raise nonfinite_error(recipe, stage, str(e), e.checkpoint is not None) from None
+            _report_nonfinite(e, rank, world)
+            return
     facts = {"dist/world_size": float(world)}
     if world > 1:
         facts.update(_dist_check(method))
-    if rank == 0 and callback:
+    if callback:
         callback(spec.train.steps, facts)
 
     def save(out):
@@ -235,6 +257,55 @@ def _ray_init(compute) -> None:
     ray.init(**kw)
 
 
+def _logger(config: dict):
+    """The loop's callback on rank 0: logs to the stage's MLflow run (when tracked), and holds the
+    `train` pause point of the fault tests (stages/timing.py) once a checkpoint exists."""
+    client = None
+    if config.get("run_id"):
+        with phase("mlflow_worker"):
+            from mlflow import MlflowClient
+
+            client = MlflowClient(config["tracking_uri"])
+            client.get_run(config["run_id"])  # opens the store now, not inside the first training step
+
+    def callback(step, logs):
+        if client is not None:
+            from mlflow.entities import Metric
+
+            ts = int(time.time() * 1000)
+            client.log_batch(config["run_id"], metrics=[Metric(k, v, ts, step) for k, v in logs.items()])
+        if (Path(config["ckpt_dir"]) / "last.pt").exists():
+            pause_point("train")
+
+    return callback
+
+
+def nonfinite_error(recipe, stage: str, message: str, kept: bool) -> StageError:
+    """A non-finite loss (`loop.NonFiniteLoss`'s message; `kept`: a checkpoint was) as the stage's
+    one-line error."""
+    then = "; a rerun with unchanged settings resumes from it, changed settings start afresh" if kept else ""
+    return StageError(f"{recipe.path}: stages.{stage}: {message}{then}")
+
+
+NONFINITE = "nonfinite.json"
+
+
+def _report_nonfinite(e: loop.NonFiniteLoss, rank: int, world: int) -> None:
+    """On Ray Train workers: hand a non-finite loss to the driver as rank 0's last checkpoint, a
+    `nonfinite.json` in the words of the worker whose loss it was, rather than failing every worker
+    with a traceback."""
+    import ray.train
+
+    every = [e] * world
+    if world > 1:
+        torch.distributed.all_gather_object(every, e)
+    first = min(every, key=lambda f: f.value is None)
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            (Path(tmp) / NONFINITE).write_text(json.dumps({"message": str(first), "kept": first.checkpoint is not None}))
+        ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
 def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -> dict:
     """Train on Ray Train workers; copy rank 0's checkpoint into `out`; return rank 0's last report."""
     with phase("ray_init"):
@@ -249,20 +320,25 @@ def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -
         scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
                                      resources_per_worker={"CPU": compute.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=storage_path))
-    result = trainer.fit()
-    metrics = dict(result.metrics or {})
-    # the worker's own phases (data, model_setup, train, save, ...) happened inside trainer.fit;
-    # what remains is Ray Train's fixed cost: worker start + imports, process group, reporting
-    for k, v in metrics.items():
-        if k.startswith("timing/") and k != "timing/fit":
-            add_phase(k[len("timing/"):], v)
-    add_phase("ray_trainer", time.perf_counter() - t0 - metrics.get("timing/fit", 0.0))
-    if result.checkpoint is None:
-        raise RuntimeError(f"Ray Train run of stage {config['stage']!r} returned no checkpoint")
-    with phase("checkpoint_copy"), result.checkpoint.as_directory() as d:
-        shutil.copytree(d, out, dirs_exist_ok=True)  # the model and its snapshots/ folders
-    if storage_path:  # the copy is in `out`: drop Ray's run folder (local or on the object store)
-        storage.remove(f"{storage_path.rstrip('/')}/{name}")
+    try:
+        result = trainer.fit()
+        metrics = dict(result.metrics or {})
+        # the worker's own phases (data, model_setup, train, save, ...) happened inside trainer.fit;
+        # what remains is Ray Train's fixed cost: worker start + imports, process group, reporting
+        for k, v in metrics.items():
+            if k.startswith("timing/") and k != "timing/fit":
+                add_phase(k[len("timing/"):], v)
+        add_phase("ray_trainer", time.perf_counter() - t0 - metrics.get("timing/fit", 0.0))
+        if result.checkpoint is None:
+            raise RuntimeError(f"Ray Train run of stage {config['stage']!r} returned no checkpoint")
+        with phase("checkpoint_copy"), result.checkpoint.as_directory() as d:
+            if (Path(d) / NONFINITE).exists():
+                said = json.loads((Path(d) / NONFINITE).read_text())
+                raise nonfinite_error(config["recipe"], config["stage"], said["message"], said["kept"])
+            shutil.copytree(d, out, dirs_exist_ok=True)  # the model and its snapshots/ folders
+    finally:
+        if storage_path:  # copied into `out`, or failed: drop Ray's run folder (local or on the object store)
+            storage.remove(f"{storage_path.rstrip('/')}/{name}")
     return metrics
 
 
@@ -279,6 +355,11 @@ def run(ctx) -> None:
         "ckpt_dir": str(ckpt), "out": str(ctx.out), "use_gpu": compute.use_gpu,
         "run_id": ctx.tracker.run_id, "tracking_uri": ctx.tracker.uri,
     }
+    resumed = loop.checkpoint_step(ckpt)
+    if resumed:
+        print(f"[fastgen] {recipe.name}/{ctx.name}: resuming from step {resumed} of {ctx.spec.train.steps} "
+              f"({ckpt})", file=sys.stderr)
+        ctx.tracker.set_tags({"fastgen.resumed_from_step": resumed})
     if compute.backend == "ray":
         # Ray Train's run folder goes where the outputs go: s3://... (Ray's pyarrow S3 filesystem
         # reads the same AWS variables) or next to the resumable checkpoints
@@ -287,5 +368,9 @@ def run(ctx) -> None:
                 storage_path=storage.location(recipe, ".ray") if remote else str(ckpt.parent / "ray"))
     else:
         fit(config)
-    shutil.rmtree(ckpt, ignore_errors=True)  # finished: the resumable state is no longer needed
+    # finished: the resumable state is no longer needed, nor that of attempts with other settings
+    # (under the stage's lock, so none of them is in use)
+    for old in ckpt.parent.glob(f"{ctx.name}-*"):
+        if re.fullmatch(rf"{re.escape(ctx.name)}-[0-9a-f]{{16}}", old.name):
+            shutil.rmtree(old, ignore_errors=True)
 

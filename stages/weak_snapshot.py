@@ -79,7 +79,7 @@ class Spec(StageSpec):
                           f"(method {recipe.model_method(teacher)!r})"))
         # the teacher input only names what to imitate: the method trains without inputs
         own = self.model_copy(update={"inputs": {}})
-        return probs + train.method_problems(own, recipe, name)
+        return probs + train.method_problems(own, recipe, name) + train.settings_problems(self, recipe, name)
 
 
 def run(ctx) -> None:

@@ -19,6 +19,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
+# Prefect sets up its console log handler on import, bound to the sys.stderr of that moment: import
+# it here, under the session's capture, not inside a test whose capsys/capfd stream closes after it
+import prefect.main  # noqa: E402,F401
+
 PROJECT = Path(__file__).resolve().parent.parent
 
 # real servers (moto S3, `mlflow server`) as session fixtures: s3_server, mlflow_server
@@ -171,8 +175,13 @@ def prefect_harness():
     """Prefect's test harness (a throwaway API server and database), once per session."""
     from prefect.testing.utilities import prefect_test_harness
 
+    from prefect import flow
+
     # the API server is a subprocess: generous start-up time on a loaded 2-core machine
     with prefect_test_harness(server_startup_timeout=180):
+        # Prefect's console log handler takes the sys.stderr of the first flow run: run one here, so
+        # that it is the session's, not the stream of a test's capfd (closed when that test ends)
+        flow(name="warm-up")(lambda: None)()
         yield
 
 

@@ -1,6 +1,8 @@
 """Faithfulness of the core math: Karras grid, EDM preconditioning, the time-convention
-conversions, the analytic mixture denoiser, Heun sampling, the CM boundary condition, and that
-the one loop resumes exactly from its checkpoint."""
+conversions, the analytic mixture denoiser, Heun sampling, the CM boundary condition; and the one
+loop: it resumes exactly from its checkpoint (every random state, CUDA's when in use, every
+worker's), stops on a non-finite loss keeping the last finite checkpoint, and its gradient
+all-reduce holds with workers whose loss leaves a parameter unused (two gloo processes)."""
 from __future__ import annotations
 
 import math
@@ -103,10 +105,11 @@ def test_consistency_boundary_condition_exact():
     assert not torch.allclose(f(x, torch.tensor(1.0)), x)
 
 
-def _toy_method(seed=0):
+def _toy_method(seed=0, device="cpu", cls=None):
     data = load_data(DataConfig(kind="toy", name="8gaussians", n_train=500, n_test=100))
     torch.manual_seed(seed)
-    return edm.Method(edm.Config(), Context(data, EDM(), NetworkConfig(arch="mlp", width=16, depth=1, emb_dim=8)))
+    return (cls or edm.Method)(edm.Config(), Context(data, EDM(), NetworkConfig(arch="mlp", width=16, depth=1, emb_dim=8),
+                                                     device=torch.device(device)))
 
 
 def test_loop_resume_is_exact(tmp_path):
@@ -147,3 +150,130 @@ def test_loop_steps_groups_at_their_rates():
     loop.train(m2, TrainConfig(steps=10, batch_size=16), None, progress=False)
     assert m2.calls == {"net": 10, "slow": 2}
     assert any(not torch.equal(before[k], v) for k, v in m2.nets["net"].state_dict().items())
+
+
+class NaNAt(edm.Method):
+    """The EDM loss, made NaN from step `nan_at` on (a stand-in for a diverging run)."""
+
+    nan_at = 13
+
+    def loss(self, group, batch, step):
+        loss, logs = super().loss(group, batch, step)
+        return (loss * float("nan") if step >= self.nan_at else loss), logs
+
+
+def test_nonfinite_loss_stops_with_step_group_and_last_finite_checkpoint(tmp_path):
+    cfg = TrainConfig(steps=20, batch_size=32, ckpt_every=5, log_every=5)
+    with pytest.raises(loop.NonFiniteLoss) as e:
+        loop.train(_toy_method(cls=NaNAt), cfg, tmp_path / "b", progress=False)
+    ckpt = tmp_path / "b" / "last.pt"
+    assert (e.value.step, e.value.group, e.value.checkpoint_step, e.value.checkpoint) == (13, "net", 10, ckpt)
+    assert str(e.value) == f"non-finite loss (nan) at step 13 in optimiser group 'net'; " \
+                           f"last finite checkpoint (step 10) kept in {ckpt}"
+    assert loop.checkpoint_step(tmp_path / "b") == 10
+    # the kept checkpoint resumes to exactly the run that never failed
+    resumed = loop.train(_toy_method(), cfg, tmp_path / "b", progress=False)
+    full = loop.train(_toy_method(), cfg, tmp_path / "a", progress=False)
+    assert all(torch.equal(full["net"][k], resumed["net"][k]) for k in full["net"])
+    with pytest.raises(loop.NonFiniteLoss, match="no checkpoint written yet"):
+        loop.train(_toy_method(cls=NaNAt), cfg.model_copy(update={"ckpt_every": 50}), tmp_path / "c", progress=False)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device: GPU-exact resume not checked here"))])
+def test_checkpoint_holds_every_random_state(tmp_path, device):
+    """The EDM loss draws σ and n from torch's generator of the device the method runs on: the
+    checkpoint keeps CUDA's generators (all devices) exactly when CUDA is in use, and resuming from
+    it is bit-exact on either device."""
+    cfg = TrainConfig(steps=20, batch_size=32, ckpt_every=10, log_every=5)
+    full = loop.train(_toy_method(device=device), cfg, tmp_path / "a", progress=False)
+    loop.train(_toy_method(device=device), cfg.model_copy(update={"steps": 10}), tmp_path / "b", progress=False)
+    state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
+    (rngs,) = state["rng_states"]  # one worker
+    assert ("cuda_rng" in rngs) == (device == "cuda")
+    if device == "cuda":
+        assert len(rngs["cuda_rng"]) == torch.cuda.device_count()
+    resumed = loop.train(_toy_method(device=device), cfg, tmp_path / "b", progress=False)
+    assert all(torch.equal(full["net"][k], resumed["net"][k]) for k in full["net"])
+
+
+class RankSkips(edm.Method):
+    """Two networks; on worker 1 the loss never reaches the second (unused there), and from step
+    `nan_at` worker 1's loss is NaN."""
+
+    nan_at = 10**9
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.add_net("aux", self.ctx.network)
+
+    def groups(self):
+        from fastgen_core.methods.base import Group
+
+        return [Group("net", [*self.nets["net"].parameters(), *self.nets["aux"].parameters()])]
+
+    def loss(self, group, batch, step):
+        loss, logs = super().loss(group, batch, step)
+        rank = torch.distributed.get_rank()
+        if rank == 0:
+            loss = loss + self.nets["aux"](batch["x"], torch.ones(len(batch["x"]))).pow(2).mean()
+        return (loss * float("nan") if rank == 1 and step >= self.nan_at else loss), logs
+
+
+def _ddp_worker(rank: int, folder: str) -> None:
+    """One of two gloo workers: the all-reduce with a parameter unused on worker 1, a NaN on worker
+    1 only, and an interrupted-and-resumed run against an uninterrupted one; results to files."""
+    import datetime
+
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/store", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    out = {}
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
+    a.grad = torch.full((3,), float(rank + 1))
+    b.grad = torch.tensor([4.0, 8.0]) if rank == 0 else None
+    out["bad"] = loop._allreduce_grads([a, b], 2)
+    out["a"], out["b"] = a.grad.clone(), b.grad.clone()
+    out["any_bad"] = loop._allreduce_grads([a, b], 2, bad=rank == 1)
+
+    cfg = TrainConfig(steps=12, batch_size=32, ckpt_every=6, log_every=6)
+    out["full"] = loop.train(_toy_method(cls=RankSkips), cfg, f"{folder}/full", progress=False)
+    loop.train(_toy_method(cls=RankSkips), cfg.model_copy(update={"steps": 6}), f"{folder}/cut", progress=False)
+    out["resumed"] = loop.train(_toy_method(cls=RankSkips), cfg, f"{folder}/cut", progress=False)
+    RankSkips.nan_at = 8
+    try:
+        loop.train(_toy_method(cls=RankSkips), cfg, f"{folder}/nan", progress=False)
+    except loop.NonFiniteLoss as e:
+        out["nan"] = str(e)
+    dist.destroy_process_group()
+    torch.save(out, f"{folder}/rank{rank}.pt")
+
+
+def test_allreduce_with_a_parameter_unused_on_one_worker_and_exact_resume_on_two(tmp_path):
+    """Two gloo processes: a parameter with no gradient on worker 1 contributes zeros (averaged
+    gradient (g0 + 0)/2 on both) instead of desynchronising the collective; a NaN on worker 1 stops
+    both at the same step; a run resumed from its checkpoint equals the uninterrupted one on both
+    workers (each takes back its own random states)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(_ddp_worker, args=(str(tmp_path),), nprocs=2, join=False, start_method="spawn")
+    t_end = time.monotonic() + 240
+    while not ctx.join(timeout=1):
+        if time.monotonic() > t_end:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("the two gloo workers hung")
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    for r in (r0, r1):
+        assert r["bad"] is False and r["any_bad"] is True
+        assert torch.equal(r["a"], torch.full((3,), 1.5)) and torch.equal(r["b"], torch.tensor([2.0, 4.0]))
+        for k in r["full"]["net"]:
+            assert torch.equal(r["full"]["net"][k], r["resumed"]["net"][k]), k
+    assert all(torch.equal(r0["full"]["net"][k], r1["full"]["net"][k]) for k in r0["full"]["net"])  # replicas agree
+    assert r1["nan"] == f"non-finite loss (nan) at step 8 in optimiser group 'net'; " \
+                        f"last finite checkpoint (step 6) kept in {tmp_path / 'nan' / 'last.pt'}"
+    assert r0["nan"].startswith("non-finite loss on another worker at step 8 in optimiser group 'net'")

@@ -181,7 +181,7 @@ def s3(monkeypatch, tmp_path):
     host, port = server.get_host_and_port()
     for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
                        "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-                       "FASTGEN_CACHE": str(tmp_path / "cache")}.items():
+                       "FASTGEN_CACHE_DIR": str(tmp_path / "cache")}.items():
         monkeypatch.setenv(key, value)
     s3fs.S3FileSystem.clear_instance_cache()
     fs = s3fs.S3FileSystem()

@@ -166,3 +166,44 @@ def test_stages_outside_any_invocation_share_a_solo_parent(tracked, monkeypatch)
     # ... without leaving it in the environment, where a flow started next in this process would
     # adopt it instead of making its own invocation
     assert "FASTGEN_INVOCATION" not in os.environ
+
+
+def test_runs_left_running_by_gone_processes_end_killed_and_live_ones_stay(tmp_path, mlflow_template):
+    """`end_stale_runs` marks KILLED the RUNNING runs of one stage (recipe, stage, params digest)
+    whose process is gone: one that exited, and a pid now held by a process that started at another
+    time. It leaves alone a live process's run (this one's), a run from another host (which cannot
+    be judged), and runs of other settings. A parent run ends KILLED with its killed stage unless a
+    stage under it still runs in a live process."""
+    import shutil
+    import socket
+    import sys
+
+    from mlflow import MlflowClient
+
+    from stages import tracking
+
+    shutil.copy(mlflow_template, tmp_path / "mlflow.db")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("stale")
+    exited = subprocess.run([sys.executable, "-c", "from stages.tracking import process_id; print(process_id())"],
+                            cwd=PROJECT, capture_output=True, text=True, check=True).stdout.strip()
+    host, pid = socket.gethostname(), os.getpid()
+    reused = f"{host}:{pid}:1"  # this pid, another start time
+
+    def run(parent, proc, digest="d1"):
+        tags = {"fastgen.recipe": "r", "fastgen.stage": "s", "fastgen.params_digest": digest, "fastgen.process": proc}
+        return client.create_run(exp, tags={**tags, **({"mlflow.parentRunId": parent} if parent else {})}).info.run_id
+
+    p_dead, p_mixed = run(None, exited, "parent"), run(None, exited, "parent")
+    dead, reused_run = run(p_dead, exited), run(p_dead, reused)
+    dead_mixed, live = run(p_mixed, exited), run(p_mixed, tracking.process_id())
+    elsewhere, other_digest = run(None, "elsewhere:123:456"), run(None, exited, "d2")
+
+    killed = tracking.end_stale_runs(client, exp, "r", "s", "d1", keep_parent="none")
+    assert sorted(killed) == sorted([dead, reused_run, dead_mixed])
+    status = {r: client.get_run(r).info.status for r in (p_dead, p_mixed, dead, reused_run, dead_mixed, live,
+                                                        elsewhere, other_digest)}
+    assert status == {p_dead: "KILLED", p_mixed: "RUNNING", dead: "KILLED", reused_run: "KILLED",
+                      dead_mixed: "KILLED", live: "RUNNING", elsewhere: "RUNNING", other_digest: "RUNNING"}
+    assert exited in client.get_run(dead).data.tags["fastgen.failure"]
+    assert tracking.end_stale_runs(client, exp, "r", "s", "d1", keep_parent="none") == []

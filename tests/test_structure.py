@@ -163,3 +163,15 @@ def test_dvc_yaml_is_generated_and_current():
 def test_docs_recipes_md_is_current():
     r = subprocess.run([sys.executable, "-m", "stages.docgen", "--check"], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_dvcgen_refuses_two_recipes_with_one_name(tmp_path, monkeypatch, capsys):
+    params = tmp_path / "params"
+    params.mkdir()
+    for n in ("a", "b"):
+        (params / f"{n}.yaml").write_text(yaml.safe_dump(TOY_CD))
+    monkeypatch.setattr(dvcgen, "PROJECT", tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert dvcgen.main([]) == 2
+    assert capsys.readouterr().err.strip() == "params/b.yaml: name: recipe name 'toy_cd' is also the name of params/a.yaml"
+    assert not (tmp_path / "dvc.yaml").exists()
