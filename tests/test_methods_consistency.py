@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -92,18 +93,28 @@ class Net64(nn.Module):
 
 # ----------------------------------------------------------------------------- CT
 
-def test_ct_schedules_match_the_formula():
+def _openai_ct_schedule(step: int, total_steps: int, start_scales: int, end_scales: int, start_ema: float):
+    """Independent transcription of openai/consistency_models `cm/script_util.py`
+    `create_ema_and_scales_fn` with target_ema_mode "adaptive", scale_mode "progressive" (CT):
+    returns (target_ema, scales) as that function does, with numpy's float64 and int32 steps."""
+    inner = (step / total_steps) * ((end_scales + 1) ** 2 - start_scales ** 2) + start_scales ** 2
+    n_steps = max(int(np.int32(np.ceil(np.sqrt(inner) - 1))), 1)      # the step count before the +1
+    c = -np.log(start_ema) * start_scales
+    return float(np.exp(-c / n_steps)), n_steps + 1
+
+
+def test_ct_schedules_match_openai_consistency_models():
+    """N(k) and μ(k) against the public code's schedule function: μ divides by the step count N(k) − 1
+    (0.81 at k = 0 for μ0 = 0.9, s0 = 2; the paper's formula with N(k) would give 0.90)."""
     K, s0, s1, mu0 = 1000, 2, 150, 0.9
-    assert ct.N_k(0, K, s0, s1) == s0 == 2
-    assert ct.N_k(K, K, s0, s1) == s1 + 1 == 151
-    k = 370
-    want = math.ceil(math.sqrt(k / K * ((s1 + 1) ** 2 - s0**2) + s0**2) - 1) + 1
-    assert ct.N_k(k, K, s0, s1) == want
+    assert ct.mu_k(0, K, s0, s1, mu0) == pytest.approx(0.81, abs=1e-12)
+    assert ct.N_k(0, K, s0, s1) == 2 and ct.N_k(K, K, s0, s1) == 151
+    for (k_, s0_, s1_, mu0_) in [(k, s0, s1, mu0) for k in range(0, K + 1, 7)] + [(k, 3, 30, 0.95) for k in range(0, K + 1, 13)]:
+        ema, scales = _openai_ct_schedule(k_, K, s0_, s1_, mu0_)
+        assert ct.N_k(k_, K, s0_, s1_) == scales, k_
+        assert ct.mu_k(k_, K, s0_, s1_, mu0_) == pytest.approx(ema, rel=1e-12), k_
     Ns = [ct.N_k(k, K, s0, s1) for k in range(0, K + 1, 10)]
     assert Ns == sorted(Ns)
-    assert ct.mu_k(0, K, s0, s1, mu0) == pytest.approx(mu0)                      # exp(s0 ln μ0 / s0)
-    assert ct.mu_k(K, K, s0, s1, mu0) == pytest.approx(math.exp(s0 * math.log(mu0) / 151))
-    assert ct.mu_k(K, K, s0, s1, mu0) > ct.mu_k(0, K, s0, s1, mu0)
 
 
 def test_ct_target_ema_and_short_run(data):
@@ -215,6 +226,32 @@ def test_scm_tangent_vanishes_at_the_exact_consistency_model():
     assert scm.tangent_g(1.1 * F, cs_dF, v, x_t, t, 1.0, sd).abs().max().item() > 1e-2
 
 
+def test_scm_tangent_normalisation_and_prior_weight_closed_forms(data):
+    """`tangent_norm` and `prior_weight` (docs/methods.md §4) against closed forms.
+    A constant tangent a in D dims has ‖g‖ = a·√D and RMS a. In the loss, at the start (w_φ = 0,
+    F_θ = F_θ⁻) the residual is −g/(norm + c): with c → 0 its mean square ‖·‖²/D is 1/D (l2) or 1
+    (rms). With the level fixed at σ = e^{P_mean} (P_std → 0) the prior weight 1/(σ_d·tan t) is 1/σ."""
+    D, a, c = 64, 0.3, 0.1
+    g = torch.full((3, D), a, dtype=torch.float64)
+    assert torch.allclose(scm.normalise_tangent(g, c, "l2"), torch.full_like(g, a / (a * math.sqrt(D) + c)))
+    assert torch.allclose(scm.normalise_tangent(g, c, "rms"), torch.full_like(g, a / (a + c)))
+    teacher, P_mean, out = FakeTeacher(data, analytic=True), 0.5, {}
+    for norm in ("l2", "rms"):
+        for prior in (False, True):
+            m = _method(scm, data, teacher, init_from_teacher=False, P_mean=P_mean, P_std=1e-7, tangent_c=1e-9,
+                        warmup_steps=0, weight_width=16, tangent_norm=norm, prior_weight=prior)
+            torch.manual_seed(0)
+            loss, logs = m.loss("net", {"x": data.x[:64]}, 3)
+            out[norm, prior] = (loss.item(), logs["sq"])
+    dim = data.x[0].numel()
+    for prior in (False, True):
+        assert out["l2", prior][1] == pytest.approx(1 / dim, rel=1e-4)
+        assert out["rms", prior][1] == pytest.approx(1.0, rel=1e-4)
+    for norm in ("l2", "rms"):
+        assert out[norm, False][0] == pytest.approx(out[norm, False][1], rel=1e-6)                 # w = 0: L = ‖·‖²/D
+        assert out[norm, True][0] == pytest.approx(math.exp(-P_mean) * out[norm, True][1], rel=1e-4)  # × 1/σ
+
+
 # ----------------------------------------------------------------------------- CTM
 
 def test_ctm_boundary_and_teacher_init(data):
@@ -250,6 +287,17 @@ def test_ctm_gamma1_sampling_is_cm_multistep(data):
     assert torch.equal(a, b)
 
 
+def _chi2_quantile(df: int, z: float = 3.09) -> float:
+    """Upper quantile of χ²(df) by the Wilson–Hilferty approximation (z = 3.09: the 0.999 quantile)."""
+    h = 2 / (9 * df)
+    return df * (1 - h + z * math.sqrt(h)) ** 3
+
+
+def _chi2(counts: np.ndarray, p: np.ndarray) -> float:
+    expected = counts.sum() * p
+    return float(((counts - expected) ** 2 / expected).sum())
+
+
 def test_ctm_teacher_solve_and_loss(data):
     teacher = FakeTeacher(data, analytic=True)
     m = _method(ctm, data, teacher, N=8, max_teacher_steps=3, mu=0.9)
@@ -262,14 +310,123 @@ def test_ctm_teacher_solve_and_loss(data):
         for n in range(int(n_from[i]), int(n_to[i])):
             xi = heun_step(D, xi, sig[n], sig[n + 1])
         assert torch.allclose(got[i:i + 1], xi, atol=1e-5)
-    n_t, n_s, n_u = m.indices(4096, "cpu")
-    assert bool(((n_t < n_u) & (n_u <= n_s) & (n_s <= 7) & (n_u - n_t <= 3)).all())
+    n_t, n_u, n_s = m.indices(4096, 3, "cpu")
+    assert bool(((n_u - n_t == 3) & (n_u <= n_s) & (n_s <= 7)).all())
     loss, logs = m.loss("net", {"x": data.x[:64]}, 0)
     loss.backward()
-    assert torch.isfinite(loss) and logs["dsm"] > 0
+    assert torch.isfinite(loss) and logs["dsm"] > 0 and 1 <= logs["k"] <= 3 and logs["dsm_balance"] > 0
     loop.train(m, TrainConfig(steps=20, batch_size=64, lr=1e-3), None, progress=False)
     assert torch.isfinite(ctm.sample(_loaded(m), torch.randn(100, 2), 2)).all()
     assert [g.name for g in m.groups()] == ["net"] and "disc" not in m.nets   # the GAN term: tests/test_gan.py
+    with pytest.raises(ValueError, match="more than N − 1"):
+        ctm.Config(N=8, max_teacher_steps=8)
+
+
+def test_ctm_step_count_is_drawn_per_iteration_with_p_k_proportional_to_k(data):
+    """sony/ctm (`get_num_heun_step`, heun_step_strategy "weighted"): one k per iteration with
+    p(k) ∝ k on 1..N − 1 by default (17 on the 18-level grid): the long jumps. χ² over 20000
+    iterations; a uniform k (or the old per-sample window of at most 4 steps) fails the same bound."""
+    m = _method(ctm, data, FakeTeacher(data, analytic=True))
+    assert m.K == 17
+    torch.manual_seed(0)
+    n_iter = 20000
+    ks = np.array([m.draw_k("cpu") for _ in range(n_iter)])
+    counts = np.bincount(ks, minlength=18)[1:]
+    p = np.arange(1, 18) / (17 * 18 / 2)
+    bound = _chi2_quantile(16)
+    assert _chi2(counts, p) < bound
+    assert 0.5 * np.abs(counts / n_iter - p).sum() < 0.02                       # total variation
+    uniform = np.random.default_rng(0).multinomial(n_iter, np.full(17, 1 / 17))
+    assert _chi2(uniform, p) > 10 * bound
+    assert ks.mean() == pytest.approx((2 * 17 + 1) / 3, abs=0.1)                # E k = (2K + 1)/3
+
+
+def test_ctm_times_follow_sony_ctm_given_k(data):
+    """Given k, per sample n_t ~ U{0..N−1−k}, n_u = n_t + k and n_s ~ U{n_u..N−1} (sony/ctm's
+    `sample_t` on N − k indices and `sample_s` = randint(n_t + k, N)): χ² of the (n_t, n_s) histogram
+    against that joint law P(i, j) = 1/(N − k) · 1/(N − i − k)."""
+    N, k, n = 18, 5, 40000
+    m = _method(ctm, data, FakeTeacher(data, analytic=True), N=N)
+    torch.manual_seed(1)
+    n_t, n_u, n_s = m.indices(n, k, "cpu")
+    assert torch.equal(n_u, n_t + k) and bool((n_s >= n_u).all() & (n_s <= N - 1).all())
+    cells = [(i, j) for i in range(N - k) for j in range(i + k, N)]
+    p = np.array([1 / (N - k) / (N - i - k) for i, j in cells])
+    hist = {c: 0 for c in cells}
+    for i, j in zip(n_t.tolist(), n_s.tolist()):
+        hist[i, j] += 1
+    assert _chi2(np.array([hist[c] for c in cells]), p) < _chi2_quantile(len(cells) - 1)
+
+
+def test_ctm_target_inner_jump_uses_the_online_network(data):
+    """The target is stopgrad G_θ⁻(G(x_u, u, s), s, σ_min) with the inner G by the online network
+    (sony/ctm's ctm_target_inner_type "model_sg"); `target_inner: ema` uses θ⁻ for both jumps. At
+    s = σ_min the outer jump is the identity, so the target is the inner jump alone."""
+    teacher, eps = FakeTeacher(data, analytic=False), EDM().sigma_min
+    x, u = torch.randn(64, 2), torch.rand(64) * 10 + 0.5
+    s = u * torch.rand(64) * 0.5 + eps
+    for inner in ("online", "ema"):
+        m = _method(ctm, data, teacher, target_inner=inner)
+        _randomise_output(m.nets["net"])
+        at_min, general = m.target(x, u, eps), m.target(x, u, s)
+        G_inner = m.G if inner == "online" else m.G_target
+        assert torch.equal(at_min, G_inner(x, u, eps))
+        assert torch.allclose(general, m.G_target(G_inner(x, u, s), s, eps))
+        assert not at_min.requires_grad
+        with torch.no_grad():                                            # move the EMA target only
+            for q in m.nets["target"].parameters():
+                q.add_(0.05 * torch.randn_like(q))
+        moved = m.target(x, u, eps)
+        if inner == "online":
+            assert torch.equal(moved, at_min)                            # the EMA does not enter
+        else:
+            assert not torch.allclose(moved, at_min, atol=1e-3)
+
+
+def test_ctm_dsm_levels_are_half_lognormal_half_upper_grid():
+    """sony/ctm's HalfLogNormalHalfUniformSampler: the first half ln σ ~ N(−1.2, 1.2²), the rest at a
+    continuous Karras position r ~ U[0, 0.7], σ = (σ_max^{1/7} + r·(σ_min^{1/7} − σ_max^{1/7}))^7.
+    Kolmogorov–Smirnov bounds (α = 0.001) on both halves, and the share above σ = 5 against its
+    closed form (the old all-log-normal law puts 1% there)."""
+    noise, n = EDM(), 40000
+    torch.manual_seed(0)
+    sig = ctm.dsm_sigmas(n, noise, "half_uniform", 0.7).double()
+    lo, hi = 0.002 ** (1 / 7), 80.0 ** (1 / 7)
+    normal_cdf = lambda z: 0.5 * (1 + torch.erf(z / math.sqrt(2)))  # noqa: E731
+
+    def ks(values, cdf):
+        v = values.sort().values
+        emp = torch.arange(1, len(v) + 1, dtype=torch.float64) / len(v)
+        return float((emp - cdf(v)).abs().max())
+
+    half = n // 2
+    assert ks(sig[:half].log(), lambda y: normal_cdf((y + 1.2) / 1.2)) < 1.95 / math.sqrt(half)
+    r = (hi - sig[half:] ** (1 / 7)) / (hi - lo)
+    assert ks(r, lambda q: (q / 0.7).clamp(0, 1)) < 1.95 / math.sqrt(n - half)
+    assert sig[half:].min() >= (hi - 0.7 * (hi - lo)) ** 7 * (1 - 1e-5) and sig.max() <= 80 * (1 + 1e-6)
+    r5 = (hi - 5 ** (1 / 7)) / (hi - lo)
+    want = 0.5 * (r5 / 0.7) + 0.5 * (1 - float(normal_cdf(torch.tensor((math.log(5) + 1.2) / 1.2))))
+    assert float((sig > 5).double().mean()) == pytest.approx(want, abs=0.01)
+    assert float((ctm.dsm_sigmas(n, noise, "lognormal") > 5).double().mean()) < 0.02
+
+
+def test_ctm_dsm_balance_gives_the_dsm_gradient_the_ctm_norm_at_the_last_layer(data):
+    """Adaptive balance (sony/ctm `calculate_adaptive_weight` on the last layer W): the DSM term's
+    gradient on W, measured as ∇_W L(dsm_weight = 1) − ∇_W L(dsm_weight = 0) under the same random
+    draws, has the norm of the consistency loss's own gradient on W; with `dsm_balance: fixed` it does not."""
+    teacher, batch, ratios = FakeTeacher(data, analytic=True), {"x": data.x[:128]}, {}
+    for balance in ("adaptive", "fixed"):
+        m = _method(ctm, data, teacher, N=8, init_from_teacher=False, dsm_balance=balance)
+        grads = {}
+        for w in (0.0, 1.0):
+            m.cfg = m.cfg.model_copy(update={"dsm_weight": w})
+            m.nets.zero_grad(set_to_none=True)
+            torch.manual_seed(3)
+            m.loss("net", batch, 0)[0].backward()
+            grads[w] = m.nets["net"].out.weight.grad.clone()
+        ratios[balance] = ((grads[1.0] - grads[0.0]).norm() / grads[0.0].norm()).item()
+    assert ratios["adaptive"] == pytest.approx(1.0, rel=1e-3)
+    assert abs(ratios["fixed"] - 1.0) > 0.1, ratios
 
 
 # ----------------------------------------------------------------------------- AYF

@@ -8,8 +8,11 @@ No teacher: the teacher's ODE step of CD is replaced by the same noise added at 
 
 with the paper's step schedule N(·) and target-EMA schedule μ(·) (Alg. 3):
 
-    N(k) = ⌈√(k/K·((s1 + 1)² − s0²) + s0²) − 1⌉ + 1,     μ(k) = exp(s0·ln μ0 / N(k)),
+    N(k) = ⌈√(k/K·((s1 + 1)² − s0²) + s0²) − 1⌉ + 1,     μ(k) = exp(s0·ln μ0 / (N(k) − 1)),
     θ⁻ ← μ(k)·θ⁻ + (1 − μ(k))·θ  after every step (not the evaluation EMA).
+
+μ(k) divides by N(k) − 1, the step count before the final +1, as openai/consistency_models'
+`create_ema_and_scales_fn` (docs/methods.md §1): μ(0) = μ0^{s0/(s0−1)}, 0.81 for μ0 = 0.9, s0 = 2.
 
 CIFAR defaults s0 = 2, s1 = 150, μ0 = 0.9. K (the number of iterations the schedule spans) is the
 stage's `train.steps` unless set. The consistency function and the multistep sampler are the ones
@@ -36,7 +39,7 @@ class Config(Strict):
     name: Literal["ct"] = "ct"
     s0: int = Field(2, ge=2, description="initial number of discretisation levels N(0)")
     s1: int = Field(150, ge=2, description="final number of discretisation steps: N(K) = s1 + 1")
-    mu0: float = Field(0.9, gt=0, lt=1, description="target EMA at N = s0: μ(k) = exp(s0·ln μ0 / N(k))")
+    mu0: float = Field(0.9, gt=0, lt=1, description="target EMA scale: μ(k) = exp(s0·ln μ0 / (N(k) − 1)) (openai/consistency_models)")
     K: int | None = Field(None, gt=0, description="iterations over which N(k) grows from s0 to s1 + 1 (None: the stage's train.steps)")
     metric: Metric = Field("l2", description="distance d (as cd)")
 
@@ -48,8 +51,8 @@ def N_k(k: int, K: int, s0: int, s1: int) -> int:
 
 
 def mu_k(k: int, K: int, s0: int, s1: int, mu0: float) -> float:
-    """Target-network EMA μ(k) = exp(s0·ln μ0 / N(k))."""
-    return math.exp(s0 * math.log(mu0) / N_k(k, K, s0, s1))
+    """Target-network EMA μ(k) = exp(s0·ln μ0 / (N(k) − 1)), N(k) − 1 the number of steps (≥ 1 as s0 ≥ 2)."""
+    return math.exp(s0 * math.log(mu0) / (N_k(k, K, s0, s1) - 1))
 
 
 class Method(_Base):

@@ -10,10 +10,13 @@ noise level σ is the time t = arctan(σ/σ_d) (conversions: `noise.to_edm/from_
         sCT: cos t·z − sin t·x0                                  (one-sample estimate)
         sCD: σ_d·F_teacher = (cos t·x_t − x̂0_teacher(x_t, t))/sin t   (EDM teacher at σ = σ_d·tan t)
     tangent (the paper's training algorithm, with warmup r and normalisation):
-        g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + σ_d·dF⁻/dt),   g ← g/(‖g‖ + c)
+        g = −cos²t·(σ_d·F⁻ − dx_t/dt) − r·cos t·sin t·(x_t + σ_d·dF⁻/dt),
+        g ← g/(‖g‖/√D + c)  (`tangent_norm: rms`, default, NVlabs/FastGen)   or   g/(‖g‖ + c)  (`l2`, the paper's text)
         cos t·sin t·dF⁻/dt = JVP of (x, t) ↦ F_θ⁻(x/σ_d, c_noise(t)) along (cos t·sin t·dx_t/dt, cos t·sin t)
-    loss with the learned adaptive weighting w_φ(t):
-        L(θ, φ) = e^{w_φ(t)}/D·‖F_θ(x_t/σ_d, t) − F_θ⁻(x_t/σ_d, t) − g‖² − w_φ(t)
+    loss with the learned adaptive weighting w_φ(t) and the prior weight p(t):
+        L(θ, φ) = p(t)·e^{w_φ(t)}/D·‖F_θ(x_t/σ_d, t) − F_θ⁻(x_t/σ_d, t) − g‖² − w_φ(t)
+        p(t) = 1/(σ_d·tan t) = 1/σ (`prior_weight: true`, NVlabs/FastGen and diffusers' SANA-Sprint
+        script), or 1 (the paper's Algorithm 1)
     with θ⁻ = stopgrad θ (no EMA target), t = arctan(σ/σ_d), ln σ ~ N(−1.0, 1.4²), t clamped to
     [arctan(σ_min/σ_d), arctan(σ_max/σ_d)] (away from 0 and π/2), r = min(1, step/warmup_steps).
     The forward pass and the JVP run under the same dropout mask.
@@ -61,6 +64,8 @@ class Config(TangentSettings):
     init_from_teacher: bool = Field(True, description="start from the EDM teacher (F_θ = −F_EDM; needs c_noise: edm)")
     weight_width: int = Field(128, gt=0, description="width of the adaptive weighting MLP w_φ(t)")
     t_mid: float = Field(1.1, gt=0, lt=math.pi / 2, description="2-step sampling: intermediate time (unconfirmed)")
+    tangent_norm: Literal["l2", "rms"] = Field("rms", description="tangent normalisation g/(‖g‖/√D + c) (rms, NVlabs/FastGen: c means the same at any D) or g/(‖g‖ + c) (l2, the paper's text); docs/methods.md §4")
+    prior_weight: bool = Field(False, description="multiply the loss term by the prior weight 1/(σ_d·tan t) (NVlabs/FastGen, SANA-Sprint; not in the paper's Algorithm 1; worse 1-step samples here, docs/methods.md §4)")
 
 
 # ----------------------------------------------------------------------------- TrigFlow pieces
@@ -121,6 +126,19 @@ def dF_dt(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, dxt_dt: torch.Tens
     cs = torch.cos(t) * torch.sin(t)
     fn = lambda x, tt: F_theta(net, x, tt, sigma_data, kind, **cond)  # noqa: E731
     return jvp(fn, (x_t, t), (col(cs, x_t) * dxt_dt, cs), mode=mode, eps=eps, seed=seed)
+
+
+def normalise_tangent(g: torch.Tensor, c: float, norm: str = "l2") -> torch.Tensor:
+    """g/(‖g‖ + c) ("l2"), or g/(‖g‖/√D + c) = √D·g/(‖g‖ + c·√D) ("rms"), D the dims of one sample."""
+    if norm == "l2":
+        return normalise(g, c)
+    root_D = math.sqrt(g[0].numel())
+    return root_D * normalise(g, c * root_D)
+
+
+def prior_weight(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
+    """p(t) = 1/(σ_d·tan t), i.e. 1/σ at the matched EDM level."""
+    return 1 / (sigma_data * torch.tan(t))
 
 
 class AdaptiveWeight(nn.Module):
@@ -190,11 +208,12 @@ class Method(_Base):
         with same_randomness(seed, x0):
             F = F_theta(net, x_t, t, sd, cfg.c_noise, **cond)
         F_minus, cs_dF = dF_dt(net, x_t, t, v, sd, cfg.c_noise, cfg.jvp, cfg.fd_eps, seed, **cond)
-        g = normalise(tangent_g(F_minus, cs_dF, v, x_t, t, r, sd), cfg.tangent_c)
+        g = normalise_tangent(tangent_g(F_minus, cs_dF, v, x_t, t, r, sd), cfg.tangent_c, cfg.tangent_norm)
         w = self.nets["weight"](t).float()
         D = x0[0].numel()
         sq = (F.float() - F_minus.float() - g.float()).pow(2).flatten(1).sum(1)
-        loss = (torch.exp(w) / D * sq - w).mean()
+        p = prior_weight(t.float(), sd) if cfg.prior_weight else 1.0
+        loss = (p * torch.exp(w) / D * sq - w).mean()
         return loss, {"r": r, "w": w.mean().item(), "sq": (sq / D).mean().item()}
 
 
