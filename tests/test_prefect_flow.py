@@ -114,7 +114,7 @@ def test_second_flow_run_skips_up_to_date_stages(flow_run, capfd):
     before = _snapshot(flow_run.recipe)
     capfd.readouterr()
 
-    result, wall = _run_flow(flow_run.path)
+    result, _ = _run_flow(flow_run.path)
 
     err = capfd.readouterr().err
     assert _snapshot(flow_run.recipe) == before  # manifests untouched (bytes and mtimes)
@@ -123,6 +123,6 @@ def test_second_flow_run_skips_up_to_date_stages(flow_run, capfd):
     assert sorted(t["stage"] for t in timing) == sorted(STAGES)
     assert all(t["skipped"] for t in timing)
     assert err.count("up to date") == len(STAGES)
-    assert all(t["total_s"] < 2.0 for t in timing), timing  # digest checks only
+    # digest checks only: no stage ran its own work or opened a run (speed is measured in bench/)
+    assert all("run" not in t["phases"] and "mlflow_setup" not in t["phases"] for t in timing), timing
     assert len(client.search_runs([exp.experiment_id])) == n_runs  # nothing tracked for skipped stages
-    assert wall < 0.5 * flow_run.wall, (wall, flow_run.wall)
