@@ -99,20 +99,31 @@ def verify(folder: str | Path) -> dict:
     return m
 
 
+_TMP, _OLD = "tmp", "old"  # atomic_dir's temporary folders: .<name>.tmp-* (being written), .<name>.old-*
+
+
+def remove_leftovers(final: str | Path) -> None:
+    """Delete the temporary folders a killed `atomic_dir(final)` left next to `final`."""
+    final = Path(final)
+    for kind in (_TMP, _OLD):
+        for left in final.parent.glob(f".{final.name}.{kind}-*"):
+            shutil.rmtree(left, ignore_errors=True)
+
+
 @contextmanager
 def atomic_dir(final: str | Path):
     """Yield a fresh temporary folder next to `final`; on success replace `final` with it,
     on failure delete it and leave `final` untouched."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp = final.with_name(f".{final.name}.{_TMP}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+    old = final.with_name(f".{final.name}.{_OLD}-{uuid.uuid4().hex[:8]}")
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)

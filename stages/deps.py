@@ -1,9 +1,8 @@
 """The project's own import graph, read from the source with `ast` (nothing is imported).
 
 `dvcgen` lists a stage's code dependencies as the files its module reaches through imports, so
-editing a helper module reruns exactly the stages that use it; `tests/test_imports.py` checks that
-the graph has no cycle. Imports inside functions count (a stage runs them); imports under
-`if TYPE_CHECKING:` do not. Method modules are found by name at run time (`get_method`), so a
+editing a helper module reruns exactly the stages that use it; `tests/test_structure.py` checks that
+the graph has no cycle. Every import statement counts, inside functions too (a stage runs them). Method modules are found by name at run time (`get_method`), so a
 stage's methods are added by the caller (`closure(..., roots)`), not followed from the registry.
 """
 from __future__ import annotations
@@ -36,12 +35,6 @@ def project_modules() -> list[str]:
     return out
 
 
-def _is_type_checking(node: ast.If) -> bool:
-    t = node.test
-    return (isinstance(t, ast.Name) and t.id == "TYPE_CHECKING") or (
-        isinstance(t, ast.Attribute) and t.attr == "TYPE_CHECKING")
-
-
 @cache
 def imports(module: str) -> frozenset[str]:
     """The project modules `module` imports (`from pkg import name` counts pkg.name when that is a
@@ -54,10 +47,6 @@ def imports(module: str) -> frozenset[str]:
 
     def visit(node):
         for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.If) and _is_type_checking(child):
-                for sub in child.orelse:
-                    visit(sub)
-                continue
             if isinstance(child, ast.Import):
                 found.update(a.name for a in child.names)
             elif isinstance(child, ast.ImportFrom):

@@ -26,7 +26,7 @@ from fastgen_core.data import cached_data
 from fastgen_core.models import load_model
 from fastgen_core.samplers import autoguided, cfg_guided, teacher_nfe, teacher_sample
 
-from .spec import Problem, StageError, StageSpec, one_input
+from .spec import Problem, StageError, StageSpec, one_input, stage_names
 
 class GuidanceSpec(Strict):
     """One guided sampler of an EDM teacher, evaluated as an extra row at the teacher NFEs
@@ -95,7 +95,7 @@ class Spec(StageSpec):
         if "models" not in self.inputs:
             probs.append((f"{at}.models", "an evaluate stage needs the list of models it evaluates"))
         for role, v in self.inputs.items():  # models, and any other role naming guidance models
-            for up in [] if role in ("features", "pairs") else [v] if isinstance(v, str) else v:
+            for up in [] if role in ("features", "pairs") else stage_names(v):
                 if up in recipe.stages and recipe.model_method(up) is None:
                     probs.append((f"{at}.{role}", f"stage {up!r} ({recipe.stages[up].kind}) makes no model"))
         feats = one_input(self, "features")

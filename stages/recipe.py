@@ -28,7 +28,7 @@ from fastgen_core.methods import available_methods
 from fastgen_core.noise import PROCESSES, NoiseProcess
 
 from . import edit, evaluate, ode_pairs, train, weak_snapshot
-from .spec import Problem
+from .spec import Problem, stage_names
 
 # the stage modules and the kinds each runs (a kind's settings are its module's `Spec`)
 MODULES = (train, weak_snapshot, ode_pairs, evaluate, edit)
@@ -166,7 +166,7 @@ class Recipe(Strict):
         """Names of the stages `stage` consumes, in declaration order, without repeats."""
         out: list[str] = []
         for v in self.stages[stage].inputs.values():
-            for name in [v] if isinstance(v, str) else v:
+            for name in stage_names(v):
                 if name not in out:
                     out.append(name)
         return out
@@ -275,7 +275,7 @@ def _input_problems(r: Recipe) -> list[Problem]:
                 probs.append((at, "an empty list: name at least one stage, or remove the input"))
             elif isinstance(v, list) and len(set(v)) < len(v):
                 probs.append((at, f"names a stage more than once: {v}"))
-            for up in [v] if isinstance(v, str) else v:
+            for up in stage_names(v):
                 if up not in r.stages:
                     probs.append((at, f"no stage named {up!r} in this recipe"))
     return probs
@@ -355,9 +355,8 @@ def _place_problems(r: Recipe) -> list[Problem]:
         why = tracking_uri_problem(uri)
         if why:
             probs.append(("tracking.uri", whence + why))
-        elif uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).parent.is_dir():
-            probs.append(("tracking.uri", f"{whence}the folder of the SQLite store does not exist: "
-                          f"{Path(uri[len('sqlite:///'):]).parent}"))
+        elif uri.startswith("sqlite:///") and not (folder := Path(uri[len("sqlite:///"):]).parent).is_dir():
+            probs.append(("tracking.uri", f"{whence}the folder of the SQLite store does not exist: {folder}"))
     return probs
 
 

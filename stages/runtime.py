@@ -19,7 +19,6 @@ import fcntl
 import importlib
 import json
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -35,7 +34,7 @@ from fastgen_core.data import cached_data
 
 from . import storage, tracking
 from .recipe import Recipe, RecipeError, load_recipe
-from .spec import StageError
+from .spec import StageError, stage_names
 from .timing import TIMING_PREFIX, phase, recording, sub_phases
 
 __all__ = ["PROJECT", "TIMING_PREFIX", "StageError", "run_stage", "stage_dir", "main"]
@@ -187,7 +186,7 @@ def stage_lock(recipe: Recipe, stage: str):
 
 def _end_killed_attempt(lock: Lock, recipe: Recipe, stage: str) -> str | None:
     """Mark KILLED the MLflow run of an attempt that was killed while holding the lock, and remove
-    the temporary folders it left next to the output (`artifacts.atomic_dir`'s `.<name>.tmp-*`);
+    the temporary folders it left next to the output (`artifacts.remove_leftovers`);
     return that run's id."""
     run_id = lock.left.get("run_id")
     if run_id and lock.left.get("tracking_uri"):
@@ -195,9 +194,7 @@ def _end_killed_attempt(lock: Lock, recipe: Recipe, stage: str) -> str | None:
                                 f"process {lock.left.get('process')} was killed while running stage {stage!r}; "
                                 f"found by {tracking.process_id()}")
     if lock.left and not storage.is_remote(recipe.storage.root):
-        out = stage_dir(recipe, stage)
-        for tmp in [*out.parent.glob(f".{out.name}.tmp-*"), *out.parent.glob(f".{out.name}.old-*")]:
-            shutil.rmtree(tmp, ignore_errors=True)
+        artifacts.remove_leftovers(stage_dir(recipe, stage))
     return run_id
 
 
@@ -205,7 +202,7 @@ def resolve_inputs(recipe: Recipe, stage: str) -> dict[str, list[Input]]:
     """Each input artifact, checked against its manifest (refuses missing or altered ones)."""
     out: dict[str, list[Input]] = {}
     for role, names in recipe.stages[stage].inputs.items():
-        for up in [names] if isinstance(names, str) else names:
+        for up in stage_names(names):
             uri = storage.location(recipe, up)
             try:
                 p, m = storage.fetch(uri)

@@ -8,15 +8,11 @@ exactly those settings (docs/recipes.md).
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 from pydantic import Field
 
 from fastgen_core.config import DataConfig, NetworkConfig, Strict
 from fastgen_core.methods import config_union
-
-if TYPE_CHECKING:
-    from .recipe import Recipe
 
 Problem = tuple[str, str]  # (field path from the recipe root, message)
 
@@ -32,11 +28,11 @@ class StageSpec(Strict):
     inputs: dict[str, str | list[str]] = Field(
         default_factory=dict, description="role -> name(s) of the stage(s) whose outputs this stage consumes")
 
-    def problems(self, recipe: "Recipe", name: str) -> list[Problem]:
+    def problems(self, recipe, name: str) -> list[Problem]:
         """Checks that need the rest of the recipe (inputs' kinds, data); none by default."""
         return []
 
-    def model_method(self, recipe: "Recipe", seen: tuple = ()) -> str | None:
+    def model_method(self, recipe, seen: tuple = ()) -> str | None:
         """The method this stage's saved model samples with (None: the stage makes no model)."""
         return None
 
@@ -44,6 +40,11 @@ class StageSpec(Strict):
 # A stage's `method`: the union of every registered method's `Config`, told apart by `name`
 # (validated once, at recipe load).
 MethodConfig = config_union()
+
+
+def stage_names(value: str | list[str]) -> list[str]:
+    """The stage names of one input role (a name, or a list of names)."""
+    return [value] if isinstance(value, str) else list(value)
 
 
 def one_input(spec: StageSpec, role: str) -> str | None:

@@ -37,7 +37,7 @@ from fastgen_core.models import load_model, save_model, snapshot_dir
 from fastgen_core.noise import NoiseProcess
 
 from . import storage
-from .spec import MethodConfig, Problem, StageError, StageSpec, network_problems
+from .spec import MethodConfig, Problem, StageError, StageSpec, network_problems, stage_names
 from .timing import add_phase, current, pause_point, phase, recording
 
 
@@ -91,12 +91,14 @@ def method_problems(spec, recipe, name: str) -> list[Problem]:
     m = get_method(spec.method.name).Method
     at = f"stages.{name}"
     given = {r: v for r, v in spec.inputs.items()
-             if all(up in recipe.stages for up in ([v] if isinstance(v, str) else v))}
+             if all(up in recipe.stages for up in stage_names(v))}
     probs = [(f"{at}.inputs.{line.split(': ', 1)[0]}", line.split(": ", 1)[1])
              for line in m.input_problems(spec.method, given, method_of=recipe.model_method)]
     for role, v in given.items():
         want = m.roles.get(role)
-        for up in ([v] if isinstance(v, str) else v) if want else []:
+        if want is None:
+            continue  # reported by input_problems
+        for up in stage_names(v):
             st = recipe.stages[up]
             if want.kind == "pairs" and st.kind != "ode_pairs":
                 probs.append((f"{at}.inputs.{role}", f"stage {up!r} ({st.kind}) makes no pair set: "
