@@ -39,7 +39,9 @@ def code_deps(recipe, name: str) -> list[str]:
     own = f"stages.{recipe.module_of(name)}"
     others = {m.__name__ for m in MODULES} - {own}
     methods = {recipe.model_method(s) for s in [name, *recipe.upstream(name)]} - {None}
-    roots = [own, "stages.runtime", *(f"fastgen_core.methods.{m}" for m in sorted(methods))]
+    group = recipe.group_module(name)  # a group member also depends on the code that expands it
+    roots = [own, *([f"stages.{group}"] if group else []), "stages.runtime",
+             *(f"fastgen_core.methods.{m}" for m in sorted(methods))]
     return deps.closure(roots, skip={"stages.recipe": others})
 
 
@@ -52,7 +54,7 @@ def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
         "cmd": f"python -m stages.run {rel_path} {name}",
         "deps": code + [f"{root}/{recipe.name}/{up}" for up in recipe.upstream(name)],
         # DVC requires listed keys to exist: defaults left out of the YAML are covered by the code deps
-        "params": [{rel_path: [k for k in ("seed", "data", "noise") if k in present] + [f"stages.{name}"]}],
+        "params": [{rel_path: [k for k in ("seed", "data", "noise") if k in present] + [f"stages.{recipe.declared_as(name)}"]}],
     }
     if spec.kind == "evaluate":
         entry["outs"] = [f"{out}/samples", f"{out}/plots", f"{out}/manifest.json"]

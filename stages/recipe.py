@@ -137,6 +137,18 @@ class Recipe(Strict):
     storage: StorageConfig = Field(default_factory=StorageConfig, description="artifact storage")
 
     _path: str = PrivateAttr("<recipe>")  # set by load_recipe, not part of the YAML
+    _groups: dict[str, list[str]] = PrivateAttr(default_factory=dict)  # set by expand_groups
+    _declarations: dict[str, Any] = PrivateAttr(default_factory=dict)  # group name -> its own Spec
+
+    @property
+    def groups(self) -> dict[str, list[str]]:
+        """Each group declaration (K students, R rounds) -> the names of the stages it expanded
+        into, in order; the last carries the group's name."""
+        return self._groups
+
+    def declared_as(self, stage: str) -> str:
+        """The key under `stages:` in the YAML that declares `stage` (a group member: its group's)."""
+        return next((g for g, members in self._groups.items() if stage in members), stage)
 
     @property
     def path(self) -> str:
@@ -151,6 +163,11 @@ class Recipe(Strict):
     def module_of(self, stage: str) -> str:
         """The stage module that runs `stage` (`stages/<module>.py`)."""
         return MODULE_OF_KIND[self.stages[stage].kind]
+
+    def group_module(self, stage: str) -> str | None:
+        """The stage module of the group declaration `stage` was expanded from (None: not a member)."""
+        group = self.declared_as(stage)
+        return MODULE_OF_KIND[self._declarations[group].kind] if group in self._declarations else None
 
     def noise_of(self, stage: str):
         """The noise process a stage trains in: its own `noise`, else the recipe's."""
@@ -370,6 +387,39 @@ def _graph_problems(r: Recipe) -> list[Problem]:
     return probs + _data_problems(r.data) + _place_problems(r)
 
 
+def expand_groups(r: Recipe) -> list[Problem]:
+    """Replace every group declaration by the stages it stands for (`StageSpec.expand`), in place
+    and in declaration order; record them in `r.groups`. Problems: a member name that the recipe
+    already uses, a member that is itself a group."""
+    stages: dict[str, Any] = {}
+    probs: list[Problem] = []
+    for name, st in r.stages.items():
+        members = st.expand(name, r)
+        if not members:
+            stages[name] = st
+            continue
+        if list(members)[-1] != name:
+            raise ValueError(f"{type(st).__module__}: a group's last stage must carry its name {name!r}")
+        for member, spec in members.items():
+            if member != name and (member in r.stages or member in stages):
+                probs.append((f"stages.{name}", f"expands into a stage named {member!r}, which this recipe "
+                              "already has: rename one of them"))
+            elif spec.expand(member, r):
+                probs.append((f"stages.{name}", "a group cannot expand into another group"))
+            stages[member] = spec
+        r._groups[name], r._declarations[name] = list(members), st
+    if not probs:
+        r.stages = stages
+    return probs
+
+
+def _in_group(r: Recipe, loc: str) -> str:
+    """A field path of an expanded member, told where the YAML declares it."""
+    m = re.match(r"stages\.([A-Za-z0-9_]+)", loc)
+    group = r.declared_as(m.group(1)) if m else None
+    return loc if not m or group == m.group(1) else f"{loc} (a stage of group stages.{group})"
+
+
 def parse_recipe(raw: Any, path: str = "<recipe>") -> Recipe:
     """Validate a recipe given as a dict. Raises RecipeError listing every problem."""
     if raw is None:
@@ -382,9 +432,9 @@ def parse_recipe(raw: Any, path: str = "<recipe>") -> Recipe:
     except ValidationError as e:
         raise RecipeError([f"{path}: {loc}: {msg}" for loc, msg in _structure_problems(e, raw)]) from None
     r.at(path)
-    probs = _graph_problems(r)
+    probs = expand_groups(r) or _graph_problems(r)
     if probs:
-        raise RecipeError([f"{path}: {loc}: {msg}" for loc, msg in dict.fromkeys(probs)])
+        raise RecipeError([f"{path}: {_in_group(r, loc)}: {msg}" for loc, msg in dict.fromkeys(probs)])
     return r
 
 

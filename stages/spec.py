@@ -36,6 +36,14 @@ class StageSpec(Strict):
         """The method this stage's saved model samples with (None: the stage makes no model)."""
         return None
 
+    def expand(self, name: str, recipe) -> dict[str, StageSpec] | None:
+        """The stages this declaration stands for (None: just itself). A group kind (K students,
+        R rounds) returns an ordered mapping of concrete stage Specs of other kinds; the last is named
+        `name` (the group's output, what other stages' inputs naming `name` receive), the others
+        `{name}_<suffix>`. `stages.recipe.parse_recipe` expands once, after the structure is
+        validated and before the graph checks; members are ordinary stages from then on."""
+        return None
+
 
 # A stage's `method`: the union of every registered method's `Config`, told apart by `name`
 # (validated once, at recipe load).

@@ -109,3 +109,44 @@ def test_stage_digest_depends_only_on_its_settings():
     r2 = parse_recipe(raw)
     assert r.digest("teacher") == r2.digest("teacher")
     assert r.digest("cd") != r2.digest("cd")
+
+
+# --- stage groups: one declaration that stands for several stages ----------------------------------
+
+def _two_round_pairs(self, name, recipe):
+    """A stand-in group kind: an ode_pairs declaration that expands into two pair stages (members
+    are marked by batch_size 4095, so they are not groups themselves)."""
+    if self.pairs.batch_size == 4095:
+        return None
+    member = self.model_copy(update={"pairs": self.pairs.model_copy(update={"batch_size": 4095})})
+    return {f"{name}_first": member, name: member.model_copy()}
+
+
+def test_group_expands_in_place_and_dvc_reads_the_declaration(tmp_path, monkeypatch):
+    from stages import dvcgen, ode_pairs
+
+    monkeypatch.setattr(ode_pairs.Spec, "expand", _two_round_pairs)
+    r = load_recipe(ROOT / "params" / "toy_ctm.yaml")
+    names = list(r.stages)
+    assert names.index("pairs_first") == names.index("pairs") - 1  # in declaration order, before the group
+    assert r.groups == {"pairs": ["pairs_first", "pairs"]}
+    assert r.declared_as("pairs_first") == "pairs" and r.declared_as("ctm") == "ctm"
+    assert r.order().index("pairs_first") > r.order().index("teacher")
+    # DVC can only read keys that exist in the YAML: a member's params are its group's declaration
+    entry = dvcgen.stage_entry(r, "params/toy_ctm.yaml", "pairs_first", {"seed", "data", "noise"})
+    assert entry["params"][0]["params/toy_ctm.yaml"][-1] == "stages.pairs"
+    assert r.digest("pairs_first") == r.digest("pairs")  # same settings, same inputs: same params digest
+
+
+def test_group_member_name_clash_is_one_line(tmp_path, monkeypatch):
+    from stages import ode_pairs
+
+    monkeypatch.setattr(ode_pairs.Spec, "expand", _two_round_pairs)
+    raw = yaml.safe_load((ROOT / "params" / "toy_ctm.yaml").read_text())
+    raw["stages"]["pairs_first"] = {"kind": "evaluate", "inputs": {"models": ["teacher"]}}
+    path = tmp_path / "clash.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path)
+    assert e.value.problems == [f"{path}: stages.pairs: expands into a stage named 'pairs_first', which this "
+                                "recipe already has: rename one of them"]
