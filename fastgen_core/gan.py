@@ -33,7 +33,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from .config import Strict
@@ -58,6 +58,13 @@ class GANConfig(Strict):
     noised: bool = Field(False, description="D sees real and fake noised to a common σ ~ the EDM training law, and σ")
     width: int = Field(128, gt=0, description="discriminator width (MLP hidden width / conv base channels)")
     depth: int = Field(3, gt=0, description="discriminator hidden layers (MLP) / stride-2 convolutions (images)")
+
+    @field_validator("adaptive_clip")
+    @classmethod
+    def _clip_ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"adaptive_clip {list(v)} must be [low, high] with 0 ≤ low ≤ high")
+        return v
 
 
 # ----------------------------------------------------------------------------- discriminator

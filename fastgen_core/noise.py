@@ -33,7 +33,7 @@ from typing import Annotated, Callable, Literal, Union
 import torch
 from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
-from .config import Strict
+from .config import FieldError, Strict
 
 Convention = Literal["edm", "trigflow", "fm", "vp"]
 Tensor = torch.Tensor
@@ -163,7 +163,7 @@ class _EDMLevels(Process):
     @model_validator(mode="after")
     def _ordered(self):
         if not self.sigma_min < self.sigma_max:
-            raise ValueError(f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
+            raise FieldError("sigma_min", f"sigma_min ({self.sigma_min}) must be below sigma_max ({self.sigma_max})")
         return self
 
     def karras_sigmas(self, N: int) -> Tensor:
@@ -356,7 +356,7 @@ class VPCosine(Process):
     @model_validator(mode="after")
     def _monotone(self):
         if self.s > self.d:
-            raise ValueError(f"s ({self.s}) > d ({self.d}): the cosine passes π/2 before t = 1 and γ rises again")
+            raise FieldError("s", f"s ({self.s}) > d ({self.d}): the cosine passes π/2 before t = 1 and γ rises again")
         return self
 
     def gamma(self, t: Tensor) -> Tensor:

@@ -105,6 +105,7 @@ def method_problems(spec, recipe, name: str) -> list[Problem]:
                               "this input needs an ode_pairs stage"))
             elif want.kind != "pairs" and recipe.model_method(up) is None:
                 probs.append((f"{at}.inputs.{role}", f"stage {up!r} ({st.kind}) makes no model"))
+    probs += [(f"{at}.{field}", msg) for field, msg in m.settings_problems(spec.method, spec.train)]
     process = recipe.noise_of(name).process
     if process not in m.processes:
         probs.append((f"{at}.noise.process" if spec.noise is not None else "noise.process",

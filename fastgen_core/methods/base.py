@@ -112,6 +112,12 @@ class Method:
         return {name for name, role in cls.roles.items() if role.required}
 
     @classmethod
+    def settings_problems(cls, cfg, train) -> list[tuple[str, str]]:
+        """(field path from the stage, message) for settings this method cannot run with, given the
+        stage's `train` settings (`config.TrainConfig`); none by default. Recipe validation calls it."""
+        return []
+
+    @classmethod
     def input_problems(cls, cfg, inputs: Mapping[str, Any],
                        method_of: Callable[[Any], str | None] = _method_of) -> list[str]:
         """One line per problem of `inputs` (role -> input, or a list of them for kind "models"):

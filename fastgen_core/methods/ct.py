@@ -59,6 +59,13 @@ class Method(_Base):
     roles = {"teacher": Role("model", required=False,
                              description="only supplies the network settings when the stage has no `network`")}
 
+    @classmethod
+    def settings_problems(cls, cfg: Config, train) -> list[tuple[str, str]]:
+        if cfg.K is None and train.steps <= 0:
+            return [("method.K", "K (the iterations N(k) grows over) defaults to train.steps, which is 0: "
+                     "give train.steps > 0 or set K")]
+        return []
+
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
         self.K = cfg.K if cfg.K is not None else ctx.steps

@@ -41,9 +41,10 @@ import math
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
+from ..config import FieldError
 from ..nets import FourierFeatures
 from ..noise import denoiser_in, from_edm
 from ..tangents import jvp, normalise, warmup
@@ -66,6 +67,13 @@ class Config(TangentSettings):
     t_mid: float = Field(1.1, gt=0, lt=math.pi / 2, description="2-step sampling: intermediate time (unconfirmed)")
     tangent_norm: Literal["l2", "rms"] = Field("rms", description="tangent normalisation g/(‖g‖/√D + c) (rms, NVlabs/FastGen: c means the same at any D) or g/(‖g‖ + c) (l2, the paper's text); docs/methods.md §4")
     prior_weight: bool = Field(False, description="multiply the loss term by the prior weight 1/(σ_d·tan t) (NVlabs/FastGen, SANA-Sprint; not in the paper's Algorithm 1; worse 1-step samples here, docs/methods.md §4)")
+
+    @model_validator(mode="after")
+    def _init_needs_edm_label(self):
+        if self.variant == "scd" and self.init_from_teacher and self.c_noise != "edm":  # sCT has no teacher
+            raise FieldError("init_from_teacher", "init_from_teacher needs c_noise: edm (the teacher's time "
+                             "label); set init_from_teacher: false to train a c_noise: t student from scratch")
+        return self
 
 
 # ----------------------------------------------------------------------------- TrigFlow pieces
