@@ -32,6 +32,8 @@ convention, progressive rounds. The answer:
 Inputs. A method declares the inputs it takes in `roles` (role -> `Role`: one model, several
 models, or an ODE pair set; required or not; the method the input model must have been trained
 with). Where requiredness depends on the settings, `required_roles(cfg)` says which are needed.
+`settings_problems(cfg, train)` names settings the method cannot run with given the stage's `train`
+settings (e.g. ct's K defaulting to train.steps = 0); recipe validation reports them.
 Recipe validation reads both (one line per missing or unknown input, `input_problems`);
 `Method.__init__` checks the inputs of its declared roles the same way and ignores inputs of
 other roles (a `weak_snapshot` guide's `teacher` only names what it imitates). Inputs arrive in
