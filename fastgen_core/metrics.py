@@ -169,3 +169,36 @@ def with_floor(metric_fn: Callable[[torch.Tensor], dict[str, float]],
         out[name] = {"mean": mean, "std": std, "floor_mean": floor_mean, "floor_std": floor_std,
                      "above_floor": mean - floor_mean}
     return out
+
+
+def value_histogram_distance(samples: torch.Tensor, reference: torch.Tensor, levels: int) -> float:
+    """Distance between the value histograms of two image sets in [−1, 1] (discrete data,
+    docs/methods.md §7): every value of both is quantised to `levels` uniform levels
+    (v = round((x + 1)/2·(levels − 1))), and the result is the total variation ½·Σ_v |p(v) − q(v)|
+    between the two histograms over all pixels and channels (0: the same histogram, 1: disjoint)."""
+    def hist(x):
+        v = torch.round((x.double().flatten() + 1) / 2 * (levels - 1)).clamp(0, levels - 1).long()
+        return torch.bincount(v, minlength=levels).double() / v.numel()
+    return float((hist(samples) - hist(reference)).abs().sum() / 2)
+
+
+#----------------------------------------------------------------------------
+# Deterministic noise → data maps (docs/methods.md §2, §13): coupling preservation, inversion,
+# straightness. Distances are squared Euclidean per sample (all dimensions summed), averaged.
+
+def mean_sq_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """E_n ‖a_n − b_n‖²: coupling preservation (a model's sample from a pair's noise against the
+    pair's sample) and inversion error (data against data → noise → data)."""
+    return float((a.double() - b.double()).flatten(1).square().sum(1).mean())
+
+
+def straightness(path: torch.Tensor) -> float:
+    """Rectified flow's straightness S(Z) = ∫₀¹ E‖(Z1 − Z0) − Ż_t‖² dt (Liu et al. 2023) of
+    sampled paths `path` (N + 1, n, ...) on a uniform time grid t_i = i/N: Ż is piecewise constant,
+    (x_{i+1} − x_i)·N on [t_i, t_{i+1}], so S = (1/N)·Σ_i E‖(x_N − x_0) − N·(x_{i+1} − x_i)‖².
+    0 exactly when every path moves on a straight line at constant speed."""
+    p = path.double().flatten(2)
+    N = p.shape[0] - 1
+    chord = p[-1] - p[0]
+    seg = (p[1:] - p[:-1]) * N
+    return float((chord - seg).square().sum(-1).mean(-1).mean())
