@@ -43,18 +43,65 @@ def image_grid(images: np.ndarray, path: Path, title: str = "", nrow: int = 10) 
 
 
 def quality_vs_nfe(curves: dict[str, dict[int, tuple[float, float]]], floor: float | None, metric: str,
-                   path: Path) -> None:
-    """curves: model → {nfe: (mean, std)}; the floor (real vs real) as a dashed line."""
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for name, pts in curves.items():
-        nfe = sorted(pts)
-        m = np.array([pts[k][0] for k in nfe])
-        s = np.array([pts[k][1] for k in nfe])
-        ax.errorbar(nfe, m, yerr=s, marker="o", capsize=3, label=name)
-    if floor is not None:
+                   path: Path, recipe: str = "", decades: float = 3.0) -> None:
+    """curves: model → {nfe: (mean, std)}; the floor (real vs real) as a dashed line. Both axes are
+    logarithmic, so a diverged model does not flatten every other line: points that cannot be drawn
+    (not finite, or ≤ 0) are dropped, and points more than `decades` decades above the best value
+    (or the floor) are clipped to the top edge (▲); both are listed in a note under the plot. The
+    title names the recipe and the metric."""
+    finite = [m for pts in curves.values() for m, _ in pts.values() if np.isfinite(m) and m > 0]
+    lo = min(finite + ([floor] if floor and floor > 0 else []), default=1.0)
+    top = lo * 10 ** decades
+    dropped, clipped = [], []
+    fig, ax = plt.subplots(figsize=(5.6, 4.0))
+    for i, (name, pts) in enumerate(curves.items()):
+        keep = [k for k in sorted(pts) if np.isfinite(pts[k][0]) and pts[k][0] > 0]
+        dropped += [f"{name}@{k}" for k in sorted(pts) if k not in keep]
+        if not keep:
+            continue
+        m = np.array([pts[k][0] for k in keep])
+        s = np.nan_to_num(np.array([pts[k][1] for k in keep]))
+        over = m > top
+        clipped += [f"{name}@{k} = {v:.3g}" for k, v, o in zip(keep, m, over) if o]
+        c = f"C{i % 10}"
+        shown = np.minimum(m, top)
+        ax.errorbar(np.array(keep)[~over], m[~over], yerr=np.minimum(s, 0.99 * m)[~over], marker="o", capsize=3,
+                    color=c, label=name)
+        ax.plot(keep, shown, color=c, lw=1, alpha=0.5 if over.any() else 0)
+        if over.any():
+            ax.plot(np.array(keep)[over], shown[over], "^", color=c, ms=8)
+    if floor is not None and floor > 0:
         ax.axhline(floor, ls="--", c="k", lw=1, label="floor (real vs real)")
-    ax.set(xscale="log", xlabel="NFE", ylabel=metric, title=f"{metric} vs NFE")
+    ax.set(xscale="log", yscale="log", xlabel="NFE", ylabel=f"{metric} (log scale)",
+           title=f"{recipe + ': ' if recipe else ''}{metric} vs NFE (lower is better)")
+    ax.set_ylim(lo / 2, min(top * 1.5, max([*finite, lo]) * 2))
     ax.legend(fontsize=8)
+    note = []
+    if clipped:
+        note.append("clipped (▲) at the top: " + ", ".join(clipped))
+    if dropped:
+        note.append("not drawn (not finite or ≤ 0): " + ", ".join(dropped))
+    if note:
+        fig.text(0.01, 0.005, "\n".join(note), fontsize=6, va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.04 * len(note), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def trajectories_2d(paths: dict[str, np.ndarray], data: np.ndarray, path: Path, n_paths: int = 150,
+                    lim: float | None = None) -> None:
+    """One panel per (title → sampled paths (N + 1, n, 2)): the first `n_paths` paths from noise
+    (grey dots) to their end points (blue), over the real data in light grey."""
+    n = len(paths)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.2), squeeze=False)
+    lim = lim or float(max(np.abs(data).max() * 1.25, 3.0))
+    for ax, (title, p) in zip(axes[0], paths.items()):
+        p = p[:, :n_paths]
+        ax.scatter(data[:, 0], data[:, 1], s=1, c="0.85", rasterized=True)
+        ax.plot(p[:, :, 0], p[:, :, 1], c="C1", lw=0.5, alpha=0.5)
+        ax.scatter(p[0, :, 0], p[0, :, 1], s=2, c="0.4")
+        ax.scatter(p[-1, :, 0], p[-1, :, 1], s=2, c="C0")
+        ax.set(xlim=(-lim, lim), ylim=(-lim, lim), title=title, xticks=[], yticks=[], aspect="equal")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

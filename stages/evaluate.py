@@ -7,13 +7,25 @@ input, or classifier-free guidance), named `<main>+auto_<guide>_w<w>` / `<main>+
 teacher NFEs (an NFE is one guided-denoiser call, i.e. two network evaluations).
 Outputs: `metrics.json` (model → nfe_K → metric statistics; `dvc metrics show` reads it),
 `samples/<model>_nfe<K>.npz` (the samples of every seed, so anyone can recompute a metric) and
-`plots/` (samples over the data or image grids, quality vs NFE).
+`plots/` (samples over the data or image grids, quality vs NFE, and on 2D the sampled paths).
+
+Deterministic noise → data maps (docs/methods.md §2, §13), per model, next to the nfe_K entries:
+- `coupling` (with input `pairs`, one pair set or a list): E‖G(z) − x‖² over the first 2000 pairs
+  (z, x) of the pair set the model was trained on (its model.json `pairs_digest`; else the first):
+  `mse` at 1 NFE (a teacher: at its largest NFE), and `nfe_K` at every NFE for methods that define
+  `trajectory` (deterministic multistep samplers);
+- `inversion` (methods that define `invert(model, x, nfe, class_labels) -> z`): E‖G(G⁻¹(x)) − x‖²
+  on the first 2000 held-out data points, `nfe_K` with K steps each way;
+- `straightness` (methods that define `trajectory(model, z, nfe, class_labels) -> (nfe + 1, n, ...)`):
+  rectified flow's S = ∫ E‖(Z1 − Z0) − Ż_t‖² dt along the K-step sampled paths, `nfe_K` for K ≥ 2
+  (`metrics.straightness`; 0 for straight paths).
 CLI: python -m stages.run RECIPE.yaml STAGE
 """
 from __future__ import annotations
 
 import json
 import sys
+import time
 from typing import Literal
 
 import numpy as np
@@ -24,6 +36,7 @@ from fastgen_core import metrics as M
 from fastgen_core.config import Strict, distinct, seeds_in_range
 from fastgen_core.data import cached_data
 from fastgen_core.models import load_model
+from fastgen_core.methods.guided import W_MODELS
 from fastgen_core.samplers import autoguided, cfg_guided, teacher_nfe, teacher_sample
 
 from .spec import Problem, StageError, StageSpec, one_input, stage_names
@@ -32,11 +45,13 @@ class GuidanceSpec(Strict):
     """One guided sampler of an EDM teacher, evaluated as an extra row at the teacher NFEs
     (docs/methods.md §12). NFE counts guided-denoiser calls; each costs two network evaluations."""
 
-    kind: Literal["auto", "cfg"] = Field(
-        ..., description="auto: D_weak + w·(D_main − D_weak); cfg: D(∅) + w·(D(c) − D(∅))")
+    kind: Literal["auto", "cfg", "w"] = Field(
+        ..., description="auto: D_weak + w·(D_main − D_weak); cfg: D(∅) + w·(D(c) − D(∅)); w: a w-conditioned "
+        "model (methods guided, progressive; docs/methods.md §9) sampled at its own w (w = 0 unguided), "
+        "row <main>_w<w>, at the student NFEs")
     main: str = Field(..., description="stage name of the main (EDM) model; an input of this evaluate stage")
     guide: str | None = Field(None, description="auto: stage name of the weak guide (an input of this evaluate stage)")
-    w: float = Field(..., gt=0, description="guidance weight (1: the main model unguided)")
+    w: float = Field(..., ge=0, description="guidance weight (auto, cfg: > 0, 1 the main model unguided; w: ≥ 0)")
     name: str | None = Field(None, pattern=r"^[A-Za-z0-9_+.-]+$",
                              description="row name; default <main>+auto_<guide>_w<w> or <main>+cfg_w<w>")
 
@@ -44,6 +59,8 @@ class GuidanceSpec(Strict):
     def row(self) -> str:
         if self.name:
             return self.name
+        if self.kind == "w":
+            return f"{self.main}_w{self.w:g}"
         return f"{self.main}+auto_{self.guide}_w{self.w:g}" if self.kind == "auto" else f"{self.main}+cfg_w{self.w:g}"
 
 
@@ -60,6 +77,11 @@ class EvalConfig(Strict):
     pass_factor: float = Field(2.0, ge=0, description=(
         "a student passes (and is registered in the MLflow model registry) when its primary metric's "
         "distance above the real-data floor at 1 NFE is at most this times the teacher's at its largest NFE"))
+
+    class_groups: list[list[int]] = Field([], description=(
+        "class-conditional image data: also the FD of each group of classes (the samples of those labels against "
+        "the test images of those classes, floor: matched train images), per model and NFE as groups_nfe_K.c<a>_<b>… "
+        "(e.g. the class groups of Multi-Student Distillation, docs/methods.md §8)"))
 
     @field_validator("seeds")
     @classmethod
@@ -104,11 +126,13 @@ class Spec(StageSpec):
                           "give it as input `features`"))
         if feats in recipe.stages and recipe.model_method(feats) != "classifier":
             probs.append((f"{at}.features", f"stage {feats!r} is not a feature network (method classifier)"))
-        pairs = one_input(self, "pairs")
-        if pairs in recipe.stages and recipe.stages[pairs].kind != "ode_pairs":
-            probs.append((f"{at}.pairs", f"stage {pairs!r} is not an ode_pairs stage"))
+        for pairs in stage_names(self.inputs.get("pairs", [])):
+            if pairs in recipe.stages and recipe.stages[pairs].kind != "ode_pairs":
+                probs.append((f"{at}.pairs", f"stage {pairs!r} is not an ode_pairs stage"))
         for i, g in enumerate(self.evaluate.guidance):
             probs += _guidance_problems(recipe, name, i, g)
+        if self.evaluate.class_groups and (recipe.data.kind == "toy" or not recipe.data.conditional):
+            probs.append((f"stages.{name}.evaluate.class_groups", "per-group FD needs class-conditional image data"))
         return probs
 
 
@@ -120,8 +144,16 @@ def _guidance_problems(r, name: str, i: int, g: GuidanceSpec) -> list[Problem]:
             continue
         if s not in ups:
             probs.append((f"{at}.{field}", f"{s!r} is not an input of this evaluate stage"))
+        elif g.kind == "w":  # a w-conditioned model sampled at its own w (docs/methods.md §9)
+            if field == "guide":
+                probs.append((f"{at}.guide", "kind w samples the main model at its own w: remove guide"))
+            elif r.model_method(s) not in W_MODELS:
+                probs.append((f"{at}.main", f"kind w needs a w-conditioned model (method {' or '.join(W_MODELS)}); "
+                              f"stage {s!r} is not one"))
         elif r.model_method(s) != "edm":
             probs.append((f"{at}.{field}", f"guidance needs an EDM denoiser; stage {s!r} is not an edm model"))
+    if g.kind != "w" and g.w <= 0:
+        probs.append((f"{at}.w", f"kind {g.kind} needs a guidance weight w > 0"))
     if g.kind == "auto" and g.guide is None:
         probs.append((f"{at}.guide", "kind auto needs a guide"))
     if g.kind == "cfg":
@@ -169,17 +201,92 @@ class Guided:
         return teacher_sample(self.D, z, self.noise, nfe, class_labels=class_labels)
 
 
+class AtW:
+    """A w-conditioned model (guided, progressive; docs/methods.md §9) sampled at the row's w."""
+
+    def __init__(self, spec, models: dict):
+        self.main, self.w = models[spec.main], spec.w
+        self.meta, self.shape, self.num_classes = self.main.meta, self.main.shape, self.main.num_classes
+        self.method, self.noise, self.nets = self.main.method, self.main.noise, self.main.nets
+
+    @torch.no_grad()
+    def sample(self, z, nfe, class_labels=None):
+        return self.main.method.sample(self.main, z, nfe, class_labels, w=self.w)
+
+
+def _group_fd(groups, samples: dict, labels: dict, feats, data, seeds, floors: dict) -> dict:
+    """FD of each class group: per seed, the samples whose label is in the group against the test
+    images of the group; floor: as many train images of the same labels (`metrics.matched_rows`).
+    `floors` caches each group's floor across models."""
+    out = {}
+    for g in groups:
+        ref = feats(data.x_test[torch.isin(data.y_test, torch.as_tensor(g))])
+        rows = {s: torch.isin(labels[s], torch.as_tensor(g)) for s in seeds}
+        key = "c" + "_".join(map(str, g))
+        if key not in floors:
+            floors[key] = [M.frechet_distance(feats(data.x[M.matched_rows(data.y, labels[s][rows[s]], s)]), ref)
+                           for s in seeds]
+        gen = np.array([M.frechet_distance(feats(samples[s][rows[s]]), ref) for s in seeds])
+        real = np.array(floors[key])
+        sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
+        out[key] = {"mean": round(float(gen.mean()), 6), "std": round(sd(gen), 6), "floor_mean": round(float(real.mean()), 6),
+                    "floor_std": round(sd(real), 6), "above_floor": round(float(gen.mean() - real.mean()), 6)}
+    return out
+
+
+N_MAP = 2000  # pairs, data points and paths of the deterministic-map metrics
+
+
+def _pair_sets(inputs) -> list[tuple[str | None, dict]]:
+    """(pairs_digest recorded by ode_pairs or None, first N_MAP pairs) of each `pairs` input."""
+    out = []
+    for i in inputs:
+        with np.load(i.path / "pairs.npz") as z:
+            out.append(((i.manifest.get("metrics") or {}).get("pairs_digest"),
+                        {k: torch.from_numpy(z[k][:N_MAP]) for k in ("noise", "sample", "label")}))
+    return out
+
+
+def _own_pairs(model, sets: list[tuple[str | None, dict]]) -> dict:
+    """The pair set `model` was trained on (model.json `pairs_digest`), else the first one."""
+    digest = model.meta.get("pairs_digest")
+    return next((p for d, p in sets if digest is not None and d == digest), sets[0][1])
+
+
 @torch.no_grad()
-def _coupling(model, pairs_dir, teacher_nfe_max: int, is_teacher: bool, device, n: int = 2000) -> dict:
-    """How well a model keeps the teacher's coupling: mean squared distance between its
-    deterministic sample from a pair's noise and the teacher ODE's sample from the same noise
-    (students at 1 NFE, the teacher at its largest NFE)."""
-    with np.load(pairs_dir / "pairs.npz") as z:
-        noise, target, label = (torch.from_numpy(z[k][:n]) for k in ("noise", "sample", "label"))
-    y = label.to(device) if model.num_classes > 0 else None
+def _coupling(model, pairs: dict, nfes: list[int], teacher_nfe_max: int, is_teacher: bool, device) -> dict:
+    """How well a model keeps a deterministic coupling: E‖G(z) − x‖² between its sample from a
+    pair's noise z and the pair's sample x (students at 1 NFE, the teacher at its largest NFE as
+    `mse`; models with a deterministic multistep sampler at every NFE as `nfe_K`)."""
+    noise, target = pairs["noise"].to(device), pairs["sample"]
+    y = pairs["label"].to(device) if model.num_classes > 0 else None
     nfe = teacher_nfe_max if is_teacher else 1
-    x = model.sample(noise.to(device), nfe, y).float().cpu()
-    return {"nfe": teacher_nfe(nfe) if is_teacher else 1, "mse": round(float(((x - target) ** 2).flatten(1).sum(1).mean()), 6)}
+    out = {"nfe": teacher_nfe(nfe) if is_teacher else 1,
+           "mse": round(M.mean_sq_distance(model.sample(noise, nfe, y).float().cpu(), target), 6)}
+    if not is_teacher and hasattr(model.method, "trajectory"):
+        for k in nfes:
+            out[f"nfe_{k}"] = round(M.mean_sq_distance(model.sample(noise, k, y).float().cpu(), target), 6)
+    return out
+
+
+@torch.no_grad()
+def _inversion(model, x: torch.Tensor, y, nfes: list[int], device) -> dict:
+    """E‖G(G⁻¹(x)) − x‖² on data x with K steps each way (the method's `invert`)."""
+    x = x.to(device)
+    y = None if y is None or model.num_classes == 0 else y.to(device)
+    return {f"nfe_{k}": round(M.mean_sq_distance(model.sample(model.method.invert(model, x, k, y), k, y).float().cpu(),
+                                                 x.cpu()), 6) for k in nfes}
+
+
+@torch.no_grad()
+def _straightness(model, labels, nfes: list[int], device) -> tuple[dict, dict[int, torch.Tensor]]:
+    """Straightness of the K-step sampled paths from fixed noise (the method's `trajectory`), and
+    the paths themselves."""
+    n = N_MAP if labels is None else min(N_MAP, len(labels))
+    z = torch.randn((n, *model.shape), generator=torch.Generator().manual_seed(40_000)).to(device)
+    y = labels[:n].to(device) if model.num_classes > 0 else None
+    paths = {k: model.method.trajectory(model, z, k, y).float().cpu() for k in nfes if k >= 2}
+    return {f"nfe_{k}": round(M.straightness(p), 6) for k, p in paths.items()}, paths
 
 
 def run(ctx) -> None:
@@ -200,6 +307,13 @@ def run(ctx) -> None:
         ref = feats(data.x_test)
         n = min(cfg.n_samples, len(data.x_test))
         metric_fn = lambda s: {"fd": M.frechet_distance(feats(s), ref)}  # noqa: E731
+        # bits models (discrete data, docs/methods.md §7): also the value-histogram distance at their levels L
+        levels = sorted({recipe.stages[i.stage].method.levels for i in ctx.inputs["models"]
+                         if recipe.model_method(i.stage) == "bits"})
+        if levels:
+            fd_fn = metric_fn
+            metric_fn = lambda s: {**fd_fn(s), **{f"value_hist_{L}": M.value_histogram_distance(s, data.x_test, L)  # noqa: E731
+                                                  for L in levels}}
         real_pool, pool_labels = data.x, data.y  # floor: n real train images against the test split
     else:
         n = cfg.n_samples
@@ -211,48 +325,75 @@ def run(ctx) -> None:
     prim = PRIMARY["image" if data.is_image else "toy"]
     floor_per_seed = M.floor_metrics(metric_fn, real_pool, n, cfg.seeds, pool_labels, labels)  # same for all rows
 
-    results, curves = {}, {}
+    results, curves, group_floors = {}, {}, {}
     (ctx.out / "samples").mkdir()
     (ctx.out / "plots").mkdir()
-    panels = {}
+    panels, paths_2d = {}, {}
+    pair_sets = _pair_sets(ctx.inputs["pairs"]) if "pairs" in ctx.inputs else []
+    x_map = data.x_test[:N_MAP]
+    y_map = data.y_test[:N_MAP] if data.y_test is not None else None
     paths = {i.stage: i.path for ins in ctx.inputs.values() for i in ins}
     names = [i.stage for i in ctx.inputs["models"]] + [s for g in cfg.guidance for s in (g.main, g.guide) if s]
     loaded = {s: load_model(paths[s], device) for s in dict.fromkeys(names)}
     rows = [(i.stage, loaded[i.stage]) for i in ctx.inputs["models"]]
-    rows += [(g.row, Guided(g, loaded)) for g in cfg.guidance]
+    rows += [(g.row, AtW(g, loaded) if g.kind == "w" else Guided(g, loaded)) for g in cfg.guidance]
     for row, model in rows:
         is_teacher = model.meta["method"] == "edm"
         nfes = cfg.teacher_nfe if is_teacher else cfg.nfe
         results[row], curves[row] = {}, {}
         for nfe in nfes:
             cache: dict[int, torch.Tensor] = {}
+            gen_s = [0.0]  # seconds spent generating (samples/s in the manifest's timing, for `fastgen report`)
 
-            def samples_fn(seed, nfe=nfe, cache=cache, model=model):
+            def samples_fn(seed, nfe=nfe, cache=cache, model=model, gen_s=gen_s):
+                t_gen = time.perf_counter()
                 cache[seed] = _generate(model, n, nfe, seed, labels, device)
+                gen_s[0] += time.perf_counter() - t_gen
                 return cache[seed]
 
             stats = M.with_floor(metric_fn, samples_fn, real_pool, n, cfg.seeds, floor=floor_per_seed)
             used = teacher_nfe(nfe) if is_teacher else nfe
             key = f"nfe_{used}"
             results[row][key] = {m: {k: round(v, 6) for k, v in s.items()} for m, s in stats.items()}
+            if cfg.class_groups and labels is not None and data.is_image:
+                results[row][f"groups_{key}"] = _group_fd(cfg.class_groups, cache, labels, feats, data, cfg.seeds,
+                                                          group_floors)
             curves[row][used] = (stats[prim]["mean"], stats[prim]["std"])
+            ctx.timing.setdefault("samples_per_s", {}).setdefault(row, {})[key] = round(
+                n * len(cfg.seeds) / max(gen_s[0], 1e-9), 1)
             np.savez_compressed(ctx.out / "samples" / f"{row}_nfe{used}.npz",
                                 **{f"seed{s}": cache[s].numpy() for s in cfg.seeds})
             panels[f"{row} ({used} NFE)"] = cache[cfg.seeds[0]].numpy()
             print(f"[evaluate] {row} nfe={used}: " + ", ".join(
                 f"{m}={s['mean']:.4g}±{s['std']:.2g} (floor {s['floor_mean']:.4g})" for m, s in stats.items()),
                 file=sys.stderr)
-        if "pairs" in ctx.inputs and not isinstance(model, Guided):
-            results[row]["coupling"] = _coupling(model, ctx.input("pairs").path, max(nfes), is_teacher, device)
+        if isinstance(model, Guided):
+            continue
+        if pair_sets:
+            results[row]["coupling"] = _coupling(model, _own_pairs(model, pair_sets), nfes, max(nfes), is_teacher, device)
+        if not is_teacher and hasattr(model.method, "invert"):
+            results[row]["inversion"] = _inversion(model, x_map, y_map, nfes, device)
+        if not is_teacher and hasattr(model.method, "trajectory"):
+            y_traj = labels[cfg.seeds[0]] if labels is not None else None
+            results[row]["straightness"], traj = _straightness(model, y_traj, nfes, device)
+            if traj and not data.is_image and data.shape == (2,):
+                paths_2d[f"{row} ({max(traj)} steps)"] = traj[max(traj)].numpy()
+        for part in ("coupling", "inversion", "straightness"):
+            if part in results[row]:
+                print(f"[evaluate] {row} {part}: " + ", ".join(f"{k}={v:.4g}" for k, v in results[row][part].items()),
+                      file=sys.stderr)
     (ctx.out / "metrics.json").write_text(json.dumps(results, indent=2))
     if cfg.plots:
         floor = float(np.mean([f[prim] for f in floor_per_seed]))
-        plots.quality_vs_nfe(curves, floor, prim, ctx.out / "plots" / "quality_vs_nfe.png")
+        plots.quality_vs_nfe(curves, floor, prim, ctx.out / "plots" / "quality_vs_nfe.png",
+                             recipe=f"{recipe.name} / {ctx.name}")
         if data.is_image:
             for title, s in panels.items():
                 plots.image_grid(s, ctx.out / "plots" / f"{title.split()[0]}_{title.split('(')[1].split()[0]}nfe.png", title)
         else:
             plots.scatter_2d(panels, data.x_test.numpy(), ctx.out / "plots" / "samples.png")
+            if paths_2d:
+                plots.trajectories_2d(paths_2d, data.x_test.numpy(), ctx.out / "plots" / "trajectories.png")
         for p in sorted((ctx.out / "plots").iterdir()):
             ctx.tracker.log_artifact(p, "plots")
     ctx.tracker.log_artifact(ctx.out / "metrics.json")

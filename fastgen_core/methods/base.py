@@ -13,6 +13,16 @@ A method module `fastgen_core/methods/<name>.py` (or one added with `methods.reg
               for the consistency-type families (editing, docs/methods.md §1); at the data end
               σ = σ_min it returns x (exactly for CD/CT/CTM; up to O(σ_min) where the family's own
               boundary is σ = 0, sCM and AYF).
+- optionally, for methods whose `sample` is a deterministic noise → data map (flows: rectified
+  flow §13, CAF §2), read by the evaluation's map metrics (`stages/evaluate.py`):
+  `trajectory(model, z, nfe, class_labels=None)` — the sampled path from standard-normal z, a
+              Tensor (nfe + 1, n, ...) of states from noise (index 0, = z up to the sampler's own input
+              scaling) to its sample (index nfe, = `sample(model, z, nfe)`), which the straightness
+              (`metrics.straightness`) treats as equally spaced in time (RF: its Euler steps; CAF:
+              the times where κ(t_i) = i/N); also the 2D path plots;
+  `invert(model, x, nfe, class_labels=None) -> z` — data → standard-normal noise with the same
+              nfe steps run backwards, so that `sample(model, invert(model, x, k), k) ≈ x`
+              (inversion error).
 
 The hard cases it has to take without special cases in the loop: several networks per method
 (student, target, fake critic, discriminator, K students), several optimisers at different rates
