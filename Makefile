@@ -1,5 +1,6 @@
 # Two entry points for a fresh machine with Python 3.11, pip, git and make:
 #   make run    install, then run the default recipe (params/toy_cd.yaml) end to end with `dvc repro`
+#               and print its report (fastgen report)
 #   make test   install, then run the test suite
 # Both are idempotent. uv is bootstrapped into .tools/ and installs the locked environment (.venv),
 # compiled to bytecode up front (this machine sets PYTHONDONTWRITEBYTECODE: without it every stage
@@ -22,7 +23,7 @@ install: $(UV)
 run: install
 	.venv/bin/python -m stages.dvcgen --check
 	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc repro $(RECIPE)-eval
-	PATH="$(CURDIR)/.venv/bin:$$PATH" .venv/bin/dvc metrics show
+	.venv/bin/fastgen report $(RECIPE)
 
 test: install
 	.venv/bin/python -m pytest -q

@@ -1,5 +1,12 @@
 """`fastgen` command line.
 
+    fastgen run RECIPE [-S KEY=VALUE ...] [--force]
+                                        run a recipe here, stage after stage, then print its report
+                                        (RECIPE: a name in params/, e.g. toy_cd, or a file)
+    fastgen report RECIPE|SWEEP_FOLDER  the evaluation as a table (model x NFE, metric ± std, floor,
+                                        ratio to the teacher, samples/s); markdown next to it
+    fastgen sweep RECIPE -S KEY=V1,V2 [-S ...] [--max-parallel N]
+                                        one deployment run per trial on the work pool (PREFECT_API_URL)
     fastgen validate params/*.yaml     check recipes (one line per problem; exit 2 on any)
     fastgen stage RECIPE STAGE          run one stage (same as python -m stages.run)
     fastgen flow RECIPE                 run a recipe as a Prefect flow
@@ -42,6 +49,41 @@ def validate(paths: list[str], verbose: bool) -> int:
     return len(bad)
 
 
+def run(argv: list[str]) -> int:
+    """`fastgen run`: every stage in order in this process (what `dvc repro` runs, without DVC or
+    a Prefect server; an up-to-date stage is skipped), under one MLflow parent run; then the report."""
+    import argparse
+
+    from .recipe import RecipeError
+    from .sweep import load_with_overrides, parse_sets
+
+    ap = argparse.ArgumentParser(prog="fastgen run", description=run.__doc__)
+    ap.add_argument("recipe", help="a recipe name in params/ (toy_cd) or a recipe file")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a recipe value (the grammar of `dvc exp run -S`); repeatable")
+    ap.add_argument("--force", action="store_true", help="rerun stages that are up to date")
+    a = ap.parse_args(argv)
+    try:
+        overrides = parse_sets(a.set)
+        recipe = load_with_overrides(a.recipe, overrides)
+    except RecipeError as e:
+        print("\n".join(e.problems), file=sys.stderr)
+        return 2
+    from . import report
+    from .runtime import StageError, run_stage
+
+    for stage in recipe.order():
+        try:
+            run_stage(recipe, stage, force=a.force)
+        except StageError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+    for stage in report.eval_stages(recipe):
+        text, md, _ = report.report(recipe, stage)
+        print(f"\n{text}\n\n(markdown: {report.write_markdown(recipe, stage, md)})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -54,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 2 if validate(rest, verbose=True) else 0
     if cmd in ("stage", "flow"):
+        from .sweep import recipe_file
+
         # a bad recipe stops here, before MLflow or Prefect is imported (Prefect makes its home
         # folder on import)
         recipe = next((a for a in rest if not a.startswith("-")), None)
-        if recipe is not None and validate([recipe], verbose=False):
+        if recipe is not None and validate([recipe_file(recipe)], verbose=False):
             return 2
         if cmd == "stage":
             from .runtime import main as stage_main
@@ -66,6 +110,21 @@ def main(argv: list[str] | None = None) -> int:
         from flows.pipeline import main as flow_main
 
         return flow_main(rest)
+    if cmd == "run":
+        return run(rest)
+    if cmd == "report":
+        from .report import main as report_main
+
+        return report_main(rest)
+    if cmd == "sweep":
+        from .sweep import cli_args
+
+        parsed = cli_args(rest)  # every trial validated before Prefect is imported
+        if isinstance(parsed, int):
+            return parsed
+        from flows.sweep import run_cli
+
+        return run_cli(*parsed)
     if cmd == "dvcgen":
         from .dvcgen import main as gen_main
 

@@ -2,7 +2,8 @@
 date, run into a temporary folder, write the manifest last, rename into place, track in MLflow.
 
 `run_stage(recipe, name)` is the one entry point: the CLI (`python -m stages.run`), `dvc repro`,
-the Prefect flow and the tests all call it.
+the Prefect flow and the tests all call it. In a sweep's trials (`$FASTGEN_REUSE_DIR`), a stage that
+another trial already made from the same params and inputs is copied, not rerun (stages/reuse.py).
 
 One process at a time runs a stage into its output (`stage_lock`: an exclusive `flock` on
 `<stage>.lock` next to the stage's partial checkpoints); another run of the same stage waits for it,
@@ -32,7 +33,7 @@ import torch
 from fastgen_core import artifacts
 from fastgen_core.data import cached_data
 
-from . import storage, tracking
+from . import reuse, storage, tracking
 from .recipe import Recipe, RecipeError, load_recipe
 from .spec import StageError, stage_names
 from .timing import TIMING_PREFIX, phase, recording, sub_phases
@@ -83,6 +84,7 @@ class StageContext:
     inputs: dict[str, list[Input]]             # role -> inputs (one for str roles, several for lists)
     tracker: tracking.Tracker
     metrics: dict = field(default_factory=dict)
+    timing: dict = field(default_factory=dict)  # speeds measured by the stage (manifest `timing`: not content)
 
     @property
     def spec(self):
@@ -253,7 +255,13 @@ def _run_stage(recipe: Recipe, stage: str, force: bool) -> tuple[dict, bool]:
         if m:
             print(f"[fastgen] {recipe.name}/{stage}: up to date", file=sys.stderr)
             return m, True
-        return _execute(recipe, stage, inputs, lock), False
+        with reuse.shared(recipe, stage, inputs) as found:  # a sweep's trials share identical stages
+            if found and not force:
+                with phase("inputs"):
+                    return reuse.adopt(found, recipe, stage), True
+            m = _execute(recipe, stage, inputs, lock)
+            reuse.record(recipe, stage, inputs)
+            return m, False
 
 
 def _one_line(e: BaseException) -> str:
@@ -301,7 +309,7 @@ def _execute(recipe: Recipe, stage: str, inputs: dict[str, list[Input]], lock: L
                     "inputs": {i.stage: {"role": role, "digest": i.manifest["digest"], "path": i.uri}
                                for role, ins in inputs.items() for i in ins},
                     "data": {"digest": data_digest, **recipe.data.model_dump(mode="json")},
-                    "code": code, "metrics": ctx.metrics,
+                    "code": code, "metrics": ctx.metrics, "timing": ctx.timing,
                     "mlflow": {"run_id": tr.run_id, "parent_run_id": tr.parent_id} if tr.run_id else None,
                     "wall_s": round(time.time() - t0, 3),
                     "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

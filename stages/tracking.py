@@ -5,7 +5,11 @@ or the recipe's `tracking.uri` point it at a server. Only the `MlflowClient` API
 global active-run state), so concurrent stages in one process (Prefect) cannot cross their runs.
 
 The invocation a stage belongs to: the Prefect flow run it is a task of (`invocation_scope`), else
-`$FASTGEN_INVOCATION` if set, else the `dvc repro` process this stage runs under, else a fresh one.
+`$FASTGEN_INVOCATION` if set, else the `dvc exp run` experiment it runs for ($DVC_EXP_NAME, set by
+DVC for queued and workspace experiments), else the `dvc repro` process this stage runs under, else
+a fresh one. Under `dvc exp` the default store is the main workspace's `mlflow.db` ($DVC_ROOT), not
+one in DVC's temporary copy. A sweep trial's pipeline run is nested under the sweep's run
+(`invocation_scope(..., pipeline_tags)`; flows/sweep.py).
 
 Honest run states: every run is tagged with the process that opened it (`fastgen.process`: host,
 pid and the process's start time). A stage run ends FINISHED, or FAILED with its one-line reason
@@ -32,8 +36,17 @@ from .timing import pause_point
 PROJECT = Path(__file__).resolve().parent.parent
 
 
+def workspace() -> Path:
+    """The project folder whose `mlflow.db` is the default store: under `dvc exp run` (which runs
+    stages in a temporary copy, `.dvc/tmp/exps/...`, lost afterwards) the main workspace DVC names
+    in $DVC_ROOT; else this project."""
+    if os.environ.get("DVC_EXP_NAME") and os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"])
+    return PROJECT
+
+
 def tracking_uri(recipe) -> str:
-    return recipe.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT / 'mlflow.db'}"
+    return recipe.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{workspace() / 'mlflow.db'}"
 
 
 def _proc_start(pid: int) -> str:
@@ -80,16 +93,21 @@ _solo: str | None = None
 # The invocation of the flow run whose task is running in this context (threads of one process may
 # run tasks of several flow runs).
 _scoped: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastgen_invocation", default=None)
+# Tags for the pipeline run of that invocation (a sweep trial: its overrides and its sweep's run as parent)
+_pipeline_tags: contextvars.ContextVar[dict] = contextvars.ContextVar("fastgen_pipeline_tags", default={})
 
 
 @contextmanager
-def invocation_scope(invocation: str):
-    """Stages started inside the block belong to `invocation` (a flow run's)."""
+def invocation_scope(invocation: str, pipeline_tags: dict | None = None):
+    """Stages started inside the block belong to `invocation` (a flow run's); `pipeline_tags` are
+    set on its pipeline run when it is created (e.g. `mlflow.parentRunId` of a sweep run)."""
     token = _scoped.set(invocation)
+    tags = _pipeline_tags.set(dict(pipeline_tags or {}))
     try:
         yield
     finally:
         _scoped.reset(token)
+        _pipeline_tags.reset(tags)
 
 
 def invocation_id() -> str:
@@ -98,6 +116,8 @@ def invocation_id() -> str:
         return _scoped.get()
     if os.environ.get("FASTGEN_INVOCATION"):
         return os.environ["FASTGEN_INVOCATION"]
+    if os.environ.get("DVC_EXP_NAME"):  # one experiment of `dvc exp run` (queued or not): its name and baseline
+        return f"dvc-exp-{os.environ['DVC_EXP_NAME']}-{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}"
     pid = os.getppid()
     try:
         for _ in range(8):  # walk up to a `dvc repro` ancestor
@@ -113,6 +133,14 @@ def invocation_id() -> str:
     if _solo is None:  # one for every stage this process runs outside dvc and a flow
         _solo = f"solo-{uuid.uuid4().hex[:12]}"
     return _solo
+
+
+def _invocation_tags(inv: str) -> dict[str, str]:
+    """What a pipeline run says about where it ran: the DVC experiment, if any."""
+    if inv.startswith("dvc-exp-") and os.environ.get("DVC_EXP_NAME"):
+        return {"fastgen.dvc_exp": os.environ["DVC_EXP_NAME"],
+                "fastgen.dvc_exp_baseline": os.environ.get("DVC_EXP_BASELINE_REV", "")}
+    return {}
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -200,7 +228,8 @@ def start_stage_run(recipe, stage: str, params: dict, tags: dict) -> Tracker:
             parent = client.create_run(exp, run_name=f"{recipe.name}", tags={
                 "fastgen.invocation": inv, "fastgen.level": "pipeline", "fastgen.recipe": recipe.name,
                 "fastgen.recipe_path": scrub(recipe.path), "fastgen.recipe_digest": recipe.digest(),
-                "fastgen.process": process_id()}).info.run_id
+                "fastgen.process": process_id(), **_invocation_tags(inv),
+                **{k: scrub(v) for k, v in _pipeline_tags.get().items()}}).info.run_id
     end_stale_runs(client, exp, recipe.name, stage, tags.get("fastgen.params_digest"), parent)
     run = client.create_run(exp, run_name=stage, tags={
         "mlflow.parentRunId": parent, "fastgen.invocation": inv, "fastgen.level": "stage",

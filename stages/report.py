@@ -1,0 +1,246 @@
+"""`fastgen report RECIPE`: what an evaluation found, as a table a person reads in a terminal.
+
+One row per model and NFE: the primary metric (sliced W2 `swd` on 2D data, Fréchet distance `fd`
+on images) as mean ± std over the evaluation's seeds, the floor (held-out real data against real
+data, same sample count), the distance above that floor as a multiple of the teacher's (the best
+EDM model at its largest NFE), and sampling speed (samples/s, measured during the evaluation).
+The same table is written as markdown next to the evaluation (`<storage>/<recipe>/<stage>.report.md`,
+with the quality-vs-NFE plot).
+
+`--summary FILE` also writes the flat summary DVC declares as the evaluation's metrics
+(`metrics/<recipe>-<stage>.json`, git-tracked, so `dvc metrics show` prints one short row per
+recipe and `dvc exp show` carries it): the same few keys for every recipe.
+
+    fastgen report toy_cd                        # or params/toy_cd.yaml
+    fastgen report outputs/sweeps/<sweep id>     # one row per trial of a sweep
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+from fastgen_core import artifacts
+
+from . import storage
+from .recipe import Recipe, RecipeError
+
+PRIMARY = ("fd", "swd")  # the primary metric: the first of these an evaluation has
+NAMES = {"swd": "sliced W2", "fd": "Fréchet distance"}
+
+
+def eval_stages(recipe: Recipe) -> list[str]:
+    return [s for s in recipe.order() if recipe.stages[s].kind == "evaluate"]
+
+
+def load(recipe: Recipe, stage: str) -> tuple[dict, dict]:
+    """(manifest, metrics.json) of an evaluation stage's output (FileNotFoundError if it has not run)."""
+    loc = storage.location(recipe, stage)
+    path, manifest = storage.fetch(loc)
+    return manifest, json.loads((Path(path) / "metrics.json").read_text())
+
+
+def _nfes(d: dict) -> list[int]:
+    return sorted(int(k[4:]) for k in d if k.startswith("nfe_") and isinstance(d[k], dict))
+
+
+def primary(results: dict) -> str | None:
+    for r in results.values():
+        for k in _nfes(r):
+            have = r[f"nfe_{k}"]
+            return next((m for m in PRIMARY if m in have), next(iter(have), None))
+    return None
+
+
+def rows(recipe: Recipe, manifest: dict, results: dict) -> tuple[str, list[dict]]:
+    """(primary metric, one row per model × NFE) of an evaluation."""
+    prim = primary(results)
+    speed = (manifest.get("timing") or {}).get("samples_per_s", {})
+    teachers = [m for m in results if recipe.model_method(m) == "edm"]
+    gaps = [results[t][f"nfe_{_nfes(results[t])[-1]}"][prim]["above_floor"] for t in teachers if _nfes(results[t])]
+    ref = min(gaps) if gaps else None
+    out = []
+    for model, r in results.items():
+        kind = "teacher" if model in teachers else "student" if recipe.model_method(model) else "guided"
+        for k in _nfes(r):
+            s = r[f"nfe_{k}"][prim]
+            out.append({"model": model, "kind": kind, "nfe": k, "mean": s["mean"], "std": s["std"],
+                        "floor": s["floor_mean"], "floor_std": s.get("floor_std", 0.0), "above": s["above_floor"],
+                        "ratio": s["above_floor"] / ref if ref and ref > 0 else None,
+                        "samples_per_s": speed.get(model, {}).get(f"nfe_{k}")})
+    return prim, out
+
+
+def summary(prim: str, rs: list[dict]) -> dict:
+    """The flat summary: the same keys for every recipe (one short row in `dvc metrics show`)."""
+    teach = [r for r in rs if r["kind"] == "teacher"]
+    ref = min((max((x for x in teach if x["model"] == t["model"]), key=lambda x: x["nfe"]) for t in teach),
+              key=lambda r: r["above"], default=None)
+    one = [r for r in rs if r["kind"] == "student" and r["nfe"] == 1]
+    best = min(one, key=lambda r: r["above"], default=None)
+    out = {"metric": prim, "floor": _r(rs[0]["floor"]) if rs else None}
+    if ref:
+        out.update(teacher=ref["model"], teacher_nfe=ref["nfe"], teacher_above_floor=_r(ref["above"]))
+    if best:
+        out.update(best_1nfe=best["model"], best_1nfe_mean=_r(best["mean"]), best_1nfe_above_floor=_r(best["above"]),
+                   best_1nfe_ratio=_r(best["ratio"]), best_1nfe_samples_per_s=best["samples_per_s"])
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _r(v, digits: int = 4):
+    return None if v is None else float(f"{v:.{digits}g}")
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}g}"
+
+
+def _speed(v) -> str:
+    return "–" if v is None else f"{v:,.0f}" if v >= 100 else f"{v:.3g}"
+
+
+COLUMNS = ("model", "NFE", "{prim} (mean ± std)", "floor", "above floor", "× teacher", "samples/s")
+
+
+def cells(prim: str, rs: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = [c.format(prim=prim) for c in COLUMNS]
+    body = [[r["model"], str(r["nfe"]), f"{_fmt(r['mean'])} ± {_fmt(r['std'], 2)}", _fmt(r["floor"]),
+             _fmt(r["above"], 3), _fmt(r["ratio"], 3), _speed(r["samples_per_s"])] for r in rs]
+    return head, body
+
+
+def text_table(head: list[str], body: list[list[str]]) -> str:
+    w = [max(len(x) for x in col) for col in zip(head, *body)]
+    line = lambda cs: "  ".join(c.ljust(n) if i == 0 else c.rjust(n) for i, (c, n) in enumerate(zip(cs, w)))  # noqa: E731
+    return "\n".join([line(head), "  ".join("-" * n for n in w), *map(line, body)])
+
+
+def title(recipe: Recipe, stage: str, prim: str, manifest: dict) -> str:
+    seeds = manifest["params"]["stage"]["evaluate"]["seeds"]
+    return (f"{recipe.name} / {stage}: {prim} ({NAMES.get(prim, prim)}; lower is better), mean ± std over "
+            f"{len(seeds)} seed{'s' * (len(seeds) > 1)}; floor = real vs real; × teacher = distance above the floor "
+            "relative to the best teacher's at its largest NFE")
+
+
+def report(recipe: Recipe, stage: str) -> tuple[str, str, dict]:
+    """(terminal text, markdown, flat summary) of one evaluation stage."""
+    manifest, results = load(recipe, stage)
+    prim, rs = rows(recipe, manifest, results)
+    head, body = cells(prim, rs)
+    t = title(recipe, stage, prim, manifest)
+    md = [f"# {recipe.name} / {stage}", "", t, "",
+          "| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+          *("| " + " | ".join(b) + " |" for b in body)]
+    if "plots/quality_vs_nfe.png" in manifest["files"]:
+        md += ["", f"![{prim} vs NFE]({stage}/plots/quality_vs_nfe.png)"]
+    return f"{t}\n\n{text_table(head, body)}", "\n".join(md) + "\n", summary(prim, rs)
+
+
+def write_summary(recipe_path: str, stage: str, path: str) -> None:
+    """Write the flat summary of evaluation `stage` to `path` (and its markdown report)."""
+    from .recipe import load_recipe
+
+    recipe = load_recipe(recipe_path)
+    try:
+        _, md, flat = report(recipe, stage)
+        write_markdown(recipe, stage, md)
+    except Exception as e:  # noqa: BLE001  (a summary never fails the stage that was evaluated)
+        print(f"[fastgen] {recipe.name}/{stage}: no summary: {type(e).__name__}: {e}", file=sys.stderr)
+        flat = {}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(flat, indent=1) + "\n")
+
+
+def markdown_path(recipe: Recipe, stage: str) -> str:
+    return f"{storage.location(recipe, stage)}.report.md"
+
+
+def write_markdown(recipe: Recipe, stage: str, md: str) -> str | None:
+    """Next to the evaluation's folder (not inside it: the folder's files are its manifest's)."""
+    loc = markdown_path(recipe, stage)
+    if storage.is_remote(loc):
+        import fsspec
+
+        with fsspec.open(loc, "w") as f:
+            f.write(md)
+    else:
+        Path(loc).write_text(md)
+    return loc
+
+
+# --- sweeps ----------------------------------------------------------------------------------------
+
+def sweep_report(folder: Path) -> str:
+    """One row per trial of a sweep folder (`<storage>/sweeps/<id>/`): its overrides and its best
+    1-NFE student against the teacher."""
+    from .recipe import load_recipe
+
+    head = ["trial", "overrides", "metric", "best 1-NFE", "above floor", "× teacher"]
+    body = []
+    for trial in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for ev in sorted(trial.glob("*/*/manifest.json")):
+            m = json.loads(ev.read_text())
+            if m.get("kind") != "evaluate":
+                continue
+            try:
+                r = load_recipe(m["recipe_path"])
+            except RecipeError:
+                continue
+            results = json.loads((ev.parent / "metrics.json").read_text())
+            prim, rs = rows(r, m, results)
+            s = summary(prim, rs)
+            body.append([trial.name.split("-", 1)[0], trial.name.split("-", 1)[-1], prim,
+                         s.get("best_1nfe", "–"), _fmt(s.get("best_1nfe_above_floor"), 3),
+                         _fmt(s.get("best_1nfe_ratio"), 3)])
+    if not body:
+        return f"{folder}: no evaluated trial yet"
+    return f"sweep {folder.name}: {len(body)} evaluated trial(s)\n\n{text_table(head, body)}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .sweep import load_with_overrides, parse_sets
+
+    ap = argparse.ArgumentParser(prog="fastgen report", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("target", help="recipe (name in params/ or file), or a sweep folder <storage>/sweeps/<id>")
+    ap.add_argument("--stage", help="evaluation stage (default: every evaluate stage of the recipe)")
+    ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="the overrides the recipe ran with (e.g. its storage.root)")
+    ap.add_argument("--summary", metavar="FILE", help="also write the flat summary metrics file (DVC's metrics)")
+    ap.add_argument("--quiet", action="store_true", help="print nothing (write the files only)")
+    a = ap.parse_args(argv)
+    if Path(a.target).is_dir():
+        print(sweep_report(Path(a.target)))
+        return 0
+    try:
+        recipe = load_with_overrides(a.target, parse_sets(a.set))
+    except RecipeError as e:
+        print("\n".join(e.problems), file=sys.stderr)
+        return 2
+    stages = [a.stage] if a.stage else eval_stages(recipe)
+    if not stages or any(s not in recipe.stages or recipe.stages[s].kind != "evaluate" for s in stages):
+        print(f"{recipe.path}: stages: no evaluate stage {a.stage or ''} to report".replace("  ", " "), file=sys.stderr)
+        return 2
+    missing = 0
+    for s in stages:
+        try:
+            text, md, flat = report(recipe, s)
+        except (FileNotFoundError, artifacts.DigestMismatch):
+            print(f"{recipe.name}/{s}: not evaluated yet (run `fastgen run {a.target}`)", file=sys.stderr)
+            missing += 1
+            continue
+        where = write_markdown(recipe, s, md)
+        if a.summary:
+            Path(a.summary).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.summary).write_text(json.dumps(flat, indent=1) + "\n")
+        if not a.quiet:
+            print(f"{text}\n\n(markdown: {where})\n")
+    return 1 if missing == len(stages) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
