@@ -27,11 +27,11 @@ from fastgen_core.data import IMAGE_SOURCES, TOY_DENSITIES
 from fastgen_core.methods import available_methods
 from fastgen_core.noise import PROCESSES, NoiseProcess
 
-from . import edit, evaluate, ode_pairs, train, weak_snapshot
+from . import edit, evaluate, ode_pairs, progressive, reflow, students, train, weak_snapshot
 from .spec import Problem, stage_names
 
 # the stage modules and the kinds each runs (a kind's settings are its module's `Spec`)
-MODULES = (train, weak_snapshot, ode_pairs, evaluate, edit)
+MODULES = (train, weak_snapshot, ode_pairs, evaluate, edit, reflow, progressive, students)
 MODULE_OF_KIND = {k: m.__name__.rsplit(".", 1)[1] for m in MODULES
                   for k in m.Spec.model_fields["kind"].annotation.__args__}
 STAGE_KINDS = tuple(MODULE_OF_KIND)

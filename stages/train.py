@@ -13,6 +13,7 @@ CLI: python -m stages.run RECIPE.yaml STAGE
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import Field, model_serializer
 
 from fastgen_core import loop
 from fastgen_core.config import NetworkConfig, TrainConfig
@@ -51,16 +52,82 @@ class Spec(StageSpec):
     network: NetworkConfig | None = Field(None, description="network of the trained model (None: copy the teacher's)")
     train: TrainConfig = Field(default_factory=TrainConfig, description="training-loop settings")
     noise: NoiseProcess | None = Field(None, description="this stage's noise process (None: the recipe's `noise`)")
+    classes: list[int] | None = Field(None, min_length=1, description=(
+        "train on these classes only (class-conditional data): the data's train and test splits are filtered "
+        "to them; input pair sets are not (e.g. one student of a `students` group, docs/methods.md §8)"))
+
+    @model_serializer(mode="wrap")
+    def _classes_only_when_set(self, handler):
+        """`classes` unset is left out, so that the params digest of every stage without it is as it was."""
+        out = handler(self)
+        if self.classes is None and isinstance(out, dict):
+            out.pop("classes", None)
+        return out
 
     def problems(self, recipe, name: str) -> list[Problem]:
         probs = method_problems(self, recipe, name) + settings_problems(self, recipe, name)
-        if self.network is None and self.method.name != "classifier" and "teacher" not in self.inputs:
+        needs_network = getattr(get_method(self.method.name).Method, "needs_network", True)
+        if self.network is None and self.method.name != "classifier" and needs_network and "teacher" not in self.inputs:
             probs.append((f"stages.{name}.network", "no `teacher` input to copy the network from: "
                           "give this stage's network"))
-        return probs
+        return probs + class_problems(self, recipe, name) + warm_start_problems(self, recipe, name)
 
     def model_method(self, recipe, seen: tuple = ()) -> str | None:
         return self.method.name
+
+
+# A training stage's own input role, whatever its method: a model whose `net` weights the trained
+# network `net` starts from (loaded once the method is built; e.g. a small MSD student after its
+# TSM stage, docs/methods.md §8). Networks the method copied from `net` while being built keep the
+# weights they were copied from.
+WARM_START = "warm_start"
+
+
+def class_problems(spec, recipe, name: str) -> list[Problem]:
+    """`classes` on unlabelled data, or naming a class twice or a negative one."""
+    at, c = f"stages.{name}.classes", spec.classes
+    if c is None:
+        return []
+    if not recipe.data.conditional:
+        return [(at, "training on a subset of classes needs class-conditional data (data.conditional: true)")]
+    if len(set(c)) < len(c) or min(c) < 0:
+        return [(at, f"classes are distinct labels ≥ 0, got {c}")]
+    if recipe.data.kind == "digits" and max(c) > 9:
+        return [(at, f"digits has classes 0 … 9, got {c}")]
+    return []
+
+
+def warm_start_problems(spec, recipe, name: str) -> list[Problem]:
+    """A `warm_start` input that is not one model stage, or whose network differs from this stage's."""
+    up = spec.inputs.get(WARM_START)
+    if up is None:
+        return []
+    at = f"stages.{name}.inputs.{WARM_START}"
+    if not isinstance(up, str):
+        return [(at, "warm_start is one model stage, not a list")]
+    if up not in recipe.stages:
+        return []  # reported by the graph checks
+    if recipe.model_method(up) is None:
+        return [(at, f"stage {up!r} ({recipe.stages[up].kind}) makes no model")]
+    theirs = getattr(recipe.stages[up], "network", None)
+    if spec.network is not None and theirs is not None and theirs != spec.network:
+        return [(at, f"stage {up!r} trains another network than this stage's `network`: its weights cannot "
+                 "start this one")]
+    return []
+
+
+def class_subset(data, classes: list[int] | None, where: str = "classes"):
+    """The dataset restricted to `classes` (train and test splits; the class count is kept, so that
+    label embeddings keep their size)."""
+    if classes is None:
+        return data
+    if data.y is None or data.num_classes == 0:
+        raise StageError(f"{where}: the data has no class labels")
+    if max(classes) >= data.num_classes:
+        raise StageError(f"{where}: classes {classes} outside 0 … {data.num_classes - 1}")
+    keep = torch.as_tensor(classes)
+    train, test = torch.isin(data.y, keep), torch.isin(data.y_test, keep)
+    return dataclasses.replace(data, x=data.x[train], y=data.y[train], x_test=data.x_test[test], y_test=data.y_test[test])
 
 
 def settings_problems(spec, recipe, name: str) -> list[Problem]:
@@ -91,7 +158,7 @@ def method_problems(spec, recipe, name: str) -> list[Problem]:
     m = get_method(spec.method.name).Method
     at = f"stages.{name}"
     given = {r: v for r, v in spec.inputs.items()
-             if all(up in recipe.stages for up in stage_names(v))}
+             if r != WARM_START and all(up in recipe.stages for up in stage_names(v))}
     probs = [(f"{at}.inputs.{line.split(': ', 1)[0]}", line.split(": ", 1)[1])
              for line in m.input_problems(spec.method, given, method_of=recipe.model_method)]
     for role, v in given.items():
@@ -128,15 +195,20 @@ def build_method(recipe, stage: str, input_dirs: dict[str, list[str]], device="c
     """The stage's method, built from its (already validated) settings and loaded inputs."""
     spec = recipe.stages[stage]
     with phase("data"):
-        data = cached_data(recipe.data)
+        data = class_subset(cached_data(recipe.data), getattr(spec, "classes", None),
+                            f"{recipe.path}: stages.{stage}.classes")
     with phase("model_setup"):
         inputs = {}
         for role, dirs in input_dirs.items():
             loaded = [load_input(d, device) for d in dirs]
             inputs[role] = loaded[0] if isinstance(spec.inputs[role], str) else loaded
+        start = inputs.pop(WARM_START, None)
         ctx = Context(data, recipe.noise_of(stage), spec.network, inputs, torch.device(device), recipe.seed,
                       steps=spec.train.steps)
-        return get_method(spec.method.name).Method(spec.method, ctx)
+        method = get_method(spec.method.name).Method(spec.method, ctx)
+        if start is not None:
+            method.nets["net"].load_state_dict(start.nets["net"].state_dict())
+        return method
 
 
 def _dist_check(method) -> dict[str, float]:
@@ -354,7 +426,7 @@ def run(ctx) -> None:
         "method_name": recipe.stages[ctx.name].method.name,
         # the inputs the method takes (a smaller weak guide names its teacher without training on it)
         "input_dirs": {role: [str(i.path) for i in ins] for role, ins in ctx.inputs.items()
-                       if role in get_method(ctx.spec.method.name).Method.roles},
+                       if role in get_method(ctx.spec.method.name).Method.roles or role == WARM_START},
         "ckpt_dir": str(ckpt), "out": str(ctx.out), "use_gpu": compute.use_gpu,
         "run_id": ctx.tracker.run_id, "tracking_uri": ctx.tracker.uri,
     }

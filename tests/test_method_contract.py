@@ -21,7 +21,7 @@ from fastgen_core.methods import (available_methods, config_union, get_method, m
 from fastgen_core.methods.base import Context, Method, Role
 from fastgen_core.methods.common import col, condition, network_settings
 from fastgen_core.models import load_model, save_model
-from fastgen_core.noise import EDM, EDMDenoiser
+from fastgen_core.noise import EDM, PROCESSES, EDMDenoiser
 from fastgen_core.samplers import edm_sample, teacher_sample
 
 torch.set_default_dtype(torch.float32)
@@ -105,7 +105,7 @@ class Inputs:
         if method not in self.models:
             mod = get_method(method)
             cfg = mod.Config()
-            m = mod.Method(cfg, self.context(self.for_roles(mod.Method, mod.Method.required_roles(cfg))))
+            m = mod.Method(cfg, self.context(self.for_roles(mod.Method, mod.Method.required_roles(cfg)), mod.Method))
             self.models[method] = save_and_load(m, loop.train(m, TRAIN, None, progress=False), self.root / method)
         return self.models[method]
 
@@ -127,8 +127,10 @@ class Inputs:
     def for_roles(self, method_cls, names) -> dict:
         return {name: self.one(method_cls.roles[name]) for name in sorted(names)}
 
-    def context(self, inputs: dict) -> Context:
-        return Context(self.data, EDM(), NET, inputs, steps=TRAIN.steps)
+    def context(self, inputs: dict, method=None) -> Context:
+        """The method's first noise process (`Method.processes`; EDM when no method is named)."""
+        noise = PROCESSES[method.processes[0]]() if method is not None else EDM()
+        return Context(self.data, noise, NET, inputs, steps=TRAIN.steps)
 
 
 def save_and_load(method, states, out):
@@ -179,14 +181,14 @@ def test_inputs_are_checked_against_the_roles(name, inputs):
     mod = get_method(name)
     cfg, roles = mod.Config(), mod.Method.roles
     required = mod.Method.required_roles(cfg)
-    mod.Method(cfg, inputs.context(inputs.for_roles(mod.Method, required)))   # the required roles suffice
+    mod.Method(cfg, inputs.context(inputs.for_roles(mod.Method, required), mod.Method))   # the required roles suffice
     for missing in required:
         given = inputs.for_roles(mod.Method, required - {missing})
         with pytest.raises(ValueError, match=f"needs input '{missing}'"):
-            mod.Method(cfg, inputs.context(given))
+            mod.Method(cfg, inputs.context(given, mod.Method))
     extra = {**inputs.for_roles(mod.Method, required), "no_such_role": inputs.model("edm")}
     assert any("takes no input 'no_such_role'" in p for p in mod.Method.input_problems(cfg, extra))
-    mod.Method(cfg, inputs.context(extra))                    # built anyway: inputs of other roles are ignored
+    mod.Method(cfg, inputs.context(extra, mod.Method))        # built anyway: inputs of other roles are ignored
     for role in [r for r in roles if roles[r].method]:
         wrong = "classifier" if roles[role].method != "classifier" else "edm"
         probs = mod.Method.input_problems(cfg, {role: inputs.one(Role(roles[role].kind, method=wrong))})
@@ -197,7 +199,7 @@ def test_inputs_are_checked_against_the_roles(name, inputs):
 def test_train_save_load_sample(name, inputs, data, tmp_path):
     mod = get_method(name)
     cfg = mod.Config()
-    m = mod.Method(cfg, inputs.context(inputs.for_roles(mod.Method, mod.Method.roles)))   # every declared role
+    m = mod.Method(cfg, inputs.context(inputs.for_roles(mod.Method, mod.Method.roles), mod.Method))   # every declared role
     states = loop.train(m, TRAIN, None, progress=False)
     assert set(states) == set(m.export) and all(torch.isfinite(p).all() for p in m.nets.parameters())
     model = save_and_load(m, states, tmp_path / name)

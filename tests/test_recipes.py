@@ -29,6 +29,30 @@ RECIPES = [f for f in sorted((ROOT / "params").glob("*.yaml"))
            if not os.environ.get("FASTGEN_TEST_RECIPES") or f.stem in os.environ["FASTGEN_TEST_RECIPES"].split(",")]
 
 
+def _shrink_train(t: dict) -> None:
+    t["steps"] = min(t.get("steps", 2000), 8)
+    t["batch_size"] = min(t.get("batch_size", 256), 64)
+    t.update(log_every=4, ckpt_every=1000)
+    if t.get("lr_warmup"):
+        t["lr_warmup"] = 2
+    if "snapshots" in t:
+        t["snapshots"] = [min(s, 4) for s in t["snapshots"]]
+
+
+def _shrink_settings(node: dict) -> None:
+    """Training and pair-solving settings anywhere in a stage's settings: a group kind (rounds,
+    students) nests them (e.g. a students group's `tsm.train`)."""
+    for key, v in node.items():
+        if not isinstance(v, dict):
+            continue
+        if key == "train":
+            _shrink_train(v)
+        elif key == "pairs":
+            v.update(n_pairs=64, steps=min(v.get("steps", 18), 4))
+        else:
+            _shrink_settings(v)
+
+
 def shrink(raw: dict) -> dict:
     """The same recipe at a size that runs in seconds (see module docstring)."""
     r = copy.deepcopy(raw)
@@ -36,19 +60,9 @@ def shrink(raw: dict) -> dict:
     if data.get("kind", "toy") == "toy":
         data["n_train"], data["n_test"] = min(data.get("n_train", 20000), 1000), min(data.get("n_test", 5000), 300)
     for spec in r["stages"].values():
-        if spec.get("kind") not in ("teacher", "distill", "feature_net", "weak_snapshot"):
-            t = {}  # only training kinds take `train`
-        else:
-            t = spec.setdefault("train", {})
-        t["steps"] = min(t.get("steps", 2000), 8)
-        t["batch_size"] = min(t.get("batch_size", 256), 64)
-        t.update(log_every=4, ckpt_every=1000)
-        if t.get("lr_warmup"):
-            t["lr_warmup"] = 2
-        if "snapshots" in t:
-            t["snapshots"] = [min(s, 4) for s in t["snapshots"]]
-        if "pairs" in spec:
-            spec["pairs"] = {**spec["pairs"], "n_pairs": 64, "steps": min(spec["pairs"].get("steps", 18), 4)}
+        if spec.get("kind") in ("teacher", "distill", "feature_net", "weak_snapshot"):
+            spec.setdefault("train", {})  # only training kinds take `train`
+        _shrink_settings(spec)
         if spec.get("kind") == "evaluate":
             ev = spec.setdefault("evaluate", {})
             ev.update(n_samples=64, seeds=[0], nfe=[1, 2], teacher_nfe=[1, 3], plots=False)
@@ -63,62 +77,67 @@ def shrink(raw: dict) -> dict:
     return r
 
 
-def write_shrunk(folder: Path, storage_root: str, tracking: dict) -> list[Path]:
+def write_shrunk(folder: Path, storage_root: str, tracking: dict, recipe: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for f in RECIPES:
-        raw = shrink(yaml.safe_load(f.read_text()))
-        raw["storage"] = {"root": storage_root}
-        raw["tracking"] = tracking
-        p = folder / f.name
-        p.write_text(yaml.safe_dump(raw, sort_keys=False))
-        out.append(p)
-    return out
+    raw = shrink(yaml.safe_load(recipe.read_text()))
+    raw["storage"] = {"root": storage_root}
+    raw["tracking"] = tracking
+    p = folder / recipe.name
+    p.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return p
 
 
-@pytest.fixture(scope="module")
-def flow_runs(prefect_harness, tmp_path_factory, mlflow_template):
-    """Every shrunk recipe through the Prefect flow, one MLflow store for all."""
-    from flows.pipeline import pipeline
-
-    root = tmp_path_factory.mktemp("recipes-flow")
-    shutil.copy(mlflow_template, root / "mlflow.db")
-    paths = write_shrunk(root / "params", str(root / "outputs"), {"uri": f"sqlite:///{root / 'mlflow.db'}"})
-    saved = os.environ.pop("FASTGEN_INVOCATION", None)
-    try:
-        results = {p.stem: pipeline(load_recipe(p), recipe_path=str(p)) for p in paths}
-    finally:
-        if saved is not None:
-            os.environ["FASTGEN_INVOCATION"] = saved
-    return root, paths, results
+# One recipe's runs are cached per test process: under pytest-xdist every test of a recipe runs on
+# the same worker (its xdist_group), so the flow and `dvc repro` run once per recipe, and recipes
+# spread over the workers.
+_FLOW: dict[str, tuple] = {}
+_DVC: dict[str, tuple] = {}
+PER_RECIPE = [pytest.param(f, id=f.stem, marks=pytest.mark.xdist_group(f"recipe-{f.stem}")) for f in RECIPES]
 
 
-@pytest.fixture(scope="module")
-def dvc_repo(tmp_path_factory):
-    """Every shrunk recipe in one git + DVC repository, `dvc repro` once (tracking off: MLflow is
+def flow_run(recipe: Path, tmp_path_factory, mlflow_template) -> tuple:
+    """The shrunk recipe through the Prefect flow, with its own MLflow store."""
+    if recipe.stem not in _FLOW:
+        from flows.pipeline import pipeline
+
+        root = tmp_path_factory.mktemp(f"flow-{recipe.stem}")
+        shutil.copy(mlflow_template, root / "mlflow.db")
+        p = write_shrunk(root / "params", str(root / "outputs"), {"uri": f"sqlite:///{root / 'mlflow.db'}"}, recipe)
+        saved = os.environ.pop("FASTGEN_INVOCATION", None)
+        try:
+            _FLOW[recipe.stem] = (root, p, pipeline(load_recipe(p), recipe_path=str(p)))
+        finally:
+            if saved is not None:
+                os.environ["FASTGEN_INVOCATION"] = saved
+    return _FLOW[recipe.stem]
+
+
+def dvc_repo(recipe: Path, tmp_path_factory) -> tuple:
+    """The shrunk recipe in its own git + DVC repository, `dvc repro` once (tracking off: MLflow is
     tested elsewhere and costs seconds per stage process)."""
-    d = tmp_path_factory.mktemp("recipes-dvc")
-    for sub in ("fastgen_core", "stages", "flows"):
-        shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns("__pycache__"))
-    write_shrunk(d / "params", "outputs", {"enabled": False})
-    (d / ".gitignore").write_text("__pycache__/\n")
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(d),
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
-    env.pop("FASTGEN_INVOCATION", None)
+    if recipe.stem not in _DVC:
+        d = tmp_path_factory.mktemp(f"dvc-{recipe.stem}")
+        for sub in ("fastgen_core", "stages", "flows"):
+            shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns("__pycache__"))
+        p = write_shrunk(d / "params", "outputs", {"enabled": False}, recipe)
+        (d / ".gitignore").write_text("__pycache__/\n")
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(d),
+               "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
+        env.pop("FASTGEN_INVOCATION", None)
 
-    def sh(*cmd):
-        r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
-        assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-        return r.stdout + r.stderr
+        def sh(*cmd):
+            r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
+            assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+            return r.stdout + r.stderr
 
-    sh(sys.executable, "-m", "stages.dvcgen")
-    sh("git", "init", "-q")
-    sh("dvc", "init", "-q")
-    sh("git", "add", "-A")
-    sh("git", "commit", "-qm", "init")
-    first = sh("dvc", "repro")
-    return d, sh, first
+        sh(sys.executable, "-m", "stages.dvcgen")
+        sh("git", "init", "-q")
+        sh("dvc", "init", "-q")
+        sh("git", "add", "-A")
+        sh("git", "commit", "-qm", "init")
+        _DVC[recipe.stem] = (d, p, sh, sh("dvc", "repro"))
+    return _DVC[recipe.stem]
 
 
 def test_every_recipe_validates_and_is_in_dvc_yaml():
@@ -128,54 +147,54 @@ def test_every_recipe_validates_and_is_in_dvc_yaml():
         assert all(f"{r.name}-{s}" in dvc for s in r.stages), f.name
 
 
-def test_every_recipe_runs_through_the_flow(flow_runs):
+@pytest.mark.parametrize("recipe", PER_RECIPE)
+def test_recipe_runs_through_the_flow(recipe, prefect_harness, tmp_path_factory, mlflow_template):
     from mlflow import MlflowClient
 
-    root, paths, results = flow_runs
+    root, p, results = flow_run(recipe, tmp_path_factory, mlflow_template)
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
-    for p in paths:
-        r = load_recipe(p)
-        assert list(results[p.stem]) == r.order(), p.name
-        for s in r.stages:
-            m = artifacts.verify(stage_dir(r, s))
-            assert m["digest"] == results[p.stem][s]["digest"] and m["mlflow"]["run_id"], (p.name, s)
-        exp = client.get_experiment_by_name(r.name)
-        runs = client.search_runs([exp.experiment_id])
-        assert sorted(x.data.tags.get("fastgen.stage", "") for x in runs if x.data.tags.get("fastgen.level") == "stage") \
-            == sorted(r.stages), p.name
-        assert all(x.info.status == "FINISHED" for x in runs), p.name
+    r = load_recipe(p)
+    assert list(results) == r.order()
+    for s in r.stages:
+        m = artifacts.verify(stage_dir(r, s))
+        assert m["digest"] == results[s]["digest"] and m["mlflow"]["run_id"], s
+    exp = client.get_experiment_by_name(r.name)
+    runs = client.search_runs([exp.experiment_id])
+    assert sorted(x.data.tags.get("fastgen.stage", "") for x in runs if x.data.tags.get("fastgen.level") == "stage") \
+        == sorted(r.stages)
+    assert all(x.info.status == "FINISHED" for x in runs)
 
 
-def test_every_recipe_runs_through_dvc_repro_identically(dvc_repo, flow_runs):
-    d, sh, first = dvc_repo
-    ran = set(re.findall(r"Running stage '([^']+)'", first))
-    _, paths, results = flow_runs
-    expected = {f"{load_recipe(p).name}-{s}" for p in paths for s in load_recipe(p).stages}
-    assert ran == expected
-    for p in paths:
-        name = load_recipe(p).name
-        for s, res in results[p.stem].items():
-            m = artifacts.verify(d / "outputs" / name / s)
-            # same code, same params, same seeds: DVC's stage processes and the flow's tasks agree bit for bit
-            assert m["digest"] == res["digest"], f"{name}/{s}: dvc and flow outputs differ"
-    again = sh("dvc", "repro")
-    assert not re.findall(r"Running stage", again)
+@pytest.mark.parametrize("recipe", PER_RECIPE)
+def test_recipe_runs_through_dvc_repro_identically(recipe, prefect_harness, tmp_path_factory, mlflow_template):
+    d, p, sh, first = dvc_repo(recipe, tmp_path_factory)
+    _, _, results = flow_run(recipe, tmp_path_factory, mlflow_template)
+    r = load_recipe(p)
+    assert set(re.findall(r"Running stage '([^']+)'", first)) == {f"{r.name}-{s}" for s in r.stages}
+    for s, res in results.items():
+        m = artifacts.verify(d / "outputs" / r.name / s)
+        # same code, same params, same seeds: DVC's stage processes and the flow's tasks agree bit for bit
+        assert m["digest"] == res["digest"], f"{r.name}/{s}: dvc and flow outputs differ"
+    assert not re.findall(r"Running stage", sh("dvc", "repro"))
 
 
-def test_dvc_repro_after_touching_a_helper_reruns_exactly_its_users(dvc_repo):
+def _tangent_users(d: Path) -> set[str]:
+    """Method modules importing fastgen_core/tangents.py, read from their sources (not from dvc.yaml)."""
+    return {f.stem for f in (d / "fastgen_core/methods").glob("*.py")
+            if re.search(r"^\s*from \.\.tangents import|^\s*from \.\. import .*\btangents\b", f.read_text(), re.M)}
+
+
+@pytest.mark.parametrize("recipe", [p for p in PER_RECIPE if p.id in ("toy_scd", "toy_cd")])
+def test_dvc_repro_after_touching_a_helper_reruns_exactly_its_users(recipe, tmp_path_factory):
     """Editing fastgen_core/tangents.py (a comment: the outputs stay bit-identical) reruns exactly
-    the stages that train or sample with a method whose module imports it, found here by reading
-    the method sources, not from dvc.yaml."""
-    d, sh, _ = dvc_repo
-    users = {f.stem for f in (d / "fastgen_core/methods").glob("*.py")
-             if re.search(r"^\s*from \.\.tangents import|^\s*from \.\. import .*\btangents\b", f.read_text(), re.M)}
+    the stages that train or sample with a method whose module imports it: all of sCD's stages that
+    do, none of toy_cd's."""
+    d, p, sh, _ = dvc_repo(recipe, tmp_path_factory)
+    users = _tangent_users(d)
     assert users, "no method module imports tangents.py"
-    expected = set()
-    for p in sorted((d / "params").glob("*.yaml")):
-        r = load_recipe(p)
-        for s in r.stages:
-            if {r.model_method(x) for x in [s, *r.upstream(s)]} & users:
-                expected.add(f"{r.name}-{s}")
+    r = load_recipe(p)
+    expected = {f"{r.name}-{s}" for s in r.stages if {r.model_method(x) for x in [s, *r.upstream(s)]} & users}
+    assert bool(expected) == (recipe.stem == "toy_scd")
     helper = d / "fastgen_core/tangents.py"
     original = helper.read_text()
     helper.write_text(original + "\n# touched by the test\n")
