@@ -1,5 +1,6 @@
 """Adversarial pieces shared by the methods' optional GAN terms: CTM's GAN term on real data
-(docs/methods.md §10), Align Your Flow's short adversarial finetune (§3), and later DMD2 (§5).
+(docs/methods.md §10), Align Your Flow's short adversarial finetune (§3), and DMD2 (§5:
+`FeatureHead`, a classifier head on the fake critic's bottleneck features).
 
 Discriminator D(x, σ, y) -> one logit per sample. Vectors: an MLP; images (C, H, W): a small conv
 net (stride-2 convolutions, global average pool). The condition (the noise label ¼·ln σ of the
@@ -41,8 +42,8 @@ from .methods.base import Group
 from .nets import ConditionEmbedding
 from .noise import col
 
-__all__ = ["GANConfig", "Discriminator", "d_loss", "g_loss", "adaptive_weight", "last_layer", "frozen",
-           "accuracy", "Adversary", "add_discriminator", "gan_groups", "gan_term"]
+__all__ = ["GANConfig", "Discriminator", "FeatureHead", "d_loss", "g_loss", "adaptive_weight", "last_layer",
+           "frozen", "accuracy", "Adversary", "add_discriminator", "gan_groups", "gan_term"]
 
 
 class GANConfig(Strict):
@@ -107,6 +108,32 @@ class Discriminator(nn.Module):
                 h = fc(_act(h))
             h = _act(h)
         return self.out(h).squeeze(1)
+
+
+class FeatureHead(nn.Module):
+    """A classifier head on a network's bottleneck features -> (N,) logits (DMD2's head on the fake
+    critic, docs/methods.md §5; its code: conv 4×4/2 – GroupNorm – SiLU – conv down to 1×1 – GroupNorm
+    – SiLU – 1×1 conv to one logit). Images (C, H, W): conv 4×4 stride 2 (3×3 stride 1 below 4×4) –
+    GroupNorm – SiLU – global average pool – 1×1 conv – GroupNorm – SiLU – 1×1 conv; vectors (C,): the
+    same with linear layers."""
+
+    def __init__(self, feature_shape: tuple[int, ...], width: int = 64):
+        super().__init__()
+        c, groups = feature_shape[0], max(1, min(32, width // 4))
+        while width % groups:
+            groups -= 1
+        if len(feature_shape) == 3:
+            down = nn.Conv2d(c, width, 4, 2, 1) if min(feature_shape[1:]) >= 4 else nn.Conv2d(c, width, 3, 1, 1)
+            self.body = nn.Sequential(down, nn.GroupNorm(groups, width), nn.SiLU(), nn.AdaptiveAvgPool2d(1),
+                                      nn.Conv2d(width, width, 1), nn.GroupNorm(groups, width), nn.SiLU(),
+                                      nn.Conv2d(width, 1, 1), nn.Flatten())
+        else:
+            self.body = nn.Sequential(nn.Linear(c, width), nn.GroupNorm(groups, width), nn.SiLU(),
+                                      nn.Linear(width, width), nn.GroupNorm(groups, width), nn.SiLU(),
+                                      nn.Linear(width, 1))
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.body(features.float()).reshape(-1)
 
 
 # ----------------------------------------------------------------------------- losses

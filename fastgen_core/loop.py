@@ -2,9 +2,9 @@
 `train`: it knows nothing about any method beyond the `methods.base.Method` interface.
 
 Per iteration: draw a minibatch from `method.tensors()`; for each optimiser group due this step
-(`step % every == 0`) zero its gradients, compute `method.loss(group)`, backpropagate, average
-gradients over workers, clip and step; then update the evaluation EMA and call
-`method.after_step`. Checkpoints (`last.pt`, tensors only, loaded with `weights_only=True`) are
+(`Group.due`: `step % every == 0`, less the steps its `skip_every` skips) zero its gradients,
+compute `method.loss(group)`, backpropagate, average gradients over workers, clip and step; then
+update the evaluation EMA and call `method.after_step`. Checkpoints (`last.pt`, tensors only, loaded with `weights_only=True`) are
 written atomically every `ckpt_every` steps and training resumes from them exactly: they hold every
 random state the loop draws from (the batch generator, torch's CPU generator, and CUDA's generators
 of all devices when CUDA is in use), for every worker. A non-finite loss stops training with
@@ -234,7 +234,7 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
         batch = {k: v[idx].to(method.ctx.device) for k, v in tensors.items()}
         warm = min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else 1.0
         for g in groups:
-            if step % g.every:
+            if not g.due(step):
                 continue
             opt = st.opts[g.name]
             for pg in opt.param_groups:

@@ -199,13 +199,16 @@ class MLPNet(_Net):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x, t, s=None, class_labels=None, w=None, cond=None):
+    def forward(self, x, t, s=None, class_labels=None, w=None, cond=None, return_features=False):
+        """`return_features=True`: the bottleneck features (N, width) before the output layer instead
+        (e.g. DMD2's GAN head on the fake critic, docs/methods.md §5)."""
         n = x.shape[0]
         x, emb = self._prepare(x, t, s, class_labels, w, cond)
         h = self.inp(x.reshape(n, -1))
         for block in self.blocks:
             h = block(h, emb)
-        return self.out(F.silu(self.norm(h))).reshape(n, *self.shape)
+        h = F.silu(self.norm(h))
+        return h if return_features else self.out(h).reshape(n, *self.shape)
 
 
 # ----------------------------------------------------------------------------- U-Net
@@ -294,7 +297,9 @@ class UNet(_Net):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x, t, s=None, class_labels=None, w=None, cond=None):
+    def forward(self, x, t, s=None, class_labels=None, w=None, cond=None, return_features=False):
+        """`return_features=True`: the bottleneck features (N, C, H', W') after the middle blocks
+        instead (e.g. DMD2's GAN head on the fake critic, docs/methods.md §5)."""
         x, emb = self._prepare(x, t, s, class_labels, w, cond)
         h = self.inp(x)
         skips = [h]
@@ -303,6 +308,8 @@ class UNet(_Net):
             skips.append(h)
         for block in self.mid:
             h = block(h, emb)
+        if return_features:
+            return h
         for block in self.up:
             if isinstance(block, ResBlock):
                 h = torch.cat([h, skips.pop()], dim=1)

@@ -31,7 +31,8 @@ convention, progressive rounds. The answer:
 
 - `self.nets`   — an `nn.ModuleDict` of every network the method owns and saves (trainable or not).
 - `groups()`    — optimiser groups: a name, the parameters it steps, how often (`every`), lr scale.
-                  The loop steps group g on iterations where `step % g.every == 0`, calling
+                  The loop steps group g on iterations where `g.due(step)` (`step % g.every == 0`,
+                  less multiples of `g.skip_every` when set: exclusive alternation), calling
                   `loss(g.name, batch, step)` for each; gradients of one group never leak into
                   another's step because each group zeroes and steps only its own parameters.
 - `tensors()`   — the training tensors the loop draws minibatches from (data, or ODE pairs).
@@ -83,12 +84,20 @@ class Role:
 
 @dataclass
 class Group:
-    """One optimiser: the parameters it owns, how often it steps and its learning-rate scale."""
+    """One optimiser: the parameters it owns, how often it steps and its learning-rate scale.
+    It steps on iterations where `step % every == 0`, except, when `skip_every` > 0, those where
+    `step % skip_every == 0` (e.g. a critic that yields every k-th iteration to its generator:
+    exclusive alternation, `every=1, skip_every=k`, against a generator with `every=k`)."""
 
     name: str
     params: list[nn.Parameter]
     every: int = 1
     lr_scale: float = 1.0
+    skip_every: int = 0
+
+    def due(self, step: int) -> bool:
+        """Whether this group steps at iteration `step` (0-based)."""
+        return step % self.every == 0 and not (self.skip_every > 0 and step % self.skip_every == 0)
 
 
 @dataclass
