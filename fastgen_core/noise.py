@@ -331,9 +331,13 @@ class CAF(_Flow):
         return h, -h
 
     def from_edm(self, sigma) -> Tensor:
-        """κ = 1/(1 + σ), then the root in [0, 1] of (1 − h)t² + h·t − κ = 0, written in the form
+        """κ = 1/(1 + σ), then `t_of_kappa`."""
+        return self.t_of_kappa(1 / (1 + torch.as_tensor(sigma)))
+
+    def t_of_kappa(self, k) -> Tensor:
+        """The inverse of κ(t): the root in [0, 1] of (1 − h)t² + h·t − κ = 0, written in the form
         t = 2κ/(h + √(h² + 4(1 − h)κ)) that holds for h = 1 too and does not cancel."""
-        k = 1 / (1 + torch.as_tensor(sigma))
+        k = torch.as_tensor(k)
         return 2 * k / (self.h + (self.h**2 + 4 * (1 - self.h) * k).sqrt())
 
     def sample_t(self, n: int, device=None, generator=None) -> Tensor:

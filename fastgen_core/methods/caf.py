@@ -1,0 +1,285 @@
+"""Constant Acceleration Flow (Park et al. 2024, "Constant Acceleration Flow"; docs/methods.md §2).
+Process `caf` (§0): t = 0 is the standard-normal noise x0, t = 1 the data x1.
+
+A coupling (x0, x1) is joined by a path of constant acceleration a with initial velocity v0:
+
+    x_t = (1 − t²)·x0 + t²·x1 + v0·(t − t²)
+    v0  = h·(x1 − x0),   a = 2·(x1 − x0) − 2·v0   (h = 1.5)
+
+so that x_t = x0 + v0·t + a·t²/2 and dx_t/dt = v0 + a·t. Two networks of one architecture, both
+fed concat(x_t, v0) (`cond` channels of `nets`), trained in two stages on the same couplings:
+
+- `part: velocity`: v_θ(x_t, t) regresses v0 = h·(x1 − x0) on x_t built with the true v0; its v0
+  input is zeros; t uniform on {0, 1/1000, …, 1} (`noise.CAF.sample_t`). Sampling uses v_θ(x0, 0),
+  inversion v_θ(x1, 1).
+- `part: acceleration` (initial-velocity conditioning, input `velocity`: a trained velocity
+  stage): v̂ = stopgrad v_θ(x0, 0), x_t rebuilt with v̂, a_φ(x_t, t, v̂) regresses 2(x1 − x0) − 2v̂.
+  The model it saves holds both networks ("vel", "acc"), so it samples alone.
+
+Couplings: the `pairs` of an ode_pairs stage (reflow), or `couplings: independent` (x0 ~ N(0, I)
+drawn per batch against data: the paper's no-reflow ablation). An EDM teacher's pair is already in
+CAF's convention (`coupling`). Losses: l2, or CAF's pseudo-Huber (`pseudo_huber`).
+
+Sampler (N steps, Δt = ±1/N): v̂ once, then x ← x + v̂·Δt + (t_i + Δt/2)·a(x, t_i, v̂)·Δt,
+exact for a constant a whatever N (and whatever the steps: `trajectory` takes them equal in κ);
+clamp to the data range at the end (`clamp`). Forward from
+t = 0 costs N + 1 evaluations, so an NFE budget of n ≥ 2 runs N = n − 1 steps; at n = 1 the model
+answers with its velocity alone (below). Inversion: the same steps from t = 1 backwards, v̂ = v_θ(x1, 1).
+A velocity-only model (or any model at 1 NFE) follows the flow of the marginal with the true v0,
+dx_t/dt = κ'(t)·v_θ(x_t, t)/h (κ = t² + h(t − t²), §0), by Euler steps in κ:
+x ← x + (κ(t_{i+1}) − κ(t_i))·v_θ(x, t_i)/h; one step is the public code's x1 = x0 + v_θ(x0, 0)/h.
+"""
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from pydantic import Field
+
+from ..artifacts import tensors_digest
+from ..config import Strict
+from ..noise import CAF
+from .base import Group, Role
+from .base import Method as _Base
+from .common import col, condition, network_settings, per_sample
+
+Tensor = torch.Tensor
+
+
+class Config(Strict):
+    """CAF's settings (docs/methods.md §2); h is the `caf` noise process's setting."""
+
+    name: Literal["caf"] = "caf"
+    part: Literal["velocity", "acceleration"] = Field(
+        "velocity", description="velocity: train v_θ (stage 1); acceleration: train a_φ conditioned on the "
+        "`velocity` input's v̂ (stage 2; its model holds both networks)")
+    couplings: Literal["pairs", "independent"] = Field(
+        "pairs", description="pairs: the `pairs` input's teacher couplings (reflow); independent: fresh "
+        "noise against data (the no-reflow ablation)")
+    loss: Literal["l2", "pseudo_huber"] = Field(
+        "l2", description="l2, or CAF's pseudo-Huber (√(‖Δ‖² + c²) − c)/d, c = 0.00054·d")
+    clamp: float | None = Field(None, gt=0, description="sampling clamps the result to [−clamp, clamp] "
+                                "(1 for images in [−1, 1]; None: no clamp)")
+
+
+# ----------------------------------------------------------------------------- the path (docs/methods.md §2)
+
+def initial_velocity(x0: Tensor, x1: Tensor, h: float) -> Tensor:
+    """v0 = h·(x1 − x0)."""
+    return h * (x1 - x0)
+
+
+def acceleration(x0: Tensor, x1: Tensor, v0: Tensor) -> Tensor:
+    """a = 2·(x1 − x0) − 2·v0: the constant acceleration that reaches x1 at t = 1 from x0 with v0."""
+    return 2 * (x1 - x0) - 2 * v0
+
+
+def interpolant(x0: Tensor, x1: Tensor, v0: Tensor, t: Tensor) -> Tensor:
+    """x_t = (1 − t²)·x0 + t²·x1 + v0·(t − t²), t per sample."""
+    t = col(t, x0)
+    return (1 - t * t) * x0 + t * t * x1 + v0 * (t - t * t)
+
+
+def coupling(pairs: dict) -> tuple[Tensor, Tensor]:
+    """An ode_pairs set as CAF couplings (x0 noise at t = 0, x1 data at t = 1). The one conversion
+    of an EDM teacher's couplings: the pair's `noise` z is standard normal (the teacher starts at
+    σ_max·z, i.e. x_σ/σ at its largest level), which is CAF's t = 0 state ε (α(0) = 0, β(0) = 1 in
+    `noise.CAF`); its `sample` is the teacher's data x1. So x0 = z, x1 = sample, unscaled."""
+    return pairs["noise"].float(), pairs["sample"].float()
+
+
+def pseudo_huber(pred: Tensor, target: Tensor) -> Tensor:
+    """CAF's per-sample pseudo-Huber (√(‖Δ‖² + c²) − c)/d with c = 0.00054·d, d the dimension
+    (docs/methods.md §2; note c scales with d here, not with √d as in the consistency models)."""
+    diff = (pred - target).flatten(1)
+    d = diff.shape[1]
+    c = 0.00054 * d
+    return ((diff**2).sum(1) + c**2).sqrt().sub(c) / d
+
+
+def caf_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
+    """Mean over the batch of the per-sample l2 (mean squared error) or CAF's pseudo-Huber."""
+    if kind == "l2":
+        return ((pred - target) ** 2).flatten(1).mean(1).mean()
+    return pseudo_huber(pred, target).mean()
+
+
+# ----------------------------------------------------------------------------- networks
+
+def net_settings(net_cfg, shape):
+    """A network's settings with the v0 input channels (concat(x_t, v0)): cond_channels = C."""
+    return net_cfg.model_copy(update={"cond_channels": int(shape[0])})
+
+
+def velocity_fn(net) -> Callable:
+    """v_θ(x_t, t): the velocity network with its v0 input left at zeros (as CAF's code does)."""
+    return lambda x, t, **cond: net(x, per_sample(t, x), **cond)
+
+
+def acceleration_fn(net) -> Callable:
+    """a_φ(x_t, t, v0): the acceleration network fed concat(x_t, v0)."""
+    return lambda x, t, v, **cond: net(x, per_sample(t, x), cond=v, **cond)
+
+
+# ----------------------------------------------------------------------------- samplers
+
+@torch.no_grad()
+def caf_path(vel: Callable, acc: Callable, x: Tensor, times: list[float], **cond) -> Tensor:
+    """CAF's sampler over `times` t_0, …, t_N (increasing: sampling from t_0 = 0; decreasing:
+    inversion from t_0 = 1), every state: v̂ = v(x, t_0) once, then with Δt = t_{i+1} − t_i
+    x ← x + v̂·Δt + (t_i + Δt/2)·a(x, t_i, v̂)·Δt, the exact increment of x_t = x0 + v̂·t + a·t²/2 for a
+    constant a (x_{t+Δt} − x_t = v̂·Δt + a·((t + Δt)² − t²)/2) whatever the steps. Returns (N + 1, *x.shape)."""
+    v = vel(x, times[0], **cond)
+    xs = [x]
+    for t, t_next in zip(times[:-1], times[1:]):
+        dt = t_next - t
+        xs.append(xs[-1] + v * dt + (t + dt / 2) * acc(xs[-1], t, v, **cond) * dt)
+    return torch.stack(xs)
+
+
+@torch.no_grad()
+def velocity_path(vel: Callable, P: CAF, x: Tensor, times: list[float], **cond) -> Tensor:
+    """Euler in κ on the marginal flow of the true-v0 path, dx_t/dt = κ'(t)·v(x_t, t)/h, over `times`:
+    x ← x + (κ(t_{i+1}) − κ(t_i))·v(x, t_i)/h. Returns (N + 1, *x.shape)."""
+    k = P.kappa(torch.tensor(times, dtype=torch.float64)).tolist()
+    xs = [x]
+    for i, t in enumerate(times[:-1]):
+        xs.append(xs[-1] + (k[i + 1] - k[i]) / P.h * vel(xs[-1], t, **cond))
+    return torch.stack(xs)
+
+
+def sampler_times(N: int) -> list[float]:
+    """The sampler's times t_i = i/N (process `caf`'s grid; CAF's code rounds them to thousandths,
+    the same for N dividing 1000)."""
+    return [i / N for i in range(N + 1)]
+
+
+def kappa_times(P: CAF, N: int) -> list[float]:
+    """Times with κ(t_i) = i/N: on them a path of the true v0, x_t = x0 + κ(t)·(x1 − x0), moves by
+    equal steps (`trajectory`)."""
+    return P.t_of_kappa(torch.arange(N + 1, dtype=torch.float64) / N).tolist()
+
+
+def _path(model, x: Tensor, times: list[float], use_acc: bool, class_labels) -> Tensor:
+    cond, vel = condition(class_labels), velocity_fn(model.nets["vel"])
+    if use_acc and "acc" in model.nets:
+        return caf_path(vel, acceleration_fn(model.nets["acc"]), x, times, **cond)
+    return velocity_path(vel, model.noise, x, times, **cond)
+
+
+def _steps(model, nfe: int) -> tuple[int, bool]:
+    """(steps N, use the acceleration) for an NFE budget: a two-network model runs N = nfe − 1 CAF
+    steps from 2 NFE and its velocity alone at 1 NFE; a velocity-only model N = nfe Euler steps."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be ≥ 1, got {nfe}")
+    if "acc" in model.nets and nfe >= 2:
+        return nfe - 1, True
+    return (nfe if "acc" not in model.nets else 1), False
+
+
+def sample(model, z, nfe, class_labels=None):
+    """Noise z (standard normal, t = 0) → data with `nfe` evaluations on t_i = i/N (`_steps`), clamped
+    to [−clamp, clamp] when the method's `clamp` is set."""
+    N, use_acc = _steps(model, nfe)
+    x = _path(model, z, sampler_times(N), use_acc, class_labels)[-1]
+    clamp = model.cfg.clamp
+    return x if clamp is None else x.clamp(-clamp, clamp)
+
+
+def invert(model, x, nfe, class_labels=None) -> Tensor:
+    """Data x (t = 1) → noise (t = 0): the sampler run backwards with the same budget, v̂ = v_θ(x, 1)."""
+    N, use_acc = _steps(model, nfe)
+    return _path(model, x, sampler_times(N)[::-1], use_acc, class_labels)[-1]
+
+
+def trajectory(model, z, nfe, class_labels=None) -> Tensor:
+    """States of the N = nfe step sampler from z, shape (nfe + 1, n, ...), at the times where
+    κ(t_i) = i/N (`kappa_times`; the CAF step is exact for a constant acceleration on any steps).
+    So rectified flow's straightness (uniform steps) measures how far the paths are from straight
+    lines, not CAF's designed speed profile: an exact CAF path, x_t = x0 + κ(t)·(x1 − x0), has
+    straightness 0 on these states but (1 − h)²/3·E‖x1 − x0‖² on t_i = i/N.
+    A two-network model spends nfe + 1 evaluations."""
+    return _path(model, z, kappa_times(model.noise, nfe), True, class_labels)
+
+
+# ----------------------------------------------------------------------------- training
+
+class Method(_Base):
+    roles = {
+        "pairs": Role("pairs", required=False,
+                      description="teacher couplings (noise, sample, label) of an ode_pairs stage (couplings: pairs)"),
+        "velocity": Role("model", required=False, method="caf",
+                         description="the trained velocity stage whose v̂ conditions the acceleration (part: acceleration)"),
+    }
+    processes = ("caf",)
+
+    @classmethod
+    def required_roles(cls, cfg: Config) -> set[str]:
+        return ({"pairs"} if cfg.couplings == "pairs" else set()) | (
+            {"velocity"} if cfg.part == "acceleration" else set())
+
+    def __init__(self, cfg: Config, ctx):
+        super().__init__(cfg, ctx)
+        if not isinstance(ctx.noise, CAF):
+            raise ValueError(f"noise.process: method 'caf' trains in the caf process, not {ctx.noise.process!r}")
+        self.P, shape = ctx.noise, ctx.data.shape
+        self.pairs = ctx.inputs.get("pairs") if cfg.couplings == "pairs" else None
+        if self.pairs is not None:
+            self._check_pairs(self.pairs)
+        if cfg.part == "velocity":
+            self.export = ("vel",)
+            self.add_net("vel", net_settings(network_settings(ctx), shape))
+        else:
+            velmodel = ctx.inputs["velocity"]
+            if velmodel.noise != ctx.noise:
+                raise ValueError(f"inputs.velocity: trained in process {velmodel.noise.model_dump()}, this stage "
+                                 f"in {ctx.noise.model_dump()}: both stages need the same caf process (same h)")
+            self.export = ("vel", "acc")
+            vel = self.add_net("vel", velmodel.meta_net_cfg("vel"), init_from=velmodel.nets["vel"])
+            vel.requires_grad_(False)
+            own = ctx.network if ctx.network is not None else velmodel.meta_net_cfg("vel")
+            self.add_net("acc", net_settings(own, shape))
+
+    def _check_pairs(self, pairs: dict) -> None:
+        x0, x1 = coupling(pairs)
+        want = tuple(self.ctx.data.shape)
+        if tuple(x0.shape[1:]) != want or x0.shape != x1.shape:
+            raise ValueError(f"inputs.pairs: couplings of shape {tuple(x0.shape[1:])} → {tuple(x1.shape[1:])}, "
+                             f"the data's is {want}")
+        if self.ctx.data.num_classes > 0 and bool((pairs["label"] < 0).any()):
+            raise ValueError("inputs.pairs: the pairs carry no class labels (an unconditional teacher) "
+                             "but the data is class-conditional")
+
+    def groups(self) -> list[Group]:
+        name = "vel" if self.cfg.part == "velocity" else "acc"
+        return [Group(name, list(self.nets[name].parameters()))]
+
+    def tensors(self) -> dict[str, Tensor]:
+        if self.pairs is None:  # independent couplings: data here, noise drawn per batch
+            return {("x1" if k == "x" else k): v for k, v in super().tensors().items()}
+        x0, x1 = coupling(self.pairs)
+        d = {"x0": x0, "x1": x1}
+        if self.ctx.data.num_classes > 0:
+            d["y"] = self.pairs["label"].long()
+        return d
+
+    def loss(self, group, batch, step):
+        x1, cond = batch["x1"], condition(self.labels(batch))
+        x0 = batch["x0"] if "x0" in batch else torch.randn_like(x1)
+        t = self.P.sample_t(x1.shape[0], device=x1.device)
+        if self.cfg.part == "velocity":
+            v0 = initial_velocity(x0, x1, self.P.h)
+            pred = velocity_fn(self.nets["vel"])(interpolant(x0, x1, v0, t), t, **cond)
+            return caf_loss(pred, v0, self.cfg.loss), {}
+        self.nets["vel"].eval()  # v̂ from the frozen velocity model, without dropout
+        with torch.no_grad():
+            v_hat = velocity_fn(self.nets["vel"])(x0, 0.0, **cond)
+        pred = acceleration_fn(self.nets["acc"])(interpolant(x0, x1, v_hat, t), t, v_hat, **cond)
+        return caf_loss(pred, acceleration(x0, x1, v_hat), self.cfg.loss), {}
+
+    def meta(self) -> dict:
+        """Which couplings the model was trained on (the pair set's digest, as rf records it)."""
+        if self.pairs is None:
+            return {"couplings": "independent"}
+        return {"couplings": "pairs", "pairs_digest": tensors_digest(
+            *(torch.as_tensor(self.pairs[k]) for k in ("noise", "sample", "label")))}

@@ -1,0 +1,225 @@
+"""Constant Acceleration Flow (fastgen_core/methods/caf.py, docs/methods.md §2).
+
+Closed forms on an affine coupling x1 = T(x0) = A·x0 + b: the exact initial velocity
+v0 = h·(T(x0) − x0) and the paper's acceleration a = 2(x1 − x0) − 2·v0 are written here as
+networks that recover x0 from (x_t, t[, v]) by solving the CAF interpolant for it. With them the
+sampler lands on x1 for any N, inversion returns x0, and the path is the interpolant at every
+t_i; the training losses vanish on them and not on a velocity-mismatched acceleration.
+The process conversions of `caf` (round trip, denoiser against EDM's at matched noise on Gaussian
+data) are in tests/test_noise.py. Recipe validation: one line per problem."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from fastgen_core.config import DataConfig, NetworkConfig
+from fastgen_core.data import load_data
+from fastgen_core.methods import caf
+from fastgen_core.methods.base import Context
+from fastgen_core.models import LoadedModel
+from fastgen_core.noise import CAF
+from stages.recipe import RecipeError, parse_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+A = torch.tensor([0.5, -1.7], dtype=torch.float64)  # a coupling that flips and stretches one axis
+B = torch.tensor([1.0, -0.3], dtype=torch.float64)
+
+
+def T(x0):
+    return x0 * A + B
+
+
+class ExactVelocity(nn.Module):
+    """v0(x_t, t) of the coupling T: x_t = (1 − κ)·x0 + κ·T(x0) with κ = t² + h(t − t²) (the
+    interpolant with the true v0), solved for x0; then v0 = h·(T(x0) − x0)."""
+
+    def __init__(self, h):
+        super().__init__()
+        self.h = h
+
+    def forward(self, x, t, cond=None, class_labels=None):
+        t = t.to(x.dtype)[:, None]
+        k = t * t + self.h * (t - t * t)
+        x0 = (x - k * B) / ((1 - k) + k * A)
+        return self.h * (T(x0) - x0)
+
+
+class ExactAcceleration(nn.Module):
+    """a(x_t, t, v) of the coupling T: x_t = (1 − t²)·x0 + t²·T(x0) + v·(t − t²) solved for x0;
+    then a = 2(T(x0) − x0) − 2v (the paper's formula, for whatever initial velocity v is given)."""
+
+    def forward(self, x, t, cond=None, class_labels=None):
+        t = t.to(x.dtype)[:, None]
+        x0 = (x - t * t * B - cond * (t - t * t)) / ((1 - t * t) + t * t * A)
+        return 2 * (T(x0) - x0) - 2 * cond
+
+
+def exact_model(h, acc=True):
+    nets = {"vel": ExactVelocity(h)} | ({"acc": ExactAcceleration()} if acc else {})
+    meta = {"method": "caf", "method_config": caf.Config().model_dump(mode="json")}
+    return LoadedModel(meta, nn.ModuleDict(nets), CAF(h=h))
+
+
+@pytest.mark.parametrize("h", [1.5, 0.7, 2.0])
+@pytest.mark.parametrize("N", [1, 2, 3, 7])
+def test_sampler_with_exact_v0_and_a_lands_on_x1_and_inverts(h, N):
+    x0 = torch.randn(64, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(N))
+    model = exact_model(h)
+    x1 = caf.sample(model, x0, N + 1)                          # N steps spend N + 1 evaluations
+    assert torch.allclose(x1, T(x0), rtol=0, atol=1e-12)
+    assert torch.allclose(caf.invert(model, T(x0), N + 1), x0, rtol=0, atol=1e-12)
+    # the states of `trajectory` lie on the interpolant (1 − t²)·x0 + t²·x1 + v0·(t − t²), which with
+    # the true v0 is x0 + κ(t)·(x1 − x0), at equal steps in κ: x0 + (i/N)·(x1 − x0)
+    path, v0 = caf.trajectory(model, x0, N), h * (T(x0) - x0)
+    assert path.shape == (N + 1, 64, 2)
+    for i in range(N + 1):
+        assert torch.allclose(path[i], x0 + i / N * (T(x0) - x0), atol=1e-12)
+    t = torch.tensor(0.3, dtype=torch.float64)  # and the interpolant is that line (κ = t² + h(t − t²))
+    assert torch.allclose((1 - t * t) * x0 + t * t * T(x0) + v0 * (t - t * t),
+                          x0 + (t * t + h * (t - t * t)) * (T(x0) - x0), atol=1e-12)
+    # the velocity-only answer (1 NFE, and velocity-only models at any N) is exact here too
+    assert torch.allclose(caf.sample(model, x0, 1), T(x0), atol=1e-12)
+    assert torch.allclose(caf.sample(exact_model(h, acc=False), x0, N), T(x0), atol=1e-12)
+    assert torch.allclose(caf.invert(exact_model(h, acc=False), T(x0), N), x0, atol=1e-12)
+
+
+def test_exactness_needs_the_midpoint_time():
+    """The same oracle with plain Euler on dx/dt = v0 + a·t (a at the start time t_i, no Δt/2)
+    misses x1 at N = 2 by O(1/N): exactness is a property of CAF's step, not of the oracle."""
+    h, N, x0 = 1.5, 2, torch.randn(64, 2, dtype=torch.float64)
+    vel, acc = caf.velocity_fn(ExactVelocity(h)), caf.acceleration_fn(ExactAcceleration())
+    v, x = vel(x0, 0.0), x0
+    for i in range(N):
+        x = x + (v + (i / N) * acc(x, i / N, v)) / N
+    assert (x - T(x0)).abs().max() > 0.05
+
+
+def test_clamp_bounds_samples_only_when_set():
+    model, x0 = exact_model(1.5), 3 * torch.randn(64, 2, dtype=torch.float64)
+    model.meta["method_config"] = caf.Config(clamp=1.0).model_dump(mode="json")
+    out = caf.sample(model, x0, 2)
+    assert out.abs().max() <= 1.0 and torch.allclose(out, T(x0).clamp(-1, 1), atol=1e-12)
+    assert caf.sample(exact_model(1.5), x0, 2).abs().max() > 1.0
+
+
+# ----------------------------------------------------------------------------- training
+
+NET = NetworkConfig(arch="mlp", width=16, depth=1, emb_dim=8)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(DataConfig(kind="toy", name="8gaussians", n_train=256, n_test=64))
+
+
+def _pairs(n=256):
+    z = torch.randn(n, 2, generator=torch.Generator().manual_seed(1))
+    return {"noise": z, "sample": T(z.double()).float(), "label": torch.full((n,), -1)}
+
+
+def _trained_velocity(data, h=1.5):
+    """A velocity model as a stage saves it (a LoadedModel), with a random non-zero output layer."""
+    m = caf.Method(caf.Config(), Context(data, CAF(h=h), NET, {"pairs": _pairs()}))
+    torch.manual_seed(3)
+    nn.init.normal_(m.nets["vel"].out.weight, std=0.5)
+    meta = {"method": "caf", "method_config": m.cfg.model_dump(mode="json"),
+            "networks": {"vel": m.net_cfgs["vel"].model_dump(mode="json")}}
+    return LoadedModel(meta, m.nets, m.ctx.noise)
+
+
+class _Fn(nn.Module):
+    """A function as a network."""
+
+    def __init__(self, f):
+        super().__init__()
+        self.f = f
+
+    def forward(self, *a, **k):
+        return self.f(*a, **k)
+
+
+def test_losses_vanish_on_the_exact_networks_and_use_the_learned_v0(data):
+    torch.manual_seed(0)
+    pairs = _pairs()
+    batch = {"x0": pairs["noise"], "x1": pairs["sample"]}
+    vel = caf.Method(caf.Config(), Context(data, CAF(), NET, {"pairs": pairs}))
+    vel.nets["vel"] = ExactVelocity(1.5).float()
+    assert vel.loss("vel", batch, 0)[0] < 1e-10                   # x_t built with the true v0
+    acc = caf.Method(caf.Config(part="acceleration"),
+                     Context(data, CAF(), NET, {"pairs": pairs, "velocity": _trained_velocity(data)}))
+    acc.nets["acc"] = ExactAcceleration().float()
+    assert acc.loss("acc", batch, 0)[0] < 1e-10                   # x_t rebuilt with v̂, target 2(x1 − x0) − 2v̂
+    v_hat = caf.velocity_fn(acc.nets["vel"])(batch["x0"], 0.0)
+    assert (v_hat - 1.5 * (batch["x1"] - batch["x0"])).abs().mean() > 0.1  # v̂ is far from the true v0
+    # the acceleration of the true v0, 2(x1 − x0) − 2·h(x1 − x0), is not the target when v̂ ≠ v0
+    acc.nets["acc"] = _Fn(lambda x, t, cond=None: (2 - 2 * 1.5) * (batch["x1"] - batch["x0"]))
+    assert acc.loss("acc", batch, 0)[0] > 0.1
+
+
+def test_acceleration_stage_trains_only_the_acceleration_and_exports_both(data):
+    velmodel = _trained_velocity(data)
+    m = caf.Method(caf.Config(part="acceleration"), Context(data, CAF(), None, {"pairs": _pairs(), "velocity": velmodel}))
+    assert m.export == ("vel", "acc") and [g.name for g in m.groups()] == ["acc"]
+    assert m.net_cfgs["acc"] == m.net_cfgs["vel"] == velmodel.meta_net_cfg("vel")   # network: the velocity's
+    assert all(torch.equal(v, velmodel.nets["vel"].state_dict()[k]) for k, v in m.nets["vel"].state_dict().items())
+    pairs = _pairs()
+    loss, _ = m.loss("acc", {"x0": pairs["noise"][:32], "x1": pairs["sample"][:32]}, 0)
+    loss.backward()
+    assert all(p.grad is None for p in m.nets["vel"].parameters())
+    assert m.nets["acc"].out.weight.grad.abs().sum() > 0
+
+
+def test_method_refuses_bad_inputs_in_one_line(data):
+    with pytest.raises(ValueError, match=r"^noise.process: method 'caf' trains in the caf process, not 'edm'$"):
+        from fastgen_core.noise import EDM
+        caf.Method(caf.Config(), Context(data, EDM(), NET, {"pairs": _pairs()}))
+    with pytest.raises(ValueError, match=r"inputs.velocity: .*same caf process") as e:
+        caf.Method(caf.Config(part="acceleration"),
+                   Context(data, CAF(h=2.0), NET, {"pairs": _pairs(), "velocity": _trained_velocity(data)}))
+    assert "\n" not in str(e.value)
+    bad = {**_pairs(), "noise": torch.randn(256, 3), "sample": torch.randn(256, 3)}
+    with pytest.raises(ValueError, match=r"^inputs.pairs: couplings of shape \(3,\)"):
+        caf.Method(caf.Config(), Context(data, CAF(), NET, {"pairs": bad}))
+
+
+# ----------------------------------------------------------------------------- recipe validation
+
+RAW = yaml.safe_load((ROOT / "params/toy_caf.yaml").read_text())
+
+
+def _problems(**changes) -> list[str]:
+    raw = copy.deepcopy(RAW)
+    for path, v in changes.items():
+        *head, last = path.split("__")
+        node = raw
+        for k in head:
+            node = node[k]
+        if v is None:
+            node.pop(last)
+        else:
+            node[last] = v
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(raw, "toy_caf.yaml")
+    return e.value.problems
+
+
+@pytest.mark.parametrize("changes, line", [
+    ({"stages__caf__inputs": {"pairs": "pairs"}},
+     "toy_caf.yaml: stages.caf.inputs.velocity: method 'caf' needs input 'velocity'"),
+    ({"stages__caf_vel__inputs": {}}, "toy_caf.yaml: stages.caf_vel.inputs.pairs: method 'caf' needs input 'pairs'"),
+    ({"stages__caf__inputs": {"pairs": "pairs", "velocity": "rf2"}},
+     "toy_caf.yaml: stages.caf.inputs.velocity: needs a model trained with method 'caf', got 'rf'"),
+    ({"stages__caf_vel__inputs": {"pairs": "teacher"}}, "toy_caf.yaml: stages.caf_vel.inputs.pairs: stage 'teacher' (teacher) makes no pair set"),
+    ({"stages__caf_vel__noise": None}, "toy_caf.yaml: noise.process: method 'caf' trains in the caf process, not 'edm'"),
+    ({"stages__caf_vel__noise": {"process": "caf", "h": 3.0}}, "toy_caf.yaml: stages.caf_vel.noise"),
+    ({"stages__caf_vel__method": {"name": "caf", "part": "jerk"}}, "toy_caf.yaml: stages.caf_vel.method"),
+])
+def test_recipe_problems_are_one_line_each(changes, line):
+    probs = _problems(**changes)
+    assert any(p.startswith(line) for p in probs), probs
+    assert all("\n" not in p for p in probs)
