@@ -26,7 +26,7 @@ run: install
 	.venv/bin/fastgen report $(RECIPE)
 
 test: install
-	.venv/bin/python -m pytest -q
+	.venv/bin/python -m pytest -q -n 2 --dist loadgroup
 
 dvcgen: install
 	.venv/bin/python -m stages.dvcgen

@@ -20,6 +20,9 @@ from fastgen_core.models import load_model
 from stages.recipe import load_recipe
 from stages.runtime import TIMING_PREFIX, run_stage, stage_dir
 
+# one local Ray runtime at a time: under pytest-xdist every Ray test runs on the same worker
+pytestmark = pytest.mark.xdist_group("ray")
+
 
 @pytest.fixture(scope="module")
 def ray_teacher(tiny_recipe_session):

@@ -151,6 +151,7 @@ def test_tampered_checkpoint_in_the_bucket_is_caught_and_refused(remote, capsys)
     assert not [p for p in (cache / "artifacts").iterdir() if p.name.startswith((".out-", ".fetch-"))]
 
 
+@pytest.mark.xdist_group("ray")  # one local Ray runtime at a time under pytest-xdist
 def test_ray_train_storage_path_on_s3(s3_server, mlflow_server, tiny_recipe_session, tmp_path, monkeypatch):
     """backend: ray with an s3:// root: Ray Train's run folder and checkpoint go through the S3
     server (its request log shows them), the stage output is published there, and Ray's run
