@@ -260,12 +260,17 @@ def _coupling(model, pairs: dict, nfes: list[int], teacher_nfe_max: int, is_teac
     `mse`; models with a deterministic multistep sampler at every NFE as `nfe_K`)."""
     noise, target = pairs["noise"].to(device), pairs["sample"]
     y = pairs["label"].to(device) if model.num_classes > 0 else None
+    mse: dict[int, float] = {}  # NFE -> E‖G(z) − x‖², each computed once
+
+    def at(k: int) -> float:
+        if k not in mse:
+            mse[k] = round(M.mean_sq_distance(model.sample(noise, k, y).float().cpu(), target), 6)
+        return mse[k]
+
     nfe = teacher_nfe_max if is_teacher else 1
-    out = {"nfe": teacher_nfe(nfe) if is_teacher else 1,
-           "mse": round(M.mean_sq_distance(model.sample(noise, nfe, y).float().cpu(), target), 6)}
+    out = {"nfe": teacher_nfe(nfe) if is_teacher else 1, "mse": at(nfe)}
     if not is_teacher and hasattr(model.method, "trajectory"):
-        for k in nfes:
-            out[f"nfe_{k}"] = round(M.mean_sq_distance(model.sample(noise, k, y).float().cpu(), target), 6)
+        out.update({f"nfe_{k}": at(k) for k in nfes})
     return out
 
 

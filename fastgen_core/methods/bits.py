@@ -46,7 +46,7 @@ from ..config import Strict
 from ..nets import build_network
 from .base import Method as _Base
 from .base import Role
-from .common import col, per_sample
+from .common import col, condition, per_sample
 
 
 class Config(Strict):
@@ -82,7 +82,7 @@ def x0_hat(net: torch.nn.Module, noise, x_t: torch.Tensor, t, sc: torch.Tensor |
     """The network's x0-prediction F_θ(x_t, ¼·ln σ(t), cond = sc) (unclipped)."""
     t = per_sample(t, x_t).double()  # γ(t) near 1 needs float64
     sigma = noise.to_edm(t)[1]
-    cond = {} if class_labels is None else {"class_labels": class_labels}
+    cond = condition(class_labels)
     if sc is not None:
         cond["cond"] = sc
     return net(x_t, (sigma.log() / 4).float(), **cond)

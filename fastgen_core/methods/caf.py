@@ -36,12 +36,12 @@ from typing import Callable, Literal
 import torch
 from pydantic import Field
 
-from ..artifacts import tensors_digest
 from ..config import Strict
 from ..noise import CAF
 from .base import Group, Role
 from .base import Method as _Base
 from .common import col, condition, network_settings, per_sample
+from .rf import pairs_digest
 
 Tensor = torch.Tensor
 
@@ -148,12 +148,6 @@ def velocity_path(vel: Callable, P: CAF, x: Tensor, times: list[float], **cond) 
     return torch.stack(xs)
 
 
-def sampler_times(N: int) -> list[float]:
-    """The sampler's times t_i = i/N (process `caf`'s grid; CAF's code rounds them to thousandths,
-    the same for N dividing 1000)."""
-    return [i / N for i in range(N + 1)]
-
-
 def kappa_times(P: CAF, N: int) -> list[float]:
     """Times with κ(t_i) = i/N: on them a path of the true v0, x_t = x0 + κ(t)·(x1 − x0), moves by
     equal steps (`trajectory`)."""
@@ -181,7 +175,7 @@ def sample(model, z, nfe, class_labels=None):
     """Noise z (standard normal, t = 0) → data with `nfe` evaluations on t_i = i/N (`_steps`), clamped
     to [−clamp, clamp] when the method's `clamp` is set."""
     N, use_acc = _steps(model, nfe)
-    x = _path(model, z, sampler_times(N), use_acc, class_labels)[-1]
+    x = _path(model, z, model.noise.grid(N).tolist(), use_acc, class_labels)[-1]
     clamp = model.cfg.clamp
     return x if clamp is None else x.clamp(-clamp, clamp)
 
@@ -189,7 +183,7 @@ def sample(model, z, nfe, class_labels=None):
 def invert(model, x, nfe, class_labels=None) -> Tensor:
     """Data x (t = 1) → noise (t = 0): the sampler run backwards with the same budget, v̂ = v_θ(x, 1)."""
     N, use_acc = _steps(model, nfe)
-    return _path(model, x, sampler_times(N)[::-1], use_acc, class_labels)[-1]
+    return _path(model, x, model.noise.grid(N).tolist()[::-1], use_acc, class_labels)[-1]
 
 
 def trajectory(model, z, nfe, class_labels=None) -> Tensor:
@@ -281,5 +275,4 @@ class Method(_Base):
         """Which couplings the model was trained on (the pair set's digest, as rf records it)."""
         if self.pairs is None:
             return {"couplings": "independent"}
-        return {"couplings": "pairs", "pairs_digest": tensors_digest(
-            *(torch.as_tensor(self.pairs[k]) for k in ("noise", "sample", "label")))}
+        return {"couplings": "pairs", "pairs_digest": pairs_digest(self.pairs)}

@@ -40,7 +40,7 @@ from ..gan import FeatureHead, d_loss, frozen, g_loss
 from .base import Group
 from .common import col, condition
 from .dmd import DistributionMatching, DMSettings, generator_sigmas
-from .dmd import sample as _dm_sample
+from .dmd import sample  # noqa: F401  (a DMD2 generator samples as DMD's: docs/methods.md §5)
 
 
 class Config(DMSettings):
@@ -155,8 +155,3 @@ class Method(DistributionMatching):
 
     def meta(self) -> dict:
         return {"generator_sigmas": [round(float(s), 6) for s in self.gen_sigmas]}
-
-
-def sample(model, z, nfe, class_labels=None):
-    """As DMD's (`dmd.sample`): denoise at the generator's levels of an nfe-step generator, re-noising between."""
-    return _dm_sample(model, z, nfe, class_labels)

@@ -40,7 +40,7 @@ from ..config import FieldError, Strict
 from ..noise import EDM, EDMDenoiser
 from .base import Method as _Base
 from .base import Role
-from .common import col, network_settings, per_sample
+from .common import col, condition, network_settings, per_sample
 
 W_MODELS = ("guided", "progressive")  # methods whose saved models may take a guidance strength w
 
@@ -120,7 +120,7 @@ def ddim_sample(D: Callable, process, z: torch.Tensor, N: int, **cond) -> torch.
 def w_condition(model, z: torch.Tensor, class_labels, w) -> dict:
     """The keyword conditions of a sampling call: the labels, and w for a w-conditioned model
     (`w` None: the model's `w_sample`)."""
-    cond = {} if class_labels is None else {"class_labels": class_labels}
+    cond = condition(class_labels)
     if takes_w(model):
         cond["w"] = per_sample(model.cfg.w_sample if w is None else w, z)
     elif w is not None:

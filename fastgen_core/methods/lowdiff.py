@@ -55,7 +55,7 @@ from ..config import FieldError, Strict
 from ..noise import EDMDenoiser
 from ..samplers import teacher_nfe, teacher_sample
 from .base import Method as _Base
-from .common import col
+from .common import col, condition
 
 
 class Config(Strict):
@@ -201,8 +201,9 @@ class Method(_Base):
         f, res = self.f, self.resolutions
         eps = torch.randn_like(x0)
         pick = lambda vals: torch.stack(vals)[k, torch.arange(len(k))]  # noqa: E731  (level k[i] of sample i)
-        x_k = pick([project(x0, fk) for fk in f])
-        c_k = pick([torch.zeros_like(x0)] + [project(x0, fk) for fk in f[:-1]])
+        proj = [project(x0, fk) for fk in f]  # x0 at every level, once
+        x_k = pick(proj)
+        c_k = pick([torch.zeros_like(x0)] + proj[:-1])
         e_k = pick([fk * project(eps, fk) for fk in f])
         w = torch.tensor([level_label(r) for r in res], device=x0.device)[k]
         return x_k, c_k, e_k, w
@@ -212,7 +213,7 @@ class Method(_Base):
         k = torch.randint(len(self.f), (x0.shape[0],), device=x0.device)
         x_k, c_k, e_k, w = self.level_batch(x0, k)
         sigma = self.ctx.noise.sample_sigma(x0.shape[0], device=x0.device)
-        cond = {} if y is None else {"class_labels": y}
+        cond = condition(y)
         out = self.D(x_k + col(sigma, x0) * e_k, sigma, w=w, cond=c_k, **cond)
         # P_{f_k} per sample: the level's projection of the output
         Dk = torch.stack([project(out, fk) for fk in self.f])[k, torch.arange(len(k))]
@@ -234,5 +235,5 @@ def sample(model, z, nfe, class_labels=None, *, low_nfe: list[int] | None = None
     nfes = list(low if low_nfe is None else low_nfe) + [nfe]
     if not cascade:
         res, nfes = res[-1:], [nfe]
-    cond = {} if class_labels is None else {"class_labels": class_labels}
+    cond = condition(class_labels)
     return cascade_sample(model.denoiser(), z, model.noise, res, nfes, refine, **cond)

@@ -36,7 +36,7 @@ from ..noise import EDM, EDMDenoiser
 from . import guided
 from .base import Method as _Base
 from .base import Role
-from .common import col, per_sample
+from .common import col, condition, per_sample
 
 TEACHERS = ("edm", "guided", "progressive")
 
@@ -102,7 +102,7 @@ class Method(_Base):
 
     def condition(self, batch: dict, n: int, device) -> dict:
         """The labels (if any) and, for a w-conditioned round, w ~ U[w_min, w_max] per sample."""
-        cond = {} if batch.get("y") is None else {"class_labels": batch["y"]}
+        cond = condition(batch.get("y"))
         if self.w_cond:
             cond["w"] = guided.sample_w(n, self.cfg.w_min, self.cfg.w_max, device)
         return cond
