@@ -217,17 +217,17 @@ class AtW:
 def _group_fd(groups, samples: dict, labels: dict, feats, data, seeds, floors: dict) -> dict:
     """FD of each class group: per seed, the samples whose label is in the group against the test
     images of the group; floor: as many train images of the same labels (`metrics.matched_rows`).
-    `floors` caches each group's floor across models."""
+    `floors` caches each group's test features and floor across models."""
     out = {}
     for g in groups:
-        ref = feats(data.x_test[torch.isin(data.y_test, torch.as_tensor(g))])
         rows = {s: torch.isin(labels[s], torch.as_tensor(g)) for s in seeds}
         key = "c" + "_".join(map(str, g))
         if key not in floors:
-            floors[key] = [M.frechet_distance(feats(data.x[M.matched_rows(data.y, labels[s][rows[s]], s)]), ref)
-                           for s in seeds]
+            ref = feats(data.x_test[torch.isin(data.y_test, torch.as_tensor(g))])
+            floors[key] = ref, np.array([M.frechet_distance(
+                feats(data.x[M.matched_rows(data.y, labels[s][rows[s]], s)]), ref) for s in seeds])
+        ref, real = floors[key]
         gen = np.array([M.frechet_distance(feats(samples[s][rows[s]]), ref) for s in seeds])
-        real = np.array(floors[key])
         sd = lambda v: float(v.std(ddof=1)) if len(v) > 1 else 0.0  # noqa: E731
         out[key] = {"mean": round(float(gen.mean()), 6), "std": round(sd(gen), 6), "floor_mean": round(float(real.mean()), 6),
                     "floor_std": round(sd(real), 6), "above_floor": round(float(gen.mean() - real.mean()), 6)}
@@ -254,7 +254,7 @@ def _own_pairs(model, sets: list[tuple[str | None, dict]]) -> dict:
 
 
 @torch.no_grad()
-def _coupling(model, pairs: dict, nfes: list[int], teacher_nfe_max: int, is_teacher: bool, device) -> dict:
+def _coupling(model, pairs: dict, nfes: list[int], is_teacher: bool, device) -> dict:
     """How well a model keeps a deterministic coupling: E‖G(z) − x‖² between its sample from a
     pair's noise z and the pair's sample x (students at 1 NFE, the teacher at its largest NFE as
     `mse`; models with a deterministic multistep sampler at every NFE as `nfe_K`)."""
@@ -267,7 +267,7 @@ def _coupling(model, pairs: dict, nfes: list[int], teacher_nfe_max: int, is_teac
             mse[k] = round(M.mean_sq_distance(model.sample(noise, k, y).float().cpu(), target), 6)
         return mse[k]
 
-    nfe = teacher_nfe_max if is_teacher else 1
+    nfe = max(nfes) if is_teacher else 1
     out = {"nfe": teacher_nfe(nfe) if is_teacher else 1, "mse": at(nfe)}
     if not is_teacher and hasattr(model.method, "trajectory"):
         out.update({f"nfe_{k}": at(k) for k in nfes})
@@ -375,7 +375,7 @@ def run(ctx) -> None:
         if isinstance(model, Guided):
             continue
         if pair_sets:
-            results[row]["coupling"] = _coupling(model, _own_pairs(model, pair_sets), nfes, max(nfes), is_teacher, device)
+            results[row]["coupling"] = _coupling(model, _own_pairs(model, pair_sets), nfes, is_teacher, device)
         if not is_teacher and hasattr(model.method, "invert"):
             results[row]["inversion"] = _inversion(model, x_map, y_map, nfes, device)
         if not is_teacher and hasattr(model.method, "trajectory"):

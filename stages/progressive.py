@@ -25,7 +25,7 @@ from fastgen_core.methods.progressive import Config as ProgressiveConfig
 from fastgen_core.noise import NoiseProcess
 
 from . import train
-from .spec import StageError, StageSpec
+from .spec import StageError, StageSpec, one_input
 
 
 class Rounds(Strict):
@@ -69,7 +69,7 @@ class Spec(StageSpec):
     def _n_per_round(self):
         if "N" in self.method.model_fields_set:
             raise FieldError("method.N", "N is set per round from `rounds`: remove it")
-        if set(self.inputs) != {"teacher"} or not isinstance(self.inputs["teacher"], str):
+        if set(self.inputs) != {"teacher"} or one_input(self, "teacher") is None:
             raise FieldError("inputs", "a progressive group takes one input, `teacher` (the first round's teacher)")
         return self
 
@@ -84,9 +84,6 @@ class Spec(StageSpec):
                 train=self.train, noise=self.noise)
             teacher = member
         return members
-
-    def model_method(self, recipe, seen: tuple = ()) -> str | None:
-        return "progressive"
 
 
 def run(ctx) -> None:

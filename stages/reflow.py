@@ -34,7 +34,7 @@ from fastgen_core.methods import rf
 from fastgen_core.noise import NoiseProcess
 
 from . import ode_pairs, train
-from .spec import StageError, StageSpec
+from .spec import StageError, StageSpec, one_input
 
 
 class DistillConfig(Strict):
@@ -61,16 +61,13 @@ class Spec(StageSpec):
 
     @model_validator(mode="after")
     def _one_teacher(self):
-        if set(self.inputs) != {"teacher"} or not isinstance(self.inputs["teacher"], str):
+        if set(self.inputs) != {"teacher"} or one_input(self, "teacher") is None:
             raise FieldError("inputs", "a reflow group takes one input, `teacher`: the flow (method rf) "
                              "whose couplings the first round reflows")
         if self.method.t_schedule != "uniform":
             raise FieldError("method.t_schedule", "the rounds' flows train on uniform t; one-step "
                              "students are declared with `distill`")
         return self
-
-    def model_method(self, recipe, seen: tuple = ()) -> str | None:
-        return "rf"
 
     def expand(self, name: str, recipe) -> dict[str, StageSpec]:
         def flow(prev: str, pairs: str, method: rf.Config, tr: TrainConfig) -> train.Spec:

@@ -29,17 +29,21 @@ from . import storage
 ENV = "FASTGEN_REUSE_DIR"
 
 
+def input_digests(inputs: dict) -> dict[str, str]:
+    """Upstream stage -> content digest of its output, for a stage's resolved inputs."""
+    return {i.stage: i.manifest["digest"] for ins in inputs.values() for i in ins}
+
+
 def key(recipe, stage: str, inputs: dict) -> str:
     """The params digest of `stage` and the content digests of its inputs, as one digest."""
-    want = {i.stage: i.manifest["digest"] for ins in inputs.values() for i in ins}
-    return hashlib.sha256(json.dumps({"params": recipe.digest(stage), "inputs": want},
+    return hashlib.sha256(json.dumps({"params": recipe.digest(stage), "inputs": input_digests(inputs)},
                                      sort_keys=True).encode()).hexdigest()
 
 
-def _made_from(m: dict, recipe, stage: str, inputs: dict) -> bool:
-    want = {i.stage: i.manifest["digest"] for ins in inputs.values() for i in ins}
+def made_from(m: dict, recipe, stage: str, inputs: dict) -> bool:
+    """Whether the output of manifest `m` was made from these params and these inputs."""
     have = {k: v["digest"] for k, v in m.get("inputs", {}).items()}
-    return m.get("params_digest") == recipe.digest(stage) and want == have
+    return m.get("params_digest") == recipe.digest(stage) and input_digests(inputs) == have
 
 
 @contextmanager
@@ -59,7 +63,7 @@ def shared(recipe, stage: str, inputs: dict):
         found = None
         try:
             loc = json.loads((folder / f"{k}.json").read_text())["location"]
-            if loc != storage.location(recipe, stage) and _made_from(storage.read_manifest(loc), recipe, stage, inputs):
+            if loc != storage.location(recipe, stage) and made_from(storage.read_manifest(loc), recipe, stage, inputs):
                 found = loc
         except (OSError, ValueError, KeyError):
             pass

@@ -220,9 +220,7 @@ def up_to_date(recipe: Recipe, stage: str, inputs: dict[str, list[Input]]) -> di
         m = storage.fetch(storage.location(recipe, stage))[1]
     except (artifacts.DigestMismatch, FileNotFoundError, ValueError):
         return None
-    want = {i.stage: i.manifest["digest"] for ins in inputs.values() for i in ins}
-    have = {k: v["digest"] for k, v in m.get("inputs", {}).items()}
-    return m if m.get("params_digest") == recipe.digest(stage) and want == have else None
+    return m if reuse.made_from(m, recipe, stage, inputs) else None
 
 
 def run_stage(recipe: Recipe | str, stage: str, force: bool = False) -> dict:

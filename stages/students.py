@@ -136,9 +136,6 @@ class Spec(StageSpec):
         members[name]._partition = (p, C)
         return members
 
-    def model_method(self, recipe, seen: tuple = ()) -> str | None:
-        return "router"
-
 
 def balanced(groups: list[list[int]]) -> bool:
     """Groups of equal size, up to one class (K groups of C classes when K does not divide C)."""
