@@ -120,6 +120,19 @@ def test_digits_split_and_range():
     assert load_data(DataConfig(kind="digits", conditional=True)).num_classes == 10
 
 
+def test_digits_read_from_the_data_file_equal_sklearns_loader():
+    """digits_arrays reads scikit-learn's data file without importing sklearn; it must give exactly
+    what sklearn's own loader gives."""
+    from sklearn.datasets import load_digits
+
+    from fastgen_core.data import digits_arrays
+
+    images, target = digits_arrays()
+    ref = load_digits()
+    assert images.shape == (1797, 8, 8) and np.array_equal(images, ref.images)
+    assert np.array_equal(target, ref.target)
+
+
 def test_stratified_split_partitions():
     labels = np.repeat(np.arange(3), [10, 20, 70])
     train, test = stratified_split(labels, 0.2, seed=0)
