@@ -53,11 +53,13 @@ def tiny(raw: dict) -> dict:
     for st in raw["stages"].values():
         if st.get("network", {}).get("arch", "mlp") == "mlp" and "network" in st:
             st["network"].update(width=32, depth=2, emb_dim=16)
-        tr = st.setdefault("train", {})
-        tr["steps"] = min(tr.get("steps", 2000), 150)
-        tr["log_every"], tr["lr_warmup"] = 10, min(tr.get("lr_warmup", 0), 10)
-        pr = st.setdefault("pairs", {})
-        pr["n_pairs"], pr["steps"] = min(pr.get("n_pairs", 20000), 500), min(pr.get("steps", 18), 6)
+        if st.get("kind") in TRAINING_KINDS:  # a stage's settings are strict: only its kind's
+            tr = st.setdefault("train", {})
+            tr["steps"] = min(tr.get("steps", 2000), 150)
+            tr["log_every"], tr["lr_warmup"] = 10, min(tr.get("lr_warmup", 0), 10)
+        if st.get("kind") == "ode_pairs":
+            pr = st.setdefault("pairs", {})
+            pr["n_pairs"], pr["steps"] = min(pr.get("n_pairs", 20000), 500), min(pr.get("steps", 18), 6)
         if st.get("kind") == "evaluate":
             ev = st.setdefault("evaluate", {})
             ev["n_samples"] = min(ev.get("n_samples", 5000), 500)
