@@ -1,7 +1,10 @@
-"""Sample-quality metrics: sliced Wasserstein, toy-density metrics, Frechet distance, and a
-helper that reports any metric next to its real-data floor."""
+"""Sample-quality metrics: sliced Wasserstein, toy-density metrics, Frechet distance, k-NN
+precision and recall, standard Inception FID (torch-fidelity, never downloading its weights), and
+a helper that reports any metric next to its real-data floor."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -93,6 +96,101 @@ def frechet_distance(f1: torch.Tensor, f2: torch.Tensor) -> float:
     r1 = _sqrtm_psd(s1)
     cross = np.sqrt(np.linalg.eigvalsh(r1 @ s2 @ r1).clip(min=0)).sum()
     return max(float(np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2 * cross), 0.0)
+
+
+#----------------------------------------------------------------------------
+# Improved precision and recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall Metric
+# for Assessing Generative Models", §2: eq. 1 the manifold indicator f, eq. 2 precision and
+# recall): each feature set spans a manifold, the union of balls around its points, each ball's
+# radius the distance to the point's k-th nearest neighbour in its own set. precision = share of
+# generated points inside the real manifold (fidelity), recall = share of real points inside the
+# generated manifold (diversity).
+
+def knn_radii(f: torch.Tensor, k: int = 3, chunk: int = 1024, device=None) -> torch.Tensor:
+    """NND_k(φ) of every row φ of f (N, F): the distance to its k-th nearest neighbour among the
+    other rows (the k + 1-th smallest distance counting φ itself, at 0), computed `chunk` rows at
+    a time in float64 on `device` (default: f's), returned on the CPU."""
+    f = f.double().flatten(1).to(device)
+    if not 1 <= k < len(f):
+        raise ValueError(f"k = {k} nearest neighbours need 1 <= k < {len(f)} (the number of points)")
+    return torch.cat([torch.cdist(f[i:i + chunk], f).kthvalue(k + 1, dim=1).values.cpu()
+                      for i in range(0, len(f), chunk)])
+
+
+def in_manifold(query: torch.Tensor, support: torch.Tensor, radii: torch.Tensor, chunk: int = 1024,
+                device=None) -> torch.Tensor:
+    """f(φ, Φ) of eq. 1 for every row φ of `query`: True when ‖φ − φ'‖ ≤ radii[φ'] for some row
+    φ' of `support`."""
+    q, s, r = (t.double().flatten(1).to(device) for t in (query, support, radii[None]))
+    return torch.cat([(torch.cdist(q[i:i + chunk], s) <= r).any(dim=1).cpu() for i in range(0, len(q), chunk)])
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3, chunk: int = 1024,
+                     real_radii: torch.Tensor | None = None, device=None) -> dict[str, float]:
+    """Improved precision and recall (eq. 2) of generated features `fake` against real features
+    `real`, k-NN manifolds with k neighbours. `real_radii`: `knn_radii(real, k)` computed earlier
+    (the real set is the same for every model of an evaluation)."""
+    radii_r = knn_radii(real, k, chunk, device) if real_radii is None else real_radii
+    radii_f = knn_radii(fake, k, chunk, device)
+    return {"precision": float(in_manifold(fake, real, radii_r, chunk, device).double().mean()),
+            "recall": float(in_manifold(real, fake, radii_f, chunk, device).double().mean())}
+
+#----------------------------------------------------------------------------
+# Standard Inception FID (Heusel et al. 2017) through torch-fidelity: its Inception-v3 port of the
+# TF-slim graph, 2048-d pool features of uint8 RGB images resized to 299×299 inside the network,
+# and its statistics → FID formula. The weights are never downloaded here.
+
+INCEPTION_ENV = "FASTGEN_INCEPTION_WEIGHTS"
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # the file name of torch-fidelity's URL_INCEPTION_V3
+
+
+def inception_weights_path(setting: str | None = None) -> Path:
+    """Where the Inception-v3 weights are looked for: `setting`, else $FASTGEN_INCEPTION_WEIGHTS,
+    else the file torch-fidelity itself would download to (torch.hub's checkpoint cache:
+    <torch.hub.get_dir()>/checkpoints/INCEPTION_FILE, i.e. under $TORCH_HOME or ~/.cache/torch/hub).
+    Only a path: nothing is downloaded or opened, and torch-fidelity (slow to import) is not imported."""
+    if setting or os.environ.get(INCEPTION_ENV):
+        return Path(setting or os.environ[INCEPTION_ENV]).expanduser()
+    return Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+
+
+def to_uint8_rgb(x: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] (N, C, H, W) as uint8 RGB (N, 3, H, W) at their resolution, the input
+    torch-fidelity's Inception expects: round((x + 1)/2 · 255), one grey channel repeated."""
+    u = ((x.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    if u.shape[1] == 1:
+        u = u.repeat(1, 3, 1, 1)
+    if u.shape[1] != 3:
+        raise ValueError(f"Inception FID needs 1 or 3 channels, got images of shape {tuple(x.shape)}")
+    return u
+
+
+class InceptionFeatures:
+    """torch-fidelity's Inception-v3 ("inception-v3-compat", 2048-d pool features) loaded from a
+    local weights file: x in [-1, 1] (N, C, H, W) → (N, 2048) float32 features."""
+
+    def __init__(self, weights, device="cpu", batch: int = 100):
+        from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+        self.net = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
+                                               feature_extractor_weights_path=str(weights)).to(device)
+        self.device, self.batch = device, batch
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.net(to_uint8_rgb(b).to(self.device))[0].float().cpu() for b in x.split(self.batch)])
+
+
+def inception_fid(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """FID from two sets of Inception features with torch-fidelity's own statistics and formula
+    (`fid_features_to_statistics`, `fid_statistics_to_metric`), so that the number is the one
+    `torch_fidelity.calculate_metrics(fid=True)` reports for the same features."""
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+
+    s1, s2 = fid_features_to_statistics(f1.float()), fid_features_to_statistics(f2.float())
+    return float(fid_statistics_to_metric(s1, s2, verbose=False)[KEY_METRIC_FID])
+
+#----------------------------------------------------------------------------
 
 
 def eval_labels(labels_pool: torch.Tensor, n: int, seed: int) -> torch.Tensor:

@@ -1,5 +1,5 @@
-"""Plots people would rather look at than read: 2D samples over the data, image grids, and
-quality vs NFE. matplotlib with the Agg backend (no display needed)."""
+"""Plots people would rather look at than read: 2D samples over the data, image grids,
+quality vs NFE, and precision vs recall. matplotlib with the Agg backend (no display needed)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -84,6 +84,29 @@ def quality_vs_nfe(curves: dict[str, dict[int, tuple[float, float]]], floor: flo
     if note:
         fig.text(0.01, 0.005, "\n".join(note), fontsize=6, va="bottom", wrap=True)
     fig.tight_layout(rect=(0, 0.04 * len(note), 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def precision_recall(points: dict[str, dict[int, tuple[float, float]]], floor: tuple[float, float] | None,
+                     path: Path, recipe: str = "", k: int = 3) -> None:
+    """points: model → {nfe: (precision, recall)} (means over seeds), one colour per model with
+    each point labelled by its NFE; the floor (real vs real) as a black star. Fidelity up,
+    diversity right: the ideal is the top-right corner."""
+    fig, ax = plt.subplots(figsize=(5.0, 4.4))
+    for i, (name, pts) in enumerate(points.items()):
+        nfes = sorted(pts)
+        p, r = np.array([pts[k_][0] for k_ in nfes]), np.array([pts[k_][1] for k_ in nfes])
+        ax.plot(r, p, "o-", color=f"C{i % 10}", lw=1, ms=5, label=name)
+        for x, y, nfe in zip(r, p, nfes):
+            ax.annotate(str(nfe), (x, y), textcoords="offset points", xytext=(3, 3), fontsize=7, color=f"C{i % 10}")
+    if floor is not None:
+        ax.plot(floor[1], floor[0], "k*", ms=11, label="floor (real vs real)")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), xlabel="recall (diversity)", ylabel="precision (fidelity)",
+           title=f"{recipe + ': ' if recipe else ''}precision vs recall (k = {k}; labels: NFE)")
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

@@ -7,7 +7,15 @@ input, or classifier-free guidance), named `<main>+auto_<guide>_w<w>` / `<main>+
 teacher NFEs (an NFE is one guided-denoiser call, i.e. two network evaluations).
 Outputs: `metrics.json` (model → nfe_K → metric statistics; `dvc metrics show` reads it),
 `samples/<model>_nfe<K>.npz` (the samples of every seed, so anyone can recompute a metric) and
-`plots/` (samples over the data or image grids, quality vs NFE, and on 2D the sampled paths).
+`plots/` (samples over the data or image grids, quality vs NFE, on images precision vs recall, and
+on 2D the sampled paths).
+
+Image metrics (docs/design.md "Image metrics"), each per model × NFE with its floor (n train images
+against the test split): `fd` (Fréchet distance in the feature net's features), `precision` and
+`recall` (k-NN manifolds, Kynkäänniemi et al. 2019, `evaluate.pr_k`, against n test images in the
+same features), and `inception_fid` (standard Inception FID through torch-fidelity) when its weights are
+on the machine (`evaluate.inception_fid`: auto | true | false; the outcome is the manifest's
+`metrics.inception_fid_status`).
 
 Deterministic noise → data maps (docs/methods.md §2, §13), per model, next to the nfe_K entries:
 - `coupling` (with input `pairs`, one pair set or a list): E‖G(z) − x‖² over the first 2000 pairs
@@ -78,6 +86,17 @@ class EvalConfig(Strict):
         "a student passes (and is registered in the MLflow model registry) when its primary metric's "
         "distance above the real-data floor at 1 NFE is at most this times the teacher's at its largest NFE"))
 
+    pr_k: int = Field(3, ge=1, description=(
+        "image data: k of the k-NN manifolds of precision and recall (Kynkäänniemi et al. 2019) in the feature "
+        "net's features; < n_samples"))
+    inception_fid: Literal["auto"] | bool = Field("auto", description=(
+        "image data: standard Inception FID (torch-fidelity's Inception-v3, weights never downloaded here). auto: "
+        "computed when the weights file is present, else skipped with the reason recorded in the manifest "
+        "(metrics.inception_fid_status); true: an error when it is absent; false: off"))
+    inception_weights: str | None = Field(None, min_length=1, description=(
+        "path of torch-fidelity's Inception-v3 weights (weights-inception-2015-12-05-6726825d.pth); default "
+        "$FASTGEN_INCEPTION_WEIGHTS, else torch-fidelity's download location (<torch hub dir>/checkpoints/)"))
+
     class_groups: list[list[int]] = Field([], description=(
         "class-conditional image data: also the FD of each group of classes (the samples of those labels against "
         "the test images of those classes, floor: matched train images), per model and NFE as groups_nfe_K.c<a>_<b>… "
@@ -131,6 +150,12 @@ class Spec(StageSpec):
                 probs.append((f"{at}.pairs", f"stage {pairs!r} is not an ode_pairs stage"))
         for i, g in enumerate(self.evaluate.guidance):
             probs += _guidance_problems(recipe, name, i, g)
+        ev, at_ev = self.evaluate, f"stages.{name}.evaluate"
+        if recipe.data.kind != "toy" and ev.pr_k >= ev.n_samples:
+            probs.append((f"{at_ev}.pr_k", f"k = {ev.pr_k} nearest neighbours need more than k samples "
+                          f"(n_samples = {ev.n_samples})"))
+        if recipe.data.kind == "toy" and ev.inception_fid is True:
+            probs.append((f"{at_ev}.inception_fid", "Inception FID needs image data"))
         if self.evaluate.class_groups and (recipe.data.kind == "toy" or not recipe.data.conditional):
             probs.append((f"stages.{name}.evaluate.class_groups", "per-group FD needs class-conditional image data"))
         return probs
@@ -294,6 +319,22 @@ def _straightness(model, labels, nfes: list[int], device) -> tuple[dict, dict[in
     return {f"nfe_{k}": round(M.straightness(p), 6) for k, p in paths.items()}, paths
 
 
+def _inception(cfg: EvalConfig, x_test: torch.Tensor, device, at: str):
+    """((Inception features, those of the test split) or None, the status line the manifest records).
+    Never downloads: the weights file must be on the machine (`metrics.inception_weights_path`)."""
+    if cfg.inception_fid is False:
+        return None, "off (evaluate.inception_fid: false)"
+    path = M.inception_weights_path(cfg.inception_weights)
+    if not path.is_file():
+        why = (f"no Inception-v3 weights file at {path} (set evaluate.inception_weights or ${M.INCEPTION_ENV}; "
+               "they are never downloaded at run time)")
+        if cfg.inception_fid is True:
+            raise StageError(f"{at}.evaluate.inception_fid: true, but {why}")
+        return None, f"skipped: {why}"
+    net = M.InceptionFeatures(path, device)
+    return (net, net(x_test)), f"computed with the weights at {path}"
+
+
 def run(ctx) -> None:
     from fastgen_core import plots
 
@@ -311,7 +352,23 @@ def run(ctx) -> None:
 
         ref = feats(data.x_test)
         n = min(cfg.n_samples, len(data.x_test))
-        metric_fn = lambda s: {"fd": M.frechet_distance(feats(s), ref)}  # noqa: E731
+        if n <= cfg.pr_k:
+            raise StageError(f"{recipe.path}: stages.{ctx.name}.evaluate.pr_k: k = {cfg.pr_k} nearest neighbours "
+                             f"need more than k samples (n = {n})")
+        # precision/recall: the real manifold of n test images (a fixed subset of a larger split), radii once
+        pr_ref = ref[torch.randperm(len(ref), generator=torch.Generator().manual_seed(50_000))[:n]]
+        pr_radii = M.knn_radii(pr_ref, cfg.pr_k, device=device)
+        incept, inception_status = _inception(cfg, data.x_test, device, f"{recipe.path}: stages.{ctx.name}")
+        print(f"[evaluate] Inception FID: {inception_status}", file=sys.stderr)
+
+        def metric_fn(s):
+            f = feats(s)
+            out = {"fd": M.frechet_distance(f, ref)}
+            out.update(M.precision_recall(pr_ref, f, cfg.pr_k, real_radii=pr_radii, device=device))
+            if incept is not None:
+                out["inception_fid"] = M.inception_fid(incept[0](s), incept[1])
+            return out
+
         # bits models (discrete data, docs/methods.md §7): also the value-histogram distance at their levels L
         levels = sorted({recipe.stages[i.stage].method.levels for i in ctx.inputs["models"]
                          if recipe.model_method(i.stage) == "bits"})
@@ -321,7 +378,7 @@ def run(ctx) -> None:
                                                   for L in levels}}
         real_pool, pool_labels = data.x, data.y  # floor: n real train images against the test split
     else:
-        n = cfg.n_samples
+        n, inception_status = cfg.n_samples, None
         metric_fn = lambda s: M.toy_metrics(s, data.density, data.x_test)  # noqa: E731
         # fresh draws for the floor (twice n when conditional, so that a class-matched floor finds its rows)
         real_pool, pool_labels = data.density.sample(n * (2 if data.num_classes else 1), torch.Generator().manual_seed(777))
@@ -330,7 +387,7 @@ def run(ctx) -> None:
     prim = PRIMARY["image" if data.is_image else "toy"]
     floor_per_seed = M.floor_metrics(metric_fn, real_pool, n, cfg.seeds, pool_labels, labels)  # same for all rows
 
-    results, curves, group_floors = {}, {}, {}
+    results, curves, group_floors, pr_points = {}, {}, {}, {}
     (ctx.out / "samples").mkdir()
     (ctx.out / "plots").mkdir()
     panels, paths_2d = {}, {}
@@ -364,6 +421,8 @@ def run(ctx) -> None:
                 results[row][f"groups_{key}"] = _group_fd(cfg.class_groups, cache, labels, feats, data, cfg.seeds,
                                                           group_floors)
             curves[row][used] = (stats[prim]["mean"], stats[prim]["std"])
+            if "precision" in stats:
+                pr_points.setdefault(row, {})[used] = (stats["precision"]["mean"], stats["recall"]["mean"])
             ctx.timing.setdefault("samples_per_s", {}).setdefault(row, {})[key] = round(
                 n * len(cfg.seeds) / max(gen_s[0], 1e-9), 1)
             np.savez_compressed(ctx.out / "samples" / f"{row}_nfe{used}.npz",
@@ -392,6 +451,10 @@ def run(ctx) -> None:
         floor = float(np.mean([f[prim] for f in floor_per_seed]))
         plots.quality_vs_nfe(curves, floor, prim, ctx.out / "plots" / "quality_vs_nfe.png",
                              recipe=f"{recipe.name} / {ctx.name}")
+        if pr_points:
+            pr_floor = tuple(float(np.mean([f[m] for f in floor_per_seed])) for m in ("precision", "recall"))
+            plots.precision_recall(pr_points, pr_floor, ctx.out / "plots" / "precision_recall.png",
+                                   recipe=f"{recipe.name} / {ctx.name}", k=cfg.pr_k)
         if data.is_image:
             for title, s in panels.items():
                 plots.image_grid(s, ctx.out / "plots" / f"{title.split()[0]}_{title.split('(')[1].split()[0]}nfe.png", title)
@@ -405,5 +468,5 @@ def run(ctx) -> None:
     flat = {f"{m}.{k}.{name}": s["mean"] if isinstance(s, dict) else s
             for m, r in results.items() for k, d in r.items() for name, s in d.items()}
     ctx.tracker.log_metrics(0, flat)
-    ctx.metrics = flat
+    ctx.metrics = flat if inception_status is None else {**flat, "inception_fid_status": inception_status}
 

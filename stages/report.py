@@ -4,8 +4,10 @@ One row per model and NFE: the primary metric (sliced W2 `swd` on 2D data, Fréc
 on images) as mean ± std over the evaluation's seeds, the floor (held-out real data against real
 data, same sample count), the distance above that floor as a multiple of the teacher's (the best
 EDM model at its largest NFE), and sampling speed (samples/s, measured during the evaluation).
+On images also precision / recall (k-NN manifolds in the same features; floor: real vs real) and,
+when it was computed, the standard Inception FID.
 The same table is written as markdown next to the evaluation (`<storage>/<recipe>/<stage>.report.md`,
-with the quality-vs-NFE plot).
+with the quality-vs-NFE and precision-vs-recall plots and whether Inception FID was computed).
 
 `--summary FILE` also writes the flat summary DVC declares as the evaluation's metrics
 (`metrics/<recipe>-<stage>.json`, git-tracked, so `dvc metrics show` prints one short row per
@@ -29,6 +31,7 @@ from .recipe import Recipe, RecipeError
 
 PRIMARY = ("fd", "swd")  # the primary metric: the first of these an evaluation has
 NAMES = {"swd": "sliced W2", "fd": "Fréchet distance"}
+EXTRA = ("precision", "recall", "inception_fid")  # image metrics shown beside the primary one when present
 
 
 def eval_stages(recipe: Recipe) -> list[str]:
@@ -65,11 +68,14 @@ def rows(recipe: Recipe, manifest: dict, results: dict) -> tuple[str, list[dict]
     for model, r in results.items():
         kind = "teacher" if model in teachers else "student" if recipe.model_method(model) else "guided"
         for k in _nfes(r):
-            s = r[f"nfe_{k}"][prim]
+            at = r[f"nfe_{k}"]
+            s = at[prim]
             out.append({"model": model, "kind": kind, "nfe": k, "mean": s["mean"], "std": s["std"],
                         "floor": s["floor_mean"], "floor_std": s.get("floor_std", 0.0), "above": s["above_floor"],
                         "ratio": s["above_floor"] / ref if ref and ref > 0 else None,
-                        "samples_per_s": speed.get(model, {}).get(f"nfe_{k}")})
+                        "samples_per_s": speed.get(model, {}).get(f"nfe_{k}"),
+                        **{f"{m}{part}": at[m][key] for m in EXTRA if m in at
+                           for part, key in (("", "mean"), ("_floor", "floor_mean"))}})
     return prim, out
 
 
@@ -86,6 +92,10 @@ def summary(prim: str, rs: list[dict]) -> dict:
     if best:
         out.update(best_1nfe=best["model"], best_1nfe_mean=_r(best["mean"]), best_1nfe_above_floor=_r(best["above"]),
                    best_1nfe_ratio=_r(best["ratio"]), best_1nfe_samples_per_s=best["samples_per_s"])
+    for m in EXTRA:  # images: precision, recall (and Inception FID) of the same two rows, and their floors
+        if rs and m in rs[0]:
+            out[f"floor_{m}"] = _r(rs[0][f"{m}_floor"])
+            out.update({f"{who}_{m}": _r(r[m]) for who, r in (("teacher", ref), ("best_1nfe", best)) if r})
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -110,6 +120,15 @@ def cells(prim: str, rs: list[dict]) -> tuple[list[str], list[list[str]]]:
     head = [c.format(prim=prim) for c in COLUMNS]
     body = [[r["model"], str(r["nfe"]), f"{_fmt(r['mean'])} ± {_fmt(r['std'], 2)}", _fmt(r["floor"]),
              _fmt(r["above"], 3), _fmt(r["ratio"], 3), _speed(r["samples_per_s"])] for r in rs]
+    if any("precision" in r for r in rs):  # compact: "P / R" and its floor, before the speed column
+        head[-1:-1] = ["P / R", "floor P / R"]
+        for r, b in zip(rs, body):
+            b[-1:-1] = [f"{_fmt(r.get('precision'), 2)} / {_fmt(r.get('recall'), 2)}",
+                        f"{_fmt(r.get('precision_floor'), 2)} / {_fmt(r.get('recall_floor'), 2)}"]
+    if any("inception_fid" in r for r in rs):
+        head[-1:-1] = ["Inception FID (floor)"]
+        for r, b in zip(rs, body):
+            b[-1:-1] = [f"{_fmt(r.get('inception_fid'))} ({_fmt(r.get('inception_fid_floor'))})"]
     return head, body
 
 
@@ -120,10 +139,16 @@ def text_table(head: list[str], body: list[list[str]]) -> str:
 
 
 def title(recipe: Recipe, stage: str, prim: str, manifest: dict) -> str:
-    seeds = manifest["params"]["stage"]["evaluate"]["seeds"]
-    return (f"{recipe.name} / {stage}: {prim} ({NAMES.get(prim, prim)}; lower is better), mean ± std over "
-            f"{len(seeds)} seed{'s' * (len(seeds) > 1)}; floor = real vs real; × teacher = distance above the floor "
-            "relative to the best teacher's at its largest NFE")
+    ev = manifest["params"]["stage"]["evaluate"]
+    seeds = ev["seeds"]
+    t = (f"{recipe.name} / {stage}: {prim} ({NAMES.get(prim, prim)}; lower is better), mean ± std over "
+         f"{len(seeds)} seed{'s' * (len(seeds) > 1)}; floor = real vs real; × teacher = distance above the floor "
+         "relative to the best teacher's at its largest NFE")
+    status = (manifest.get("metrics") or {}).get("inception_fid_status")
+    if status is not None:  # an image evaluation: precision / recall are in its table
+        t += (f"; P / R = precision / recall (k = {ev.get('pr_k', 3)} nearest neighbours, same features; higher "
+              f"is better); Inception FID: {status}")
+    return t
 
 
 def report(recipe: Recipe, stage: str) -> tuple[str, str, dict]:
@@ -137,6 +162,8 @@ def report(recipe: Recipe, stage: str) -> tuple[str, str, dict]:
           *("| " + " | ".join(b) + " |" for b in body)]
     if "plots/quality_vs_nfe.png" in manifest["files"]:
         md += ["", f"![{prim} vs NFE]({stage}/plots/quality_vs_nfe.png)"]
+    if "plots/precision_recall.png" in manifest["files"]:
+        md += ["", f"![precision vs recall]({stage}/plots/precision_recall.png)"]
     return f"{t}\n\n{text_table(head, body)}", "\n".join(md) + "\n", summary(prim, rs)
 
 

@@ -155,3 +155,237 @@ def test_eval_labels_and_matched_floor_rows():
     assert len(set(rows.tolist())) == 6 and torch.bincount(train[rows]).tolist() == [2, 1, 3]
     with pytest.raises(ValueError, match="2 rows of class 1, need 3"):
         matched_rows(train, torch.tensor([1, 1, 1]), seed=0)
+
+#----------------------------------------------------------------------------
+# Improved precision and recall (Kynkäänniemi et al. 2019, §2).
+
+
+def brute_force_precision_recall(real, fake, k):
+    """The paper's definition, transcribed with plain loops (no cdist, no sorting helpers):
+    NND_k(φ) = distance from φ to its k-th nearest other point of its own set; φ is inside the
+    manifold of Φ when ‖φ − φ'‖ ≤ NND_k(φ') for some φ' of Φ; precision = share of generated
+    points inside the real manifold, recall = share of real points inside the generated one."""
+    real, fake = real.double().tolist(), fake.double().tolist()
+
+    def dist(a, b):
+        return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
+
+    def radii(points):
+        out = []
+        for i, p in enumerate(points):
+            others = [dist(p, q) for j, q in enumerate(points) if j != i]
+            for _ in range(k - 1):  # drop the k - 1 nearest: the smallest left is the k-th
+                others.remove(min(others))
+            out.append(min(others))
+        return out
+
+    def share_inside(queries, support, r):
+        return sum(any(dist(q, s) <= rs for s, rs in zip(support, r)) for q in queries) / len(queries)
+
+    return share_inside(fake, real, radii(real)), share_inside(real, fake, radii(fake))
+
+
+def clusters(n, centres, seed, scale=0.3):
+    """n points: equal shares around each of `centres` (K, D), Gaussian with std `scale`."""
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.arange(n) % len(centres)
+    return centres[idx] + scale * torch.randn(n, centres.shape[1], generator=g), idx
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_matches_brute_force_definition(k):
+    from fastgen_core.metrics import precision_recall
+    real, fake = randn(40, 4, seed=1), 1.5 * randn(33, 4, seed=2) + 1.0  # overlapping: values strictly in (0, 1)
+    got = precision_recall(real, fake, k=k)
+    want = brute_force_precision_recall(real, fake, k)
+    assert 0 < want[0] < 1 and 0 < want[1] < 1
+    assert (got["precision"], got["recall"]) == pytest.approx(want, abs=1e-12)
+
+
+def test_precision_recall_matches_torch_fidelity():
+    """torch-fidelity's own implementation (metric_prc; generated first, real second)."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+
+    from fastgen_core.metrics import precision_recall
+    real, fake = randn(300, 16, seed=3), 1.2 * randn(250, 16, seed=4) + 0.2
+    ours = precision_recall(real, fake, k=3)
+    theirs = prc_features_to_metric(fake.double(), real.double(), prc_neighborhood=3, prc_batch_size=10000,
+                                    save_cpu_ram=False, verbose=False)
+    assert ours["precision"] == pytest.approx(theirs["precision"], abs=1e-6)  # theirs: a float32 mean
+    assert ours["recall"] == pytest.approx(theirs["recall"], abs=1e-6)
+
+
+def test_precision_recall_identical_shifted_and_chunked():
+    from fastgen_core.metrics import knn_radii, precision_recall
+    f = randn(500, 8, seed=5)
+    assert precision_recall(f, f) == {"precision": 1.0, "recall": 1.0}  # every point is inside its own ball
+    far = precision_recall(f, f + 50.0)  # off the manifold: balls have radius ~ the spread (~3)
+    assert far == {"precision": 0.0, "recall": 0.0}
+    real, fake = randn(300, 8, seed=6), randn(280, 8, seed=7) * 1.3
+    whole = precision_recall(real, fake, k=4, chunk=10_000)
+    assert precision_recall(real, fake, k=4, chunk=7) == whole
+    assert precision_recall(real, fake, k=4, chunk=7, real_radii=knn_radii(real, 4, chunk=13)) == whole
+    with pytest.raises(ValueError, match="1 <= k < 3"):
+        knn_radii(randn(3, 2), k=3)
+
+
+def test_precision_recall_half_the_modes():
+    """A generator that covers 5 of 10 well-separated modes: recall halves, precision stays."""
+    from fastgen_core.metrics import precision_recall
+    centres = 10.0 * randn(10, 2, seed=8)
+    real, real_mode = clusters(1000, centres, seed=9)
+    # exact subset: every generated point is a real one (precision 1), and the real points of the
+    # kept modes are inside the generated manifold at distance 0, the others far from it
+    kept = real[real_mode < 5]
+    assert precision_recall(real, kept) == {"precision": 1.0, "recall": 0.5}
+    # fresh draws: the same against a fresh draw of all modes (the floor), recall at half of it
+    full, _ = clusters(1000, centres, seed=10)
+    half, _ = clusters(1000, centres[:5], seed=11)
+    floor, got = precision_recall(real, full), precision_recall(real, half)
+    assert floor["precision"] > 0.9 and floor["recall"] > 0.9
+    assert got["precision"] == pytest.approx(floor["precision"], abs=0.03)
+    assert got["recall"] == pytest.approx(floor["recall"] / 2, abs=0.03)
+
+#----------------------------------------------------------------------------
+# Standard Inception FID through torch-fidelity (its weights are never downloaded).
+
+
+def test_frechet_distance_agrees_with_torch_fidelity_fid():
+    """Our eigen-form Fréchet distance against torch-fidelity's FID from statistics (TTUR's formula:
+    tr sqrtm via the eigenvalues of Σ1·Σ2), on random features of two different distributions."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
+
+    from fastgen_core.metrics import inception_fid
+    f1 = randn(800, 24, seed=12) @ randn(24, 24, seed=13) / 4
+    f2 = randn(600, 24, seed=14) * torch.linspace(0.5, 2.0, 24) + 0.3
+    theirs = fid_statistics_to_metric(fid_features_to_statistics(f1.double()), fid_features_to_statistics(f2.double()),
+                                      verbose=False)["frechet_inception_distance"]
+    assert theirs > 1
+    assert frechet_distance(f1, f2) == pytest.approx(theirs, rel=1e-8)
+    assert inception_fid(f1, f2) == pytest.approx(theirs, rel=1e-4)  # float32 features, as torch-fidelity has them
+
+
+def test_inception_weights_path_never_downloads(monkeypatch, tmp_path):
+    from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+    from fastgen_core.metrics import INCEPTION_ENV, inception_weights_path
+    monkeypatch.delenv(INCEPTION_ENV, raising=False)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    default = inception_weights_path()
+    # torch-fidelity's download location: torch.hub's checkpoint cache, its URL's file name
+    assert default == tmp_path / "th" / "hub" / "checkpoints" / "weights-inception-2015-12-05-6726825d.pth"
+    assert URL_INCEPTION_V3.endswith("/" + default.name)  # the file torch.hub's load_state_dict_from_url would write
+    assert not (tmp_path / "th").exists()  # only a path: nothing fetched, nothing created
+    monkeypatch.setenv(INCEPTION_ENV, str(tmp_path / "env.pth"))
+    assert inception_weights_path() == tmp_path / "env.pth"
+    assert inception_weights_path(str(tmp_path / "setting.pth")) == tmp_path / "setting.pth"  # the setting wins
+
+
+def test_inception_features_load_the_given_file_and_see_grey_as_rgb(monkeypatch, tmp_path):
+    """The present path without the real weights: torch-fidelity's Inception-v3 with its random
+    initialisation (its load_state_dict patched to record what it is given), fed through our uint8
+    conversion: a grey image and the same image as RGB give the same 2048-d features."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from fastgen_core.metrics import InceptionFeatures
+    loaded = []
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, sd: loaded.append(sd))
+    torch.save({"marker": torch.ones(1)}, tmp_path / "w.pth")
+    net = InceptionFeatures(tmp_path / "w.pth")
+    assert [list(d) for d in loaded] == [["marker"]]  # the file we named, not a download
+    grey = torch.rand(1, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    f = net(torch.cat([grey.repeat(1, 3, 1, 1), grey.repeat(1, 3, 1, 1)]))
+    assert f.shape == (2, 2048) and f.dtype == torch.float32 and torch.isfinite(f).all()
+    assert torch.equal(net(grey), f[:1])
+
+
+def test_to_uint8_rgb():
+    from fastgen_core.metrics import to_uint8_rgb
+    grey = torch.tensor([-1.0, -0.5, 0.0, 1.0, 1.5]).reshape(1, 1, 1, 5)
+    u = to_uint8_rgb(grey)
+    assert u.dtype == torch.uint8 and u.shape == (1, 3, 1, 5)
+    assert u[0, :, 0].tolist() == [[0, 64, 128, 255, 255]] * 3  # (x + 1)/2·255 rounded, clamped; grey repeated
+    rgb = torch.rand(2, 3, 4, 4) * 2 - 1
+    assert torch.equal(to_uint8_rgb(rgb)[:, 1], to_uint8_rgb(rgb[:, 1:2])[:, 0])
+    with pytest.raises(ValueError, match="1 or 3 channels"):
+        to_uint8_rgb(torch.zeros(1, 2, 4, 4))
+
+#----------------------------------------------------------------------------
+# The evaluate stage on digits: precision/recall beside FD, Inception FID absent.
+
+DIGITS = {
+    "name": "digits_metrics",
+    "seed": 0,
+    "data": {"kind": "digits", "conditional": True},
+    "stages": {
+        "features": {"kind": "feature_net", "method": {"name": "classifier", "width": 16},
+                     "train": {"steps": 40, "batch_size": 64, "lr": 2.0e-3}},
+        "teacher": {"kind": "teacher", "method": {"name": "edm"},
+                    "network": {"arch": "mlp", "width": 32, "depth": 2, "emb_dim": 16},
+                    "train": {"steps": 40, "batch_size": 64, "lr": 2.0e-3}},
+        "eval": {"kind": "evaluate", "inputs": {"models": ["teacher"], "features": "features"},
+                 "evaluate": {"n_samples": 64, "seeds": [0, 1], "teacher_nfe": [1, 3], "plots": True,
+                              "inception_fid": "auto"}},
+    },
+    "tracking": {"enabled": False},
+    "compute": {"threads": 1},
+}
+
+
+def test_evaluate_reports_precision_recall_and_records_inception_skip(tmp_path, monkeypatch):
+    import json
+
+    import yaml
+
+    from stages.recipe import load_recipe
+    from stages.report import report
+    from stages.runtime import run_stage, stage_dir
+    from stages.spec import StageError
+
+    monkeypatch.delenv("FASTGEN_INCEPTION_WEIGHTS", raising=False)
+    missing = tmp_path / "no-such-weights.pth"
+
+    def recipe(**ev):
+        raw = json.loads(json.dumps(DIGITS))
+        raw["stages"]["eval"]["evaluate"].update(ev)
+        raw["storage"] = {"root": str(tmp_path / "outputs")}
+        path = tmp_path / f"r{len(list(tmp_path.glob('r*.yaml')))}.yaml"
+        path.write_text(yaml.safe_dump(raw, sort_keys=False))
+        return str(path)
+
+    auto = recipe(inception_weights=str(missing))
+    for stage in ("features", "teacher"):
+        run_stage(auto, stage)
+    manifest = run_stage(auto, "eval")
+    status = manifest["metrics"]["inception_fid_status"]
+    assert status.startswith("skipped: no Inception-v3 weights file at " + str(missing))
+    out = stage_dir(load_recipe(auto), "eval")
+    results = json.loads((out / "metrics.json").read_text())
+    for nfe in ("nfe_1", "nfe_3"):
+        m = results["teacher"][nfe]
+        assert set(m) == {"fd", "precision", "recall"}  # no inception_fid, the rest as always
+        for name in ("precision", "recall"):
+            s = m[name]
+            assert 0 <= s["mean"] <= 1 and 0 < s["floor_mean"] <= 1 and s["std"] >= 0
+            assert s["above_floor"] == pytest.approx(s["mean"] - s["floor_mean"], abs=2e-6)
+    assert (out / "plots" / "precision_recall.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # `fastgen report`: P / R beside FD with their floors, the skip in the title, the summary keys
+    text, md, flat = report(load_recipe(auto), "eval")
+    t35 = results["teacher"]["nfe_3"]
+    row = next(line for line in text.splitlines() if line.startswith("teacher") and line.split()[1] == "3")
+    assert f"{t35['precision']['mean']:.2g} / {t35['recall']['mean']:.2g}" in row
+    assert f"{t35['precision']['floor_mean']:.2g} / {t35['recall']['floor_mean']:.2g}" in row
+    assert "Inception FID: skipped: no Inception-v3 weights file" in text and "| P / R | floor P / R |" in md
+    assert flat["teacher_precision"] == pytest.approx(t35["precision"]["mean"], rel=1e-3)
+    assert flat["floor_recall"] == pytest.approx(t35["recall"]["floor_mean"], rel=1e-3)
+    # off: the same numbers, and the status says so
+    off = run_stage(recipe(inception_fid=False), "eval")
+    assert off["metrics"]["inception_fid_status"].startswith("off")
+    assert {k: v for k, v in off["metrics"].items() if k != "inception_fid_status"} == \
+        {k: v for k, v in manifest["metrics"].items() if k != "inception_fid_status"}
+    # required: one line naming the file, the field and the path looked at
+    with pytest.raises(StageError) as e:
+        run_stage(recipe(inception_fid=True, inception_weights=str(missing)), "eval")
+    msg = str(e.value)
+    assert "\n" not in msg and msg.endswith("they are never downloaded at run time)")
+    assert ".yaml: stages.eval.evaluate.inception_fid: true, but no Inception-v3 weights file at " + str(missing) in msg
