@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 SEED_MAX = 2**32  # numpy's generators take seeds in [0, 2^32); torch's take more
 
@@ -140,6 +140,22 @@ class TrainConfig(Strict):
     snapshot_ema_decay: float | None = Field(
         None, ge=0, lt=1, description="EMA decay of the snapshots (the guide's EMA is tuned separately); "
         "None: snapshot the evaluation EMA")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32", description="bf16: the method's loss computed under bfloat16 autocast (mixed precision; parameters, "
+        "optimiser state and EMA stay fp32; derivatives by jvp/fd stay fp32); fp32: full precision")
+    compile: bool = Field(False, description="compile the trained networks with torch.compile (in place; "
+                          "state dicts unchanged; the first steps pay the compilation)")
+
+    @model_serializer(mode="wrap")
+    def _new_fields_only_when_set(self, handler):
+        """`precision: fp32` and `compile: false` (the defaults) are left out, so that the params digest of
+        every stage that does not set them is as it was before they existed."""
+        out = handler(self)
+        if isinstance(out, dict):
+            for k, default in (("precision", "fp32"), ("compile", False)):
+                if out.get(k) == default:
+                    out.pop(k)
+        return out
 
     @field_validator("betas")
     @classmethod

@@ -25,7 +25,8 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
     With `seed`, every evaluation runs under `same_randomness(seed)` (same dropout mask as a
     forward pass made under the same seed)."""
     ctx = (lambda: same_randomness(seed, primals[0])) if seed is not None else contextlib.nullcontext
-    with torch.no_grad():
+    primals, tangents, fp32 = _full_precision(primals, tangents)
+    with torch.no_grad(), fp32:
         if mode == "func":
             with ctx():
                 out, d = torch.func.jvp(fn, tuple(primals), tuple(tangents))
@@ -39,6 +40,18 @@ def jvp(fn: Callable, primals: Sequence[torch.Tensor], tangents: Sequence[torch.
                 minus = fn(*[p - eps * v for p, v in zip(primals, tangents)])
             return out, (plus - minus) / (2 * eps)
     raise ValueError(f"unknown jvp mode {mode!r}")
+
+
+def _full_precision(primals, tangents):
+    """Under mixed-precision autocast (recipe `train.precision: bf16`) derivatives are taken in fp32:
+    autocast off, inputs cast to fp32 — forward-mode AD does not cast tangents with autocast (a conv
+    then meets bf16 weights with an fp32 tangent), and a central difference with ε = 1e-3 would drown
+    in bf16's rounding (8 significant bits). Without autocast nothing changes."""
+    device = primals[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return primals, tangents, contextlib.nullcontext()
+    up = lambda ts: tuple(t.float() if t.is_floating_point() else t for t in ts)  # noqa: E731
+    return up(primals), up(tangents), torch.autocast(device, enabled=False)
 
 
 def normalise(g: torch.Tensor, c: float = 0.1) -> torch.Tensor:

@@ -381,20 +381,30 @@ def _report_nonfinite(e: loop.NonFiniteLoss, rank: int, world: int) -> None:
         ray.train.report({}, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
+def ray_settings(compute) -> dict:
+    """TorchTrainer's scaling and process-group settings for `compute`: `num_workers` workers with
+    `cpus_per_worker` CPUs each and, with `use_gpu`, one GPU each (a worker's device is then
+    `ray.train.torch.get_device()`, see `_fit`) and the NCCL backend; gloo on CPU."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchConfig
+
+    per_worker = {"CPU": compute.cpus_per_worker, **({"GPU": 1} if compute.use_gpu else {})}
+    return {"scaling_config": ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
+                                            resources_per_worker=per_worker),
+            "torch_config": TorchConfig(backend="nccl" if compute.use_gpu else "gloo")}
+
+
 def ray_fit(config: dict, compute, out: Path, storage_path: str | None = None) -> dict:
     """Train on Ray Train workers; copy rank 0's checkpoint into `out`; return rank 0's last report."""
     with phase("ray_init"):
         _ray_init(compute)
     t0 = time.perf_counter()
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import RunConfig
     from ray.train.torch import TorchTrainer
 
     name = f"{config['stage']}-{int(time.time())}"
-    trainer = TorchTrainer(
-        fit, train_loop_config={**config, "ray": True},
-        scaling_config=ScalingConfig(num_workers=compute.num_workers, use_gpu=compute.use_gpu,
-                                     resources_per_worker={"CPU": compute.cpus_per_worker}),
-        run_config=RunConfig(name=name, storage_path=storage_path))
+    trainer = TorchTrainer(fit, train_loop_config={**config, "ray": True}, **ray_settings(compute),
+                           run_config=RunConfig(name=name, storage_path=storage_path))
     try:
         result = trainer.fit()
         metrics = dict(result.metrics or {})

@@ -190,9 +190,8 @@ def test_checkpoint_holds_every_random_state(tmp_path, device):
     loop.train(_toy_method(device=device), cfg.model_copy(update={"steps": 10}), tmp_path / "b", progress=False)
     state = torch.load(tmp_path / "b" / "last.pt", weights_only=True)
     (rngs,) = state["rng_states"]  # one worker
-    assert ("cuda_rng" in rngs) == (device == "cuda")
-    if device == "cuda":
-        assert len(rngs["cuda_rng"]) == torch.cuda.device_count()
+    assert set(rngs) == {"gen", "rng", "cuda"}  # `cuda` always there, empty when CUDA is not in use
+    assert len(rngs["cuda"]) == (torch.cuda.device_count() if device == "cuda" else 0)
     resumed = loop.train(_toy_method(device=device), cfg, tmp_path / "b", progress=False)
     assert all(torch.equal(full["net"][k], resumed["net"][k]) for k in full["net"])
 
@@ -234,9 +233,8 @@ def _ddp_worker(rank: int, folder: str) -> None:
     a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(2))
     a.grad = torch.full((3,), float(rank + 1))
     b.grad = torch.tensor([4.0, 8.0]) if rank == 0 else None
-    out["bad"] = loop._allreduce_grads([a, b], 2)
+    loop._allreduce_grads([a, b], 2)
     out["a"], out["b"] = a.grad.clone(), b.grad.clone()
-    out["any_bad"] = loop._allreduce_grads([a, b], 2, bad=rank == 1)
 
     cfg = TrainConfig(steps=12, batch_size=32, ckpt_every=6, log_every=6)
     out["full"] = loop.train(_toy_method(cls=RankSkips), cfg, f"{folder}/full", progress=False)
@@ -269,7 +267,6 @@ def test_allreduce_with_a_parameter_unused_on_one_worker_and_exact_resume_on_two
             pytest.fail("the two gloo workers hung")
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     for r in (r0, r1):
-        assert r["bad"] is False and r["any_bad"] is True
         assert torch.equal(r["a"], torch.full((3,), 1.5)) and torch.equal(r["b"], torch.tensor([2.0, 4.0]))
         for k in r["full"]["net"]:
             assert torch.equal(r["full"]["net"][k], r["resumed"]["net"][k]), k
