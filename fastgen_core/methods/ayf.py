@@ -208,7 +208,7 @@ class Method(_Base):
         logs = {"r": r}
         if self.adv is not None and step >= cfg.adversarial.start:
             l_gan, lam = gan_term(self.adv, cfg.adversarial, loss, self.fake(x0, **cond), x0, y, net)
-            logs.update(ayf=loss.item(), gan=l_gan.item(), gan_weight=float(lam))
+            logs.update(ayf=loss.detach(), gan=l_gan.detach(), gan_weight=lam)
             loss = loss + lam * l_gan
         return loss, logs
 

@@ -190,6 +190,9 @@ class Method:
         return d
 
     def loss(self, group: str, batch: dict[str, torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        """(scalar loss of `group`, logs). Log values are numbers or 0-d tensors; return tensors
+        (`x.detach()`, not `x.item()`): the loop reads them from the device once per log step, and
+        `.item()` here would make every step wait for the GPU."""
         raise NotImplementedError
 
     def after_step(self, step: int) -> None:

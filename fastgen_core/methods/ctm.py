@@ -203,7 +203,7 @@ class Method(_Base):
         lam = 1.0
         if self.cfg.dsm_balance == "adaptive":
             lam = adaptive_weight(l_ctm, l_dsm, last_layer(self.nets["net"]), (0.0, 1e4))
-        return self.cfg.dsm_weight * lam * l_dsm, {"dsm": l_dsm.item(), "dsm_balance": float(lam)}
+        return self.cfg.dsm_weight * lam * l_dsm, {"dsm": l_dsm.detach(), "dsm_balance": lam}
 
     def loss(self, group, batch, step):
         x0, y = batch["x"], self.labels(batch)
@@ -225,7 +225,7 @@ class Method(_Base):
         with same_randomness(seed, x0):
             target = self.target(x_u, u, s, **cond)
         l_ctm = distance(online, target, self.cfg.metric).mean()
-        loss, logs = l_ctm, {"ctm": l_ctm.item(), "k": k}
+        loss, logs = l_ctm, {"ctm": l_ctm.detach(), "k": k}
         if self.cfg.dsm_weight > 0:
             term, dsm_logs = self.dsm_term(l_ctm, x0, **cond)
             loss = loss + term
@@ -234,7 +234,7 @@ class Method(_Base):
             fake = self.one_step(x0, **cond) if self.cfg.gan_time == "max" else online
             l_gan, lam = gan_term(self.adv, self.cfg.adversarial, l_ctm, fake, x0, y, self.nets["net"])
             loss = loss + lam * l_gan
-            logs.update(gan=l_gan.item(), gan_weight=float(lam))
+            logs.update(gan=l_gan.detach(), gan_weight=lam)
         return loss, logs
 
     def after_step(self, step):

@@ -208,7 +208,7 @@ class Method(DistributionMatching):
         if self.pairs is not None:
             l_reg = distance(self.one_step(batch["z"], **cond), batch["x_pair"], self.cfg.metric).mean()
             loss = loss + self.cfg.reg_weight * l_reg
-            logs["reg"] = l_reg.item()
+            logs["reg"] = l_reg.detach()
         return loss, logs
 
 

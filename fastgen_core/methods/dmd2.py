@@ -136,21 +136,21 @@ class Method(DistributionMatching):
             with torch.no_grad():
                 x = self.G(x_in, sigma, **cond)
             loss = self.critic_term(x, **cond)
-            logs = {**logs, "fake": loss.item()}
+            logs = {**logs, "fake": loss.detach()}
             if cfg.gan:
                 real, fake = self.logits(batch["x"], **cond), self.logits(x, **cond)
                 l_cls = d_loss(real, fake, "softplus")
                 loss = loss + cfg.gan_cls_weight * l_cls
-                logs.update(cls=l_cls.item(), cls_acc=float(torch.cat([real > 0, fake <= 0]).float().mean()))
+                logs.update(cls=l_cls.detach(), cls_acc=torch.cat([real > 0, fake <= 0]).float().mean())
             return loss, logs
         x = self.G(x_in, sigma, **cond)
         loss, dm_logs = self.dm_term(x, **cond)
-        logs = {**logs, **dm_logs, "dm": loss.item()}
+        logs = {**logs, **dm_logs, "dm": loss.detach()}
         if cfg.gan:
             with frozen(self.nets["critic"]), frozen(self.nets["head"]):
                 l_gan = g_loss(self.logits(x, **cond), "softplus")
             loss = loss + cfg.gan_gen_weight * l_gan
-            logs["gan"] = l_gan.item()
+            logs["gan"] = l_gan.detach()
         return loss, logs
 
     def meta(self) -> dict:

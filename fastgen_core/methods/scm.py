@@ -222,7 +222,7 @@ class Method(_Base):
         sq = (F.float() - F_minus.float() - g.float()).pow(2).flatten(1).sum(1)
         p = prior_weight(t.float(), sd) if cfg.prior_weight else 1.0
         loss = (p * torch.exp(w) / D * sq - w).mean()
-        return loss, {"r": r, "w": w.mean().item(), "sq": (sq / D).mean().item()}
+        return loss, {"r": r, "w": w.mean().detach(), "sq": (sq / D).mean().detach()}
 
 
 # ----------------------------------------------------------------------------- sampling
