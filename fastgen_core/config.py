@@ -113,6 +113,12 @@ class NetworkConfig(Strict):
     second_time: bool = Field(False, description="add an embedding of a second time s (flow maps, CTM)")
     scalar_cond: bool = Field(False, description="add an embedding of a scalar condition (guidance w)")
     cond_channels: int = Field(0, ge=0, description="extra input channels/features concatenated to x (image condition, self-conditioning)")
+    layout: Literal["ddpm", "lean"] = Field(
+        "ddpm", description="unet: ddpm (the papers' layout: depth + 1 blocks up, two middle blocks, conv "
+        "resampling) or lean (depth blocks up, one middle block, pooling; ~2x faster on CPU, docs/design.md)")
+    attn_resolutions: list[int] = Field(
+        [], description="unet: feature-map sides (e.g. [16]) at which self-attention follows each res block; "
+        "each must be a side the network has (H / 2^level)")
 
     @field_validator("channel_mult")
     @classmethod
@@ -120,6 +126,21 @@ class NetworkConfig(Strict):
         if any(m <= 0 for m in v):
             raise ValueError(f"every multiplier must be > 0, got {v}")
         return v
+
+    @model_validator(mode="after")
+    def _attention_sides(self):
+        if self.attn_resolutions and self.arch != "unet":
+            raise FieldError("attn_resolutions", f"applies to arch unet only, not {self.arch!r}")
+        if len(set(self.attn_resolutions)) != len(self.attn_resolutions):
+            raise FieldError("attn_resolutions", f"listed more than once: {self.attn_resolutions}")
+        if self.attn_resolutions:  # sides of one network are r, r/2, ..., r/2^(levels-1): at most that span
+            hi, lo = max(self.attn_resolutions), min(self.attn_resolutions)
+            levels = len(self.channel_mult)
+            bad = [r for r in self.attn_resolutions if r <= 0 or hi % r or (hi // r) & (hi // r - 1)]
+            if bad or hi // lo >= 2**levels:
+                raise FieldError("attn_resolutions", f"{self.attn_resolutions} cannot all be feature-map sides of "
+                                 f"a unet with {levels} levels (sides H, H/2, ..., H/2^{levels - 1})")
+        return self
 
 
 class TrainConfig(Strict):

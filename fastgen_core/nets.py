@@ -19,6 +19,10 @@ block (adaptive scale/shift), in the spirit of NVlabs' edm2 `networks.py`, much 
 
 Passing a conditioning input the network was not built for is an error, not ignored.
 The output layer is zero-initialised, so a fresh network outputs exactly zero.
+
+Architectures: `mlp` (any shape, flattened) and `unet` (images) in two layouts, `ddpm` (the papers'
+CIFAR-10 layout) and `lean` (fast on CPU at 8x8-32x32), with optional self-attention at
+`attn_resolutions` (docs/design.md "Image networks"; bench/nets.py measures them).
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from torch import nn
 
 from .config import NetworkConfig
 
-__all__ = ["build_network", "MLPNet", "UNet", "Classifier", "ConditionEmbedding", "FourierFeatures",
+__all__ = ["build_network", "MLPNet", "UNet", "Attention", "LAYOUTS", "Classifier", "ConditionEmbedding",
+           "FourierFeatures",
            "count_params"]
 
 
@@ -43,7 +48,8 @@ def build_network(cfg: NetworkConfig, shape: tuple[int, ...], num_classes: int =
     """The raw network described by `cfg` for samples of shape `shape` (without the batch axis).
 
     `arch="mlp"` accepts any shape (samples are flattened); `arch="unet"` needs (C, H, W) with
-    H and W divisible by 2 ** (len(channel_mult) - 1).
+    H and W divisible by 2 ** (len(channel_mult) - 1), and `attn_resolutions` among its feature-map
+    sides H, H/2, ..., H/2^(levels - 1).
     """
     shape = tuple(int(d) for d in shape)
     if num_classes < 0:
@@ -239,59 +245,116 @@ class ResBlock(nn.Module):
         return self.skip(x) + self.conv2(self.dropout(h))
 
 
-class Downsample(nn.Module):
-    """Stride-2 3x3 convolution (halves H and W)."""
+class Attention(nn.Module):
+    """Self-attention over the H x W positions, as DDPM++/EDM's attention block:
+    GroupNorm -> 1x1 conv to q, k, v -> softmax(q k^T / sqrt(d)) v (heads of 64 channels, at least
+    one) -> 1x1 conv (zero-initialised, so a fresh block is the identity), added to the input."""
 
     def __init__(self, ch: int):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.heads = max(1, ch // 64)
+        self.norm, self.qkv = nn.GroupNorm(_groups(ch), ch), nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor, emb=None) -> torch.Tensor:
+        n, c, h, w = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(n, 3, self.heads, c // self.heads, h * w).transpose(-1, -2).unbind(1)
+        a = F.scaled_dot_product_attention(q, k, v)                      # (n, heads, hw, c / heads)
+        return x + self.proj(a.transpose(-1, -2).reshape(n, c, h, w))
+
+
+class Downsample(nn.Module):
+    """Halves H and W: stride-2 3x3 convolution (ddpm layout) or 2x2 average pooling (lean)."""
+
+    def __init__(self, ch: int, conv: bool = True):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1) if conv else None
 
     def forward(self, x, emb=None):
-        return self.conv(x)
+        return self.conv(x) if self.conv is not None else F.avg_pool2d(x, 2)
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2 then a 3x3 convolution."""
+    """Doubles H and W: nearest-neighbour x2 then a 3x3 convolution (ddpm layout), or the
+    convolution first, at the low resolution, for a quarter of the cost (lean)."""
 
-    def __init__(self, ch: int):
+    def __init__(self, ch: int, conv_first: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+        self.conv, self.conv_first = nn.Conv2d(ch, ch, 3, padding=1), conv_first
 
     def forward(self, x, emb=None):
+        if self.conv_first:
+            return F.interpolate(self.conv(x), scale_factor=2.0, mode="nearest")
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
-class UNet(_Net):
-    """DDPM-style U-Net: `depth` ResBlocks per level on the way down (each output kept as a skip),
-    `depth + 1` on the way up (each consuming one skip), two ResBlocks in the middle, no attention."""
+# The two layouts of `UNet` (NetworkConfig.layout); docs/design.md "Networks" has the measurements.
+# skips: "all" keeps the input conv's, every res block's and every downsample's output (DDPM),
+# "blocks" only the res blocks' outputs; up_blocks: res blocks per level on the way up, beyond `depth`.
+LAYOUTS = {
+    "ddpm": dict(skips="all", up_extra=1, mid_blocks=2, down_conv=True, up_conv_first=False),
+    "lean": dict(skips="blocks", up_extra=0, mid_blocks=1, down_conv=False, up_conv_first=True),
+}
 
-    def __init__(self, cfg: NetworkConfig, shape: tuple[int, ...], num_classes: int = 0):
+
+class UNet(_Net):
+    """U-Net over `len(channel_mult)` resolution levels, `cfg.layout`:
+
+    - "ddpm" (DDPM/DDPM++, what the papers' CIFAR-10 networks use): `depth` ResBlocks per level on
+      the way down (the input conv's, each block's and each downsample's output kept as a skip),
+      `depth + 1` on the way up (each consuming one skip), two ResBlocks in the middle, stride-2
+      conv down, nearest-then-conv up;
+    - "lean" (fast on CPU at 8x8-32x32): `depth` ResBlocks per level both ways (only their outputs
+      are skips), one middle ResBlock, average-pool down, conv-then-nearest up.
+
+    Self-attention (`Attention`) follows every ResBlock whose feature map has a side in
+    `cfg.attn_resolutions`, the middle ones included when the lowest resolution is listed.
+    `layout` (a LAYOUTS entry or a dict like one) overrides cfg.layout (bench/nets.py ablations).
+    """
+
+    def __init__(self, cfg: NetworkConfig, shape: tuple[int, ...], num_classes: int = 0, layout=None):
         if len(shape) != 3:
             raise ValueError(f"unet needs a (C, H, W) shape, got {shape}")
         factor = 2 ** (len(cfg.channel_mult) - 1)
         if shape[1] % factor or shape[2] % factor:
             raise ValueError(f"H and W must be divisible by {factor} for channel_mult={cfg.channel_mult}, got {shape}")
+        sides = [shape[1] // 2**i for i in range(len(cfg.channel_mult))]
+        missing = sorted(set(cfg.attn_resolutions) - set(sides))
+        if missing:
+            raise ValueError(f"attn_resolutions {missing} are not among this network's feature-map sides {sides}")
         super().__init__(cfg, shape, num_classes)
-        E, p = cfg.emb_dim, cfg.dropout
+        L = layout if isinstance(layout, dict) else LAYOUTS[layout or cfg.layout]
+        E, p, attn = cfg.emb_dim, cfg.dropout, set(cfg.attn_resolutions)
         ch = cfg.width
+
+        def res(i, o, side):  # a ResBlock, followed by attention at the listed sides
+            return [ResBlock(i, o, E, p)] + ([Attention(o)] if side in attn else [])
+
         self.inp = nn.Conv2d(shape[0] + cfg.cond_channels, ch, 3, padding=1)
-        skips, self.down = [ch], nn.ModuleList()
+        self.keep_input = L["skips"] == "all"
+        skips, self.down, self.skip_after = [ch] if self.keep_input else [], nn.ModuleList(), set()
         for level, mult in enumerate(cfg.channel_mult):
             for _ in range(cfg.depth):
-                self.down.append(ResBlock(ch, cfg.width * mult, E, p))
+                self.down.extend(res(ch, cfg.width * mult, sides[level]))
                 ch = cfg.width * mult
                 skips.append(ch)
+                self.skip_after.add(len(self.down) - 1)  # after the block's attention, if any
             if level < len(cfg.channel_mult) - 1:
-                self.down.append(Downsample(ch))
-                skips.append(ch)
-        self.mid = nn.ModuleList([ResBlock(ch, ch, E, p), ResBlock(ch, ch, E, p)])
+                self.down.append(Downsample(ch, L["down_conv"]))
+                if self.keep_input:
+                    skips.append(ch)
+                    self.skip_after.add(len(self.down) - 1)
+        self.mid = nn.ModuleList(m for _ in range(L["mid_blocks"]) for m in res(ch, ch, sides[-1]))
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(cfg.channel_mult))):
-            for _ in range(cfg.depth + 1):
-                self.up.append(ResBlock(ch + skips.pop(), cfg.width * mult, E, p))
+            for _ in range(cfg.depth + L["up_extra"]):
+                self.up.extend(res(ch + skips.pop(), cfg.width * mult, sides[level]))
                 ch = cfg.width * mult
             if level > 0:
-                self.up.append(Upsample(ch))
+                self.up.append(Upsample(ch, L["up_conv_first"]))
+        assert not skips
         self.norm = nn.GroupNorm(_groups(ch), ch)
         self.out = nn.Conv2d(ch, shape[0], 3, padding=1)
         nn.init.zeros_(self.out.weight)
@@ -302,10 +365,11 @@ class UNet(_Net):
         instead (e.g. DMD2's GAN head on the fake critic, docs/methods.md §5)."""
         x, emb = self._prepare(x, t, s, class_labels, w, cond)
         h = self.inp(x)
-        skips = [h]
-        for block in self.down:
+        skips = [h] if self.keep_input else []
+        for i, block in enumerate(self.down):
             h = block(h, emb)
-            skips.append(h)
+            if i in self.skip_after:
+                skips.append(h)
         for block in self.mid:
             h = block(h, emb)
         if return_features:

@@ -87,4 +87,10 @@ def network_problems(net: NetworkConfig, data: DataConfig, at: str) -> list[Prob
     if side is not None and side % factor:
         return [(f"{at}.channel_mult", f"{len(net.channel_mult)} levels halve the image {len(net.channel_mult) - 1} "
                  f"times, which needs a side divisible by {factor}, not {side}")]
+    if side is not None and net.attn_resolutions:
+        sides = [side // 2**i for i in range(len(net.channel_mult))]
+        missing = sorted(set(net.attn_resolutions) - set(sides))
+        if missing:
+            return [(f"{at}.attn_resolutions", f"{missing} are not feature-map sides of this network "
+                     f"at {side} pixels (sides {sides})")]
     return []

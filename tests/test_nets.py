@@ -1,20 +1,28 @@
-"""Tests for fastgen_core.nets: shapes, conditioning paths, fp32 embedding, classifier."""
+"""Tests for fastgen_core.nets: shapes, conditioning paths, fp32 embedding, classifier; the U-Net's
+layouts (ddpm, lean), self-attention and per-sample independence."""
+import math
+
 import pytest
 import torch
+from pydantic import ValidationError
 from torch import nn
 
 from fastgen_core.config import NetworkConfig
-from fastgen_core.nets import Classifier, ConditionEmbedding, build_network, count_params
+from fastgen_core.nets import Attention, Classifier, ConditionEmbedding, ResBlock, build_network, count_params
 
 MLP = dict(arch="mlp", width=32, depth=2, emb_dim=16)
 UNET = dict(arch="unet", width=8, depth=1, channel_mult=[1, 2], emb_dim=16)
+
+LEAN = {**UNET, "layout": "lean"}
 
 CASES = [  # (config kwargs, sample shape)
     (MLP, (2,)),
     (UNET, (1, 8, 8)),
     ({**UNET, "channel_mult": [1, 2, 2]}, (3, 16, 16)),
+    (LEAN, (1, 8, 8)),
+    ({**LEAN, "channel_mult": [1, 2, 2], "attn_resolutions": [8, 4]}, (3, 16, 16)),
 ]
-IDS = ["mlp-2", "unet-1x8x8", "unet-3x16x16"]
+IDS = ["mlp-2", "unet-1x8x8", "unet-3x16x16", "lean-1x8x8", "lean-attn-3x16x16"]
 
 
 def make(kw, shape, num_classes=0, **extra):
@@ -184,3 +192,121 @@ def test_classifier_shapes_and_overfit(shape):
                 p -= 0.3 * g
     assert (clf(x).argmax(1) == y).all()
     assert loss.item() < 0.1
+
+
+# ----------------------------------------------------------------------------- U-Net layouts, attention
+
+def perturbed(net):
+    """Every zero-initialised projection (attention outputs) set to random values, so each block acts."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, Attention):
+                m.proj.weight.normal_(0, 0.3)
+    return net
+
+
+@pytest.mark.parametrize("layout", ["ddpm", "lean"])
+def test_features_are_the_bottleneck_and_see_the_conditioning(layout):
+    kw = {**UNET, "layout": layout, "channel_mult": [1, 2, 3]}
+    net = make(kw, (3, 16, 16), num_classes=3, second_time=True, scalar_cond=True, cond_channels=1)
+    x, t = batch((3, 16, 16))
+    cond = dict(s=t / 2, class_labels=torch.tensor([0, 1, 2, 0]), w=torch.ones(4), cond=torch.randn(4, 1, 16, 16))
+    h = net(x, t, return_features=True, **cond)
+    assert h.shape == (4, 8 * 3, 4, 4)  # width * channel_mult[-1] channels at the lowest resolution
+    for change in (dict(s=t), dict(class_labels=torch.tensor([1, 2, 0, 1])), dict(w=torch.zeros(4)),
+                   dict(cond=torch.zeros(4, 1, 16, 16))):
+        assert not torch.allclose(h, net(x, t, return_features=True, **{**cond, **change})), change
+
+
+def test_lean_layout_costs_about_half_the_flops():
+    """The point of the lean layout (docs/design.md): far fewer convolution multiply-adds (the time on
+    CPU) for the same width, counted from the shapes the convolutions see."""
+    def macs(layout):
+        net = build_network(NetworkConfig(**{**UNET, "width": 32, "layout": layout}), (3, 16, 16), 10)
+        total = []
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                m.register_forward_hook(lambda mod, inp, out: total.append(
+                    out.numel() * mod.in_channels * mod.kernel_size[0] * mod.kernel_size[1]))
+        net(torch.randn(2, 3, 16, 16), torch.zeros(2), class_labels=torch.tensor([0, 1]))
+        return sum(total)
+    assert macs("lean") < 0.6 * macs("ddpm")
+
+
+@pytest.mark.parametrize("layout", ["ddpm", "lean"])
+def test_attention_sits_at_the_requested_resolutions(layout):
+    cfg = NetworkConfig(**{**UNET, "layout": layout, "depth": 2, "channel_mult": [1, 2, 2]}, attn_resolutions=[16, 4])
+    net = perturbed(build_network(cfg, (3, 16, 16)))
+    seen, blocks = [], []
+    for m in net.modules():
+        if isinstance(m, Attention):
+            m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[-1]))
+        if isinstance(m, ResBlock):
+            m.register_forward_hook(lambda mod, inp, out: blocks.append(out.shape[-1]))
+    x, t = batch((3, 16, 16))
+    net(x, t)
+    assert sorted(set(seen)) == [4, 16]
+    assert seen.count(16) == blocks.count(16) and seen.count(4) == blocks.count(4)  # one after every res block there
+    assert blocks.count(8) > 0  # ... and none at 8
+    plain = NetworkConfig(**{**UNET, "layout": layout, "depth": 2, "channel_mult": [1, 2, 2]})
+    no_attn = build_network(plain, (3, 16, 16))
+    assert not any(isinstance(m, Attention) for m in no_attn.modules())
+
+
+def test_attention_matches_a_direct_transcription():
+    """softmax(q k^T / sqrt(d)) v per head over the H*W positions, written out with einsum."""
+    torch.manual_seed(0)
+    att = Attention(128)  # two heads of 64 channels
+    nn.init.normal_(att.proj.weight, 0, 0.1)
+    x = torch.randn(2, 128, 4, 4)
+    q, k, v = att.qkv(att.norm(x)).flatten(2).chunk(3, dim=1)          # (n, c, hw) each
+    heads = lambda a: a.reshape(2, 2, 64, 16)  # noqa: E731
+    q, k, v = heads(q), heads(k), heads(v)
+    weights = torch.softmax(torch.einsum("nhci,nhcj->nhij", q, k) / math.sqrt(64), dim=-1)
+    a = torch.einsum("nhij,nhcj->nhci", weights, v).reshape(2, 128, 4, 4)
+    assert torch.allclose(att(x), x + att.proj(a), atol=1e-5)
+    assert torch.equal(Attention(32)(x[:, :32]), x[:, :32])  # zero-initialised projection: identity
+
+
+@pytest.mark.parametrize("layout", ["ddpm", "lean"])
+def test_samples_do_not_see_each_other(layout):
+    """GroupNorm and attention act within a sample: output i and its gradient ignore sample j."""
+    net = perturbed(make({**UNET, "layout": layout, "channel_mult": [1, 2]}, (3, 8, 8), num_classes=3,
+                         attn_resolutions=[8, 4]))
+    x, t = batch((3, 8, 8))
+    labels = torch.tensor([0, 1, 2, 0])
+    y = net(x, t, class_labels=labels)
+    x2, t2 = x.clone(), t.clone()
+    x2[1:] = torch.randn(3, 3, 8, 8)
+    t2[1:] = -t2[1:]
+    y2 = net(x2, t2, class_labels=torch.tensor([0, 2, 0, 1]))
+    assert torch.allclose(y[0], y2[0], atol=1e-5) and not torch.allclose(y[1:], y2[1:])
+    jac = torch.autograd.functional.jacobian(lambda a: net(a, t, class_labels=labels)[0].sum(), x)
+    assert jac[0].abs().sum() > 0 and torch.all(jac[1:] == 0)
+
+
+def test_bad_attention_resolutions():
+    # recipe-level checks (no data needed): FieldError on attn_resolutions
+    def blamed(**kw):
+        with pytest.raises(ValidationError) as e:
+            NetworkConfig(**kw)
+        return e.value.errors()[0]["ctx"]["error"].field
+    for bad in ([16, 16], [16, 4], [12, 8], [0]):
+        assert blamed(**{**UNET, "channel_mult": [1, 2]}, attn_resolutions=bad) == "attn_resolutions"
+    assert blamed(**MLP, attn_resolutions=[8]) == "attn_resolutions"
+    NetworkConfig(**{**UNET, "channel_mult": [1, 2, 2]}, attn_resolutions=[16, 4])  # a span of 3 levels: fine
+    # a side the network does not have at this image size
+    with pytest.raises(ValueError, match=r"attn_resolutions \[16\]"):
+        build_network(NetworkConfig(**UNET, attn_resolutions=[16]), (1, 8, 8))
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 16, 16), (3, 32, 32)])
+def test_shrunk_paper_network_builds(shape):
+    """tests/test_recipes.py shrinks networks (width <= 16, emb_dim <= 32, depth 1, two levels) and
+    drops attention sides that vanish: what is left must build and train."""
+    side = shape[-1]
+    net = build_network(NetworkConfig(arch="unet", width=16, emb_dim=32, depth=1, channel_mult=[2, 2],
+                                      attn_resolutions=[side // 2], dropout=0.13), shape, 10)
+    x, t = batch(shape, n=2)
+    net(x, t, class_labels=torch.tensor([0, 1])).square().mean().backward()
+    assert all(p.grad is not None for p in net.parameters())
