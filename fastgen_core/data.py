@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -427,8 +428,107 @@ def _open_image(path: Path):
         return img
 
 
-# Files torchvision's CIFAR10 / MNIST need under root (checked first: torchvision is slow to import).
+# Files each dataset needs under root (checked before reading anything): (reader, folder).
 IMAGE_SOURCES = {"cifar10": ("CIFAR10", "cifar-10-batches-py"), "mnist": ("MNIST", "MNIST/raw")}
+
+#----------------------------------------------------------------------------
+# CIFAR-10 in its python format (cs.toronto.edu/~kriz/cifar.html), read without plain pickle.
+# Each batch file is a protocol-2 pickle of a dict: data = uint8 array (N, 3072), each row the R, G
+# and B planes of a 32x32 image in row-major order; labels = list of N ints in 0..9; batch_label and
+# filenames (unused). batches.meta holds label_names. torchvision unpickles these with plain pickle,
+# which runs whatever a crafted file asks for; this reader builds only what the real files contain.
+
+CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR10_TEST = ("test_batch",)
+
+
+def _latin1_bytes(text, encoding="latin1", errors="strict"):
+    """`_codecs.encode` as pickles written by Python 3 at protocol 2 use it for bytes, and nothing else."""
+    if not isinstance(text, str) or encoding.replace("-", "").replace("_", "").lower() not in ("latin1", "iso88591"):
+        raise pickle.UnpicklingError(f"_codecs.encode is allowed only to turn text into latin-1 bytes, got "
+                                     f"({type(text).__name__}, {encoding!r})")
+    return text.encode("latin1", errors)
+
+
+def _plain_dtype(spec, align=False, copy=True):
+    """`numpy.dtype` for fixed-size types only (an object dtype would let the pickle fill an array with objects)."""
+    dt = np.dtype(spec, align, copy)
+    if dt.hasobject:
+        raise pickle.UnpicklingError(f"object arrays are not allowed (dtype {dt})")
+    return dt
+
+
+def _np_reconstruct(subtype, shape, dtype):
+    """numpy's array-unpickling hook, for plain ndarrays only."""
+    if subtype is not np.ndarray:
+        raise pickle.UnpicklingError(f"only numpy.ndarray may be rebuilt, not {subtype!r}")
+    try:
+        from numpy._core.multiarray import _reconstruct
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct(np.ndarray, shape, dtype)
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles dicts of numbers, text, lists and plain numpy arrays; every other global is refused."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"): _np_reconstruct,   # files written by numpy 1.x (the real ones)
+               ("numpy._core.multiarray", "_reconstruct"): _np_reconstruct,  # numpy 2.x
+               ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): _plain_dtype,
+               ("_codecs", "encode"): _latin1_bytes}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing global {module}.{name}: a CIFAR-10 file holds only numpy "
+                                         "arrays, numbers, text and lists")
+        return self.ALLOWED[(module, name)]
+
+
+def read_batch(path: Path) -> dict[str, object]:
+    """One CIFAR batch or meta file as a dict with str keys (latin-1 text, as torchvision reads it).
+    A file that is not such a pickle, or asks to build anything else, raises ValueError naming it."""
+    try:
+        with open(path, "rb") as f:
+            obj = _BatchUnpickler(f, encoding="latin1").load()
+    except OSError:
+        raise
+    except Exception as e:  # truncated, corrupt, or refused
+        raise ValueError(f"{path}: not a CIFAR-10 python-format file: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: not a CIFAR-10 python-format file: holds a {type(obj).__name__}, not a dict")
+    return {k.decode("latin1") if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def read_cifar10(folder: Path, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The train (5 batches) or test split under `folder` (= root/cifar-10-batches-py) as uint8
+    images (N, 3, 32, 32), int64 labels (N,) and the class names, checked for shape and range."""
+    meta = read_batch(folder / "batches.meta")
+    names = [n.decode("latin1") if isinstance(n, bytes) else n for n in meta.get("label_names", [])]
+    if not names or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{folder / 'batches.meta'}: no label_names list")
+    xs, ys = [], []
+    for name in CIFAR10_TRAIN if train else CIFAR10_TEST:
+        entry = read_batch(folder / name)
+        data, labels = entry.get("data"), entry.get("labels")
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+            what = f"{data.dtype} array {data.shape}" if isinstance(data, np.ndarray) else type(data).__name__
+            raise ValueError(f"{folder / name}: data must be a uint8 array (N, 3072), got {what}")
+        y = np.asarray(labels if isinstance(labels, list) else [], dtype=np.int64)
+        if len(y) != len(data) or (len(y) and not (0 <= y.min() and y.max() < len(names))):
+            raise ValueError(f"{folder / name}: labels must be a list of {len(data)} ints in 0..{len(names) - 1}")
+        xs.append(data)
+        ys.append(y)
+    return np.concatenate(xs).reshape(-1, 3, 32, 32), np.concatenate(ys), names
+
+
+def _uint8_to_float(x: np.ndarray, labels: np.ndarray, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 RGB (N, 3, H, W) -> the same float32 tensors `_to_float` makes of the PIL images
+    (directly when no conversion is asked for; through PIL to grey or resize)."""
+    if cfg.channels in (None, 3) and cfg.resolution in (None, x.shape[-1]) and x.shape[-1] == x.shape[-2]:
+        return torch.from_numpy(x).float().div(127.5).sub(1), torch.from_numpy(labels)
+    from PIL import Image
+
+    return _to_float((Image.fromarray(a) for a in x.transpose(0, 2, 3, 1)), labels, cfg)
 
 
 def _load_images(cfg: DataConfig) -> Dataset:
@@ -446,11 +546,14 @@ def _load_images(cfg: DataConfig) -> Dataset:
     cls_name, needed = IMAGE_SOURCES[cfg.name]
     if not (root / needed).exists():
         raise FileNotFoundError(f"{cfg.name} files not found: expected {needed} under {cfg.root}")
-    import torchvision
+    if cfg.name == "cifar10":
+        splits = [_uint8_to_float(*read_cifar10(root / needed, train)[:2], cfg) for train in (True, False)]
+    else:  # MNIST's raw files are plain byte arrays (no pickle): torchvision reads them
+        import torchvision
 
-    splits = []
-    for train in (True, False):
-        ds = getattr(torchvision.datasets, cls_name)(str(root), train=train, download=False)
-        splits.append(_to_float((img for img, _ in ds), ds.targets, cfg))
+        splits = []
+        for train in (True, False):
+            ds = getattr(torchvision.datasets, cls_name)(str(root), train=train, download=False)
+            splits.append(_to_float((img for img, _ in ds), ds.targets, cfg))
     (x, y), (x_test, y_test) = splits
     return Dataset(x, y, x_test, y_test, 10 if cfg.conditional else 0, None)

@@ -3,8 +3,14 @@ Prefect flow (Prefect's test harness) and `dvc repro` (a real git + DVC reposito
 and the two give bit-identical artifacts stage by stage.
 
 Shrinking keeps each recipe's stage graph, methods and method settings and cuts only sizes:
-training steps and batch sizes, pair counts, evaluation samples, seeds and NFEs. Adding a recipe to
-params/ adds it to this test with no code change.
+training steps and batch sizes, pair counts, evaluation samples, seeds and NFEs, and the U-Nets
+(width, embedding, blocks, levels). Image recipes read a small dataset the test writes in the real
+on-disk format (CIFAR-10's python batches, or an image folder of PNG files) at 16-32 pixels.
+Adding a recipe to params/ adds it to this test with no code change.
+
+Paper-scale recipes (params/cifar10_*.yaml, params/imagenet64_*.yaml: GPU-sized, `compute: ray`)
+run shrunk through the Prefect flow only (the same stage code `dvc repro` runs; the flow/dvc
+identity is checked on the small recipes) and validate at full size.
 """
 from __future__ import annotations
 
@@ -20,6 +26,7 @@ import pytest
 import yaml
 
 from fastgen_core import artifacts
+from image_data import write_cifar10
 from stages.recipe import load_recipe
 from stages.runtime import stage_dir
 
@@ -29,9 +36,9 @@ RECIPES = [f for f in sorted((ROOT / "params").glob("*.yaml"))
            if not os.environ.get("FASTGEN_TEST_RECIPES") or f.stem in os.environ["FASTGEN_TEST_RECIPES"].split(",")]
 
 
-def _shrink_train(t: dict) -> None:
-    t["steps"] = min(t.get("steps", 2000), 8)
-    t["batch_size"] = min(t.get("batch_size", 256), 64)
+def _shrink_train(t: dict, batch: int = 64, steps: int = 8) -> None:
+    t["steps"] = min(t.get("steps", 2000), steps)
+    t["batch_size"] = min(t.get("batch_size", 256), batch)
     t.update(log_every=4, ckpt_every=1000)
     if t.get("lr_warmup"):
         t["lr_warmup"] = 2
@@ -39,36 +46,103 @@ def _shrink_train(t: dict) -> None:
         t["snapshots"] = [min(s, 4) for s in t["snapshots"]]
 
 
-def _shrink_settings(node: dict) -> None:
-    """Training and pair-solving settings anywhere in a stage's settings: a group kind (rounds,
-    students) nests them (e.g. a students group's `tsm.train`)."""
+SMALL_UNET = {"width": 16, "emb_dim": 32, "depth": 1, "levels": 2}
+
+
+def _shrink_network(n: dict, sides: tuple[int, int] | None) -> None:
+    """A U-Net at most 16 channels wide, 32-wide embedding, one block per level and its first two
+    levels; dropout kept. Attention stays at the levels that remain: with `sides` = (the recipe's
+    image side, the shrunk one), side r at level log2(side0 / r) becomes that level's side at the
+    shrunk resolution; levels cut away lose theirs. MLPs and classifiers are left as they are
+    (already small)."""
+    if n.get("arch") != "unet":
+        return
+    n["width"] = min(n.get("width", 256), SMALL_UNET["width"])
+    n["emb_dim"] = min(n.get("emb_dim", 128), SMALL_UNET["emb_dim"])
+    n["depth"] = SMALL_UNET["depth"]
+    n["channel_mult"] = n.get("channel_mult", [1, 2])[: SMALL_UNET["levels"]]
+    attn = n.pop("attn_resolutions", None)
+    if attn and sides and sides[0] and sides[1]:
+        levels = {(sides[0] // r).bit_length() - 1 for r in attn}
+        kept = sorted((sides[1] >> lv for lv in levels if lv < len(n["channel_mult"])), reverse=True)
+        if kept:
+            n["attn_resolutions"] = kept
+
+
+def _shrink_settings(node: dict, sides: tuple[int, int] | None = None) -> None:
+    """Training and pair-solving settings and networks anywhere in a stage's settings: a group kind
+    (rounds, students) nests them (e.g. a students group's `tsm.train`)."""
     for key, v in node.items():
         if not isinstance(v, dict):
             continue
-        if key == "train":
-            _shrink_train(v)
+        if key == "train":  # 32-pixel images: 4 steps at batch 8 (CPU time of the shrunk paper-scale recipes)
+            _shrink_train(v, *((8, 4) if sides and (sides[1] or 0) >= 32 else (64, 8)))
         elif key == "pairs":
             v.update(n_pairs=64, steps=min(v.get("steps", 18), 4))
+        elif key == "network":  # a copy: YAML anchors (`network: *net`) share one dict between stages
+            node[key] = dict(v)
+            _shrink_network(node[key], sides)
         else:
-            _shrink_settings(v)
+            _shrink_settings(v, sides)
+
+
+# Test-written image datasets (one per test process): CIFAR-10's on-disk format, and an image folder
+TEST_DATA: dict[str, Path] = {}
+
+
+def written_dataset(name: str, base: Path) -> Path:
+    """The root of a small dataset in `name`'s on-disk format, written under `base` once."""
+    if name not in TEST_DATA:
+        if name == "cifar10":
+            TEST_DATA[name] = write_cifar10(base / "cifar10", n_train=200, n_test=50)
+        elif name == "folder":
+            from fastgen_core.shapes import write_shapes_folder
+
+            TEST_DATA[name] = write_shapes_folder(base / "shapes", n_per_class=24)
+        else:
+            raise ValueError(f"no test dataset for image data {name!r}")
+    return TEST_DATA[name]
+
+
+def with_test_data(raw: dict, base: Path) -> dict:
+    """`raw` reading a test-written dataset in its image format (other data unchanged)."""
+    data = raw.get("data", {})
+    if data.get("kind") == "images":
+        data["root"] = str(written_dataset(data.get("name", "folder"), base))
+    return raw
+
+
+def _shrink_data(data: dict) -> tuple[int, int] | None:
+    """Cut toy sample counts, and resized image data (e.g. 64-pixel recipes) to 16 pixels a side;
+    returns (image side as written, shrunk side) for image data (None otherwise)."""
+    kind = data.get("kind", "toy")
+    if kind == "toy":
+        data["n_train"], data["n_test"] = min(data.get("n_train", 20000), 1000), min(data.get("n_test", 5000), 300)
+        return None
+    if kind == "digits":
+        return 8, 8
+    side = data.get("resolution") or {"cifar10": 32, "folder": 16, "mnist": 28}.get(data.get("name"))
+    if data.get("resolution"):
+        data["resolution"] = min(data["resolution"], 16)
+    return side, data.get("resolution") or side
 
 
 def shrink(raw: dict) -> dict:
     """The same recipe at a size that runs in seconds (see module docstring)."""
     r = copy.deepcopy(raw)
-    data = r.setdefault("data", {})
-    if data.get("kind", "toy") == "toy":
-        data["n_train"], data["n_test"] = min(data.get("n_train", 20000), 1000), min(data.get("n_test", 5000), 300)
+    sides = _shrink_data(r.setdefault("data", {}))
     for spec in r["stages"].values():
         if spec.get("kind") in ("teacher", "distill", "feature_net", "weak_snapshot"):
             spec.setdefault("train", {})  # only training kinds take `train`
-        _shrink_settings(spec)
+        _shrink_settings(spec, sides)
         if spec.get("kind") == "evaluate":
             ev = spec.setdefault("evaluate", {})
             ev.update(n_samples=64, seeds=[0], nfe=[1, 2], teacher_nfe=[1, 3], plots=False)
         m = spec.get("method") or {}
         if "K" in m:
             m["K"] = 8
+        if m.get("name") == "ctm":  # at most 3 teacher steps per iteration (CIFAR's default is 17)
+            m["max_teacher_steps"] = min(m.get("max_teacher_steps") or m.get("N", 18) - 1, 3)
         if "step" in (spec.get("guide") or {}):  # weak_snapshot: the teacher's (shrunk) snapshot step
             spec["guide"]["step"] = 4
         if "edit" in spec:
@@ -77,9 +151,9 @@ def shrink(raw: dict) -> dict:
     return r
 
 
-def write_shrunk(folder: Path, storage_root: str, tracking: dict, recipe: Path) -> Path:
+def write_shrunk(folder: Path, storage_root: str, tracking: dict, recipe: Path, data_base: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    raw = shrink(yaml.safe_load(recipe.read_text()))
+    raw = shrink(with_test_data(yaml.safe_load(recipe.read_text()), data_base))
     raw["storage"] = {"root": storage_root}
     raw["tracking"] = tracking
     p = folder / recipe.name
@@ -93,6 +167,11 @@ def write_shrunk(folder: Path, storage_root: str, tracking: dict, recipe: Path) 
 _FLOW: dict[str, tuple] = {}
 _DVC: dict[str, tuple] = {}
 PER_RECIPE = [pytest.param(f, id=f.stem, marks=pytest.mark.xdist_group(f"recipe-{f.stem}")) for f in RECIPES]
+PAPER_SCALE = ("cifar10_", "imagenet64_")  # GPU-sized recipes: shrunk through the flow only
+
+
+def paper_scale(recipe: Path) -> bool:
+    return recipe.stem.startswith(PAPER_SCALE)
 
 
 def flow_run(recipe: Path, tmp_path_factory, mlflow_template) -> tuple:
@@ -102,7 +181,8 @@ def flow_run(recipe: Path, tmp_path_factory, mlflow_template) -> tuple:
 
         root = tmp_path_factory.mktemp(f"flow-{recipe.stem}")
         shutil.copy(mlflow_template, root / "mlflow.db")
-        p = write_shrunk(root / "params", str(root / "outputs"), {"uri": f"sqlite:///{root / 'mlflow.db'}"}, recipe)
+        p = write_shrunk(root / "params", str(root / "outputs"), {"uri": f"sqlite:///{root / 'mlflow.db'}"}, recipe,
+                         tmp_path_factory.getbasetemp() / "data")
         saved = os.environ.pop("FASTGEN_INVOCATION", None)
         try:
             _FLOW[recipe.stem] = (root, p, pipeline(load_recipe(p), recipe_path=str(p)))
@@ -119,7 +199,7 @@ def dvc_repo(recipe: Path, tmp_path_factory) -> tuple:
         d = tmp_path_factory.mktemp(f"dvc-{recipe.stem}")
         for sub in ("fastgen_core", "stages", "flows"):
             shutil.copytree(ROOT / sub, d / sub, ignore=shutil.ignore_patterns("__pycache__"))
-        p = write_shrunk(d / "params", "outputs", {"enabled": False}, recipe)
+        p = write_shrunk(d / "params", "outputs", {"enabled": False}, recipe, tmp_path_factory.getbasetemp() / "data")
         (d / ".gitignore").write_text("__pycache__/\n")
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(d),
                "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
@@ -140,9 +220,17 @@ def dvc_repo(recipe: Path, tmp_path_factory) -> tuple:
     return _DVC[recipe.stem]
 
 
-def test_every_recipe_validates_and_is_in_dvc_yaml():
+def test_every_recipe_validates_and_is_in_dvc_yaml(tmp_path_factory):
+    """At full size; a recipe on a local image dataset reads the test-written one (a fresh clone has
+    no data/), a remote one (the paper-scale recipes' s3:// placeholders) is validated as written."""
     dvc = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
     for f in RECIPES:
+        raw = yaml.safe_load(f.read_text())
+        if raw.get("data", {}).get("kind") == "images" and "://" not in raw["data"].get("root", ""):
+            p = tmp_path_factory.mktemp("full") / f.name
+            raw = with_test_data(raw, tmp_path_factory.getbasetemp() / "data")
+            p.write_text(yaml.safe_dump(raw, sort_keys=False))
+            f = p
         r = load_recipe(f)
         assert all(f"{r.name}-{s}" in dvc for s in r.stages), f.name
 
@@ -165,7 +253,7 @@ def test_recipe_runs_through_the_flow(recipe, prefect_harness, tmp_path_factory,
     assert all(x.info.status == "FINISHED" for x in runs)
 
 
-@pytest.mark.parametrize("recipe", PER_RECIPE)
+@pytest.mark.parametrize("recipe", [p for p in PER_RECIPE if not paper_scale(p.values[0])])
 def test_recipe_runs_through_dvc_repro_identically(recipe, prefect_harness, tmp_path_factory, mlflow_template):
     d, p, sh, first = dvc_repo(recipe, tmp_path_factory)
     _, _, results = flow_run(recipe, tmp_path_factory, mlflow_template)
@@ -203,3 +291,45 @@ def test_dvc_repro_after_touching_a_helper_reruns_exactly_its_users(recipe, tmp_
     finally:
         helper.write_text(original)
     assert ran == expected
+
+
+# The papers' teacher sizes (EDM, Karras et al. 2022, Table 7): DDPM++ on CIFAR-10, ADM on ImageNet-64
+PAPER_TEACHER_PARAMS = {"cifar10_consistency": 55.7e6, "cifar10_dmd2": 55.7e6, "cifar10_caf": 55.7e6, "imagenet64_dmd2": 295.9e6}
+
+
+@pytest.mark.parametrize("recipe", [p for p in PER_RECIPE if paper_scale(p.values[0])])
+def test_paper_scale_recipe_at_full_size(recipe, tmp_path):
+    """As written (s3:// placeholder root, Ray with GPUs): validates, and its teacher U-Net has the
+    paper's parameter count within 10%."""
+    import torch
+
+    from fastgen_core.nets import build_network
+
+    r = load_recipe(recipe)
+    assert r.compute.backend == "ray" and r.compute.use_gpu and r.data.root.startswith("s3://")
+    teacher = next(s for s in r.stages.values() if getattr(s, "kind", None) == "teacher")
+    side = r.data.resolution or 32
+    with torch.device("meta"):
+        net = build_network(teacher.network, (3, side, side), (10 if r.data.name == "cifar10" else 1000) * r.data.conditional)
+    n = sum(p.numel() for p in net.parameters())
+    assert abs(n / PAPER_TEACHER_PARAMS[recipe.stem] - 1) < 0.1, n
+    # shrunk: every U-Net tiny, dropout kept, attention at the level it had if that level remains
+    raw = yaml.safe_load(recipe.read_text())
+    small = shrink(raw)
+    nets = []
+
+    def collect(node, orig):
+        for k, v in node.items():
+            if isinstance(v, dict):
+                (nets.append((v, orig[k])) if k == "network" else collect(v, orig[k]))
+    for name, spec in small["stages"].items():
+        collect(spec, raw["stages"][name])
+    assert nets and r.compute.num_workers > 1 and small["compute"] == {"backend": "local", "threads": 1}
+    for n, orig in nets:
+        assert n["width"] <= 16 and n["emb_dim"] <= 32 and n["depth"] == 1 and len(n["channel_mult"]) <= 2
+        assert n.get("dropout") == orig.get("dropout")
+    want = {"cifar10_consistency": [16], "cifar10_dmd2": [16], "cifar10_caf": [16], "imagenet64_dmd2": [8]}[recipe.stem]  # level 1 at 32 px / 16 px
+    assert all(n.get("attn_resolutions") == want for n, o in nets if o.get("attn_resolutions"))
+    p = tmp_path / recipe.name
+    p.write_text(yaml.safe_dump(with_test_data(small, tmp_path / "data"), sort_keys=False))
+    load_recipe(p)
