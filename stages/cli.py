@@ -17,6 +17,9 @@
     fastgen verify ARTIFACT|RECIPE      recompute digests; exit 1 on any mismatch
     fastgen edit --model DIR --task inpaint|superres|colorize (--images F.npz | --from-test N) --out OUT.npz
                                         zero-shot editing with a consistency-type model (see --help)
+    fastgen shapes ROOT [--n-per-class N] [--size S] [--seed K]
+                                        write the synthetic image folder of params/shapes_cd.yaml
+                                        (16x16 coloured shapes, 4 classes, PNG; fastgen_core/shapes.py)
 """
 from __future__ import annotations
 
@@ -84,6 +87,28 @@ def run(argv: list[str]) -> int:
     return 0
 
 
+def shapes(argv: list[str]) -> int:
+    """`fastgen shapes`: write the synthetic shapes image folder (fastgen_core/shapes.py)."""
+    import argparse
+
+    from fastgen_core.shapes import write_shapes_folder
+
+    ap = argparse.ArgumentParser(prog="fastgen shapes", description=shapes.__doc__)
+    ap.add_argument("root", help="folder to create, e.g. data/shapes16 (written atomically; an existing one "
+                    "must hold the same settings' output)")
+    ap.add_argument("--n-per-class", type=int, default=200, help="images per class (4 classes; default 200)")
+    ap.add_argument("--size", type=int, default=16, help="image side in pixels (default 16)")
+    ap.add_argument("--seed", type=int, default=0, help="seed (the folder is a pure function of the settings)")
+    a = ap.parse_args(argv)
+    try:
+        root = write_shapes_folder(a.root, n_per_class=a.n_per_class, size=a.size, seed=a.seed)
+    except (FileExistsError, ValueError) as e:
+        print(f"fastgen shapes: {e}", file=sys.stderr)
+        return 2
+    print(f"{root}: {4 * a.n_per_class} images ({a.size}x{a.size} RGB, 4 classes)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
@@ -137,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         from .edit import cli as edit_cli
 
         return edit_cli(rest)
+    if cmd == "shapes":
+        return shapes(rest)
     print(f"fastgen: unknown command {cmd!r}\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -344,7 +344,9 @@ def _data_problems(d: DataConfig) -> list[Problem]:
         return [] if scheme in STORAGE_SCHEMES else [
             ("data.root", f"unsupported data URI scheme {scheme!r}: a local folder, or s3://bucket/prefix")]
     if not folder.is_dir():
-        return [("data.root", f"data path does not exist: {d.root}" if not folder.exists()
+        hint = (f" (an image folder root/<class>/*.png; `fastgen shapes {d.root}` writes the synthetic shapes "
+                "folder of params/shapes_cd.yaml there)") if d.name == "folder" else ""
+        return [("data.root", f"data path does not exist: {d.root}{hint}" if not folder.exists()
                  else f"not a folder: {d.root}")]
     try:
         entries = list(os.scandir(folder))
