@@ -4,7 +4,8 @@ Each recipe stage becomes the DVC stage `<recipe>-<stage>` running
 `python -m stages.run params/<recipe>.yaml <stage>`, with
 - deps: the code it runs — every project file its stage module and the runtime reach through
   imports (`stages/deps.py`), plus the method modules of its own method and of the models it
-  consumes, with what they import — and the output folders of its upstream stages;
+  consumes, with what they import — an image-folder data root inside the project (data/shapes16),
+  and the output folders of its upstream stages;
 - params: only the recipe keys that determine its outputs (`seed`, `data`, `noise`,
   `stages.<stage>`), so changing one student's setting reruns that student and what consumes it;
 - outs: its output folder (evaluate: its files; its DVC metrics are the flat summary
@@ -59,6 +60,15 @@ def summary_file(recipe, name: str) -> str:
     return f"metrics/{recipe.name}-{name}.json"
 
 
+def data_deps(recipe) -> list[str]:
+    """An image folder inside the project (e.g. data/shapes16): a changed image reruns the stages.
+    Remote or outside roots are not DVC's to watch (each manifest records the data's digest)."""
+    root = recipe.data.root
+    if root is None or "://" in root or Path(root).is_absolute() or root.startswith(".."):
+        return []
+    return [root.rstrip("/")]
+
+
 def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
     spec = recipe.stages[name]
     root = recipe.storage.root.rstrip("/")
@@ -66,7 +76,7 @@ def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
     code = code_deps(recipe, name)
     entry = {
         "cmd": f"python -m stages.run {rel_path} {name}",
-        "deps": code + [f"{root}/{recipe.name}/{up}" for up in recipe.upstream(name)],
+        "deps": code + data_deps(recipe) + [f"{root}/{recipe.name}/{up}" for up in recipe.upstream(name)],
         # DVC requires listed keys to exist: defaults left out of the YAML are covered by the code deps
         "params": [{rel_path: [k for k in ("seed", "data", "noise") if k in present] + [f"stages.{recipe.declared_as(name)}"]}],
     }
