@@ -137,7 +137,7 @@ def shrink(raw: dict) -> dict:
         _shrink_settings(spec, sides)
         if spec.get("kind") == "evaluate":
             ev = spec.setdefault("evaluate", {})
-            ev.update(n_samples=64, seeds=[0], nfe=[1, 2], teacher_nfe=[1, 3], plots=False)
+            ev.update(n_samples=64, seeds=[0], nfe=[1, 2], teacher_nfe=[1, 3], plots=False, inception_fid=False)
         m = spec.get("method") or {}
         if "K" in m:
             m["K"] = 8
