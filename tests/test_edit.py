@@ -113,6 +113,7 @@ def test_color_is_for_digits_only_and_colorize_needs_rgb():
     assert e.value.problems[1] == "r.yaml: stages.superres.inputs.model: an edit stage needs one model stage as input `model`"
     raw = yaml.safe_load((ROOT / "params/digits_edit.yaml").read_text())
     raw["data"] = {"kind": "toy"}
+    raw["stages"]["teacher"]["network"] = {"arch": "mlp"}  # the recipe's conv teacher needs images too
     del raw["stages"]["colorize"], raw["stages"]["superres"]
     with pytest.raises(RecipeError) as e:
         parse_recipe(raw, "r.yaml")

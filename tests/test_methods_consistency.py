@@ -242,7 +242,7 @@ def test_scm_tangent_normalisation_and_prior_weight_closed_forms(data):
                         warmup_steps=0, weight_width=16, tangent_norm=norm, prior_weight=prior)
             torch.manual_seed(0)
             loss, logs = m.loss("net", {"x": data.x[:64]}, 3)
-            out[norm, prior] = (loss.item(), logs["sq"])
+            out[norm, prior] = (loss.item(), float(logs["sq"]))
     dim = data.x[0].numel()
     for prior in (False, True):
         assert out["l2", prior][1] == pytest.approx(1 / dim, rel=1e-4)
