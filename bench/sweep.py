@@ -47,11 +47,12 @@ SHARED = ("teacher", "pairs")
 
 
 def recipe(steps: int) -> dict:
-    raw = tiny(yaml.safe_load((PROJECT / "params/toy_cd.yaml").read_text()))
+    full = yaml.safe_load((PROJECT / "params/toy_cd.yaml").read_text())
+    raw = tiny(full)
     raw["name"] = "sweepbench"
-    for st in raw["stages"].values():
-        if "train" in st:
-            st["train"]["steps"] = min(st["train"]["steps"], steps)
+    for name, st in raw["stages"].items():
+        if "train" in st:  # tiny caps steps at 150: take them from the full recipe, capped at `steps`
+            st["train"]["steps"] = min(full["stages"][name]["train"]["steps"], steps)
     raw["stages"]["eval"]["evaluate"].update(n_samples=500, seeds=[0], nfe=[1, 2], teacher_nfe=[3], plots=False)
     return raw
 
