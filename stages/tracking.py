@@ -363,6 +363,21 @@ def upstream_models(client, run_id: str | None) -> list[str]:
     return [o.model_id for o in (outs.model_outputs if outs else [])]
 
 
+def _log_inputs(c, run_id: str, datasets: list, models) -> None:
+    """`log_inputs`, once more if another stage process registered the same dataset (same
+    experiment, name and digest) between MLflow's lookup and its insert: a SQL store then refuses
+    the second insert on its unique constraint, and the retry finds and links the existing one
+    (two `dvc exp` experiments or sweep trials training the same stage at once)."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(3):
+        try:
+            return c.log_inputs(run_id, datasets=datasets, models=models)
+        except MlflowException as e:
+            if "unique constraint" not in str(e).lower() or attempt == 2:
+                raise
+
+
 def log_lineage(tr: Tracker, recipe, stage: str, manifest: dict, folder: str | Path, storage_uri: str) -> None:
     """Record what a finished stage consumed and produced in its MLflow run.
 
@@ -391,7 +406,7 @@ def log_lineage(tr: Tracker, recipe, stage: str, manifest: dict, folder: str | P
             datasets.append(_input(_dataset(f"{recipe.name}/{name}", inp["digest"],
                                             {"uri": inp["path"], "stage": name, "role": inp["role"]}, inp["role"]),
                                    inp["role"], inp["digest"]))
-    c.log_inputs(tr.run_id, datasets=datasets, models=models or None)
+    _log_inputs(c, tr.run_id, datasets, models or None)
     tr.set_tags(tags)
     pause_point("mlflow")
     with tempfile.TemporaryDirectory() as tmp:
