@@ -143,9 +143,11 @@ def test_s3_root_reads_the_same(cifar, tmp_path, monkeypatch):
             monkeypatch.setenv(k, v)
         s3fs.S3FileSystem.clear_instance_cache()
         fs = s3fs.S3FileSystem()
-        fs.mkdir("bucket")
-        fs.put(str(cifar) + "/", "bucket/cifar10/", recursive=True)
-        remote, local = load_data(cfg("s3://bucket/cifar10", conditional=True)), load_data(cfg(cifar, conditional=True))
+        # moto's in-process servers share one store per process: a bucket name no other test uses
+        # (tests/test_data.py makes "bucket" on its own server in the same worker process)
+        fs.mkdir("cifar-bucket")
+        fs.put(str(cifar) + "/", "cifar-bucket/cifar10/", recursive=True)
+        remote, local = load_data(cfg("s3://cifar-bucket/cifar10", conditional=True)), load_data(cfg(cifar, conditional=True))
         assert torch.equal(remote.x, local.x) and torch.equal(remote.y_test, local.y_test)
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
