@@ -40,7 +40,7 @@ sys.path.insert(0, str(PROJECT))
 sys.path.insert(0, str(PROJECT / "tests"))
 
 from bench.pipeline import tiny  # noqa: E402
-from servers import BIN, free_port, start, stop, wait_http  # noqa: E402
+from servers import BIN, free_port, prefect_env, start, stop, wait_http  # noqa: E402
 
 GRID = {"stages.cd.method.N": [6, 10], "stages.cd.train.lr": ["1e-3", "5e-4"]}
 SHARED = ("teacher", "pairs")
@@ -84,11 +84,7 @@ def main() -> int:
     (d / "params/sweepbench.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     port = free_port()
     base = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(d), "OMP_NUM_THREADS": "1",
-           "PREFECT_HOME": str(d / ".prefect"), "PREFECT_API_URL": base, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_UI_ENABLED": "false"}
-    for k in ("FASTGEN_INVOCATION", "MLFLOW_TRACKING_URI", "PREFECT_PROFILE"):
-        env.pop(k, None)
+    env = prefect_env(d, base)
 
     def sh(*cmd):
         r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)

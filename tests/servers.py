@@ -49,6 +49,18 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> No
     raise RuntimeError(f"{url} not up after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
 
 
+def prefect_env(project: Path, api: str) -> dict:
+    """The environment of a throwaway project copy's Prefect server, deploys and workers: its own
+    PREFECT_HOME, the API at `api`, the copy's code first on the path, analytics and UI off."""
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project), "OMP_NUM_THREADS": "1",
+           "PREFECT_HOME": str(project / ".prefect"), "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
+           "PREFECT_UI_ENABLED": "false"}
+    for k in ("FASTGEN_INVOCATION", "MLFLOW_TRACKING_URI", "PREFECT_PROFILE"):
+        env.pop(k, None)
+    return env
+
+
 def start(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     """A server in its own process group (so that stopping it stops its workers too)."""
     return subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env,

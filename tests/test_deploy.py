@@ -29,7 +29,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from servers import free_port, start, stop, wait_http
+from servers import free_port, prefect_env, start, stop, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -82,11 +82,7 @@ def cluster(tmp_path_factory, mlflow_template):
     shutil.copy(mlflow_template, d / "mlflow.db")
     port = free_port()
     base = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(d), "OMP_NUM_THREADS": "1",
-           "PREFECT_HOME": str(d / ".prefect"), "PREFECT_API_URL": base, "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_UI_ENABLED": "false"}
-    for k in ("FASTGEN_INVOCATION", "MLFLOW_TRACKING_URI", "PREFECT_PROFILE"):
-        env.pop(k, None)
+    env = prefect_env(d, base)
 
     def sh(*cmd, check=True):
         r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
