@@ -91,7 +91,7 @@ SWEEP_RUN_ENV, SWEEP_ENV = "FASTGEN_SWEEP_RUN", "FASTGEN_SWEEP"
 
 
 @flow(name="fastgen", flow_run_name="{recipe}", validate_parameters=True)
-def run_recipe(recipe: RecipeName, overrides: dict[str, Any] | None = None, force: bool = False):
+def run_recipe(recipe: RecipeName, overrides: dict[str, Any] = {}, force: bool = False):  # noqa: B006 (read only; {} opens the UI form as a JSON editor, None as a type toggle)
     """Run recipe `params/<recipe>.yaml` with `overrides` applied (dotted keys as in
     `dvc exp run -S`, e.g. {"stages.cd.method.N": 8}); the overridden recipe is validated before
     any stage runs. `force` reruns stages that are up to date."""

@@ -19,7 +19,18 @@ the grid as a mapping key -> list of values):
 5. keys each submission with an idempotency key `<sweep id>/<trial>[/retryN]`: a rerun of the same
    sweep finds its finished trials (nothing resubmitted), waits for those still running, and
    resubmits only the trials whose run failed, crashed or was cancelled;
-6. keeps going when a trial fails, and reports every trial's final state.
+6. takes a trial run as lost when it has been silent too long, and resubmits it. A flow run whose
+   worker (or machine) died — SIGKILL, OOM, a node gone — stays Pending or Running in Prefect 3:
+   nothing on a self-hosted server marks it Crashed (Prefect's "zombie" detection is an automation
+   one creates on flow-run heartbeat events). So every trial emits Prefect's flow-run heartbeat
+   events every `HEARTBEAT_S`, and a Pending or Running trial run with no event at all (heartbeat,
+   a stage's task-run state, its own state change) for `lost_after_s` is set Crashed by the sweep,
+   with a message saying so, and submitted again under its next key — by the sweep that was
+   waiting on it, or by a rerun of a sweep that was itself killed. A run whose worker died but whose
+   own process lives on (Prefect starts each flow run in its own session) keeps sending heartbeats
+   and is waited for. Clocks: an event's time is the trial machine's, compared with this one's;
+   keep `lost_after_s` well above the skew;
+7. keeps going when a trial fails, and reports every trial's final state.
 """
 from __future__ import annotations
 
@@ -27,17 +38,53 @@ import json
 import os
 import sys
 import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from flows.pipeline import SWEEP_ENV, SWEEP_RUN_ENV, RecipeName  # noqa: F401  (sets Prefect's env defaults)
 from prefect import flow, get_run_logger
-from prefect.states import Failed
+from prefect.states import Crashed, Failed
 
 from stages import reuse, storage, tracking
 from stages.recipe import RecipeError
-from stages.sweep import load_with_overrides, sweep_id, trial_name, trial_overrides, trials, validate_trials
+from stages.sweep import (HEARTBEAT_S, LOST_AFTER_S, load_with_overrides, sweep_id, trial_name, trial_overrides,
+                          trials, validate_trials)
 
 FINAL_BAD = ("FAILED", "CRASHED", "CANCELLED")
+LIVE = ("PENDING", "RUNNING")  # states a run whose process died keeps
+MAX_LOST = 2  # resubmissions of a lost trial run within one sweep invocation
+LISTEN_S = 5  # how often the sweep asks whether a flying trial run is still heard of
+
+
+def last_heard(pc, fr) -> datetime:
+    """When flow run `fr` was last heard of: its newest event (its heartbeats, its task runs'
+    state changes), or the start of its current state if none came since."""
+    from prefect.events.filters import EventAnyResourceFilter, EventFilter, EventOccurredFilter
+
+    since = fr.state.timestamp
+    page = pc.read_events(EventFilter(  # newest first
+        any_resource=EventAnyResourceFilter(id=[f"prefect.flow-run.{fr.id}"]),
+        occurred=EventOccurredFilter(since=since, until=datetime.now(timezone.utc) + timedelta(days=1))), limit=1)
+    return max([since, *(e.occurred for e in page.events)])
+
+
+def lost(pc, fr, lost_after_s: float) -> str | None:
+    """Why a Pending or Running run is taken as lost (silent for more than `lost_after_s`), or None."""
+    st = fr.state.type.value if fr.state else None
+    now = datetime.now(timezone.utc)
+    if st not in LIVE or (now - fr.state.timestamp).total_seconds() <= lost_after_s:
+        return None
+    seen = last_heard(pc, fr)
+    silent = (now - seen).total_seconds()
+    if silent <= lost_after_s:
+        return None
+    return (f"lost: {st} but silent for {silent:.0f} s (no heartbeat or other event since {seen:%Y-%m-%d %H:%M:%S} "
+            f"UTC; limit {lost_after_s:.0f} s): its process, worker or machine is gone; set Crashed by the sweep")
+
+
+def mark_lost(pc, fr, why: str, log) -> None:
+    pc.set_flow_run_state(fr.id, Crashed(message=why), force=True)
+    log.warning(f"trial run {fr.name} ({fr.id}) {why}")
 
 
 def sweep_root(base, sid: str) -> str:
@@ -75,11 +122,16 @@ def _submit(deployment: str, overrides: dict, key: str, env: dict):
 
 
 @flow(name="fastgen-sweep", flow_run_name="{recipe}-sweep")
-def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, Any] | None = None,
-          max_parallel: int = 4, poll_s: float = 2.0) -> dict[str, dict]:
+def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, Any] = {},  # noqa: B006 (read only)
+          max_parallel: int = 4, poll_s: float = 2.0, lost_after_s: float = LOST_AFTER_S) -> dict[str, dict]:
     """Run `recipe` for every combination of `grid` (dotted key -> values) on the work pool, with
-    `overrides` applied to every trial; returns trial -> {state, flow_run, overrides}."""
+    `overrides` applied to every trial; returns trial -> {state, flow_run, overrides}. A trial run
+    silent for `lost_after_s` seconds (more than the trials' heartbeat period) is lost: set
+    Crashed and submitted again."""
     log = get_run_logger()
+    if not lost_after_s > HEARTBEAT_S:
+        return Failed(message=f"lost_after_s: {lost_after_s} s: must exceed the trials' heartbeat period "
+                      f"({HEARTBEAT_S} s), or live trials would be taken as lost")
     try:
         base = load_with_overrides(recipe, overrides or {})
         sid = sweep_id(base, grid)
@@ -89,12 +141,14 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
     except RecipeError as e:
         return Failed(message="; ".join(e.problems))
     client, run_id = _mlflow_sweep_run(base, sid, grid)
-    env = {SWEEP_ENV: sid, SWEEP_RUN_ENV: run_id or ""}
+    env = {SWEEP_ENV: sid, SWEEP_RUN_ENV: run_id or "", "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(HEARTBEAT_S)}
     if not storage.is_remote(root):
         env[reuse.ENV] = f"{root}/.reuse"
     deployment = f"fastgen/{recipe}"
     log.info(f"sweep {sid}: {len(todo)} trials of {deployment}, at most {max_parallel} at once; outputs under {root}")
     attempts: dict[str, int] = {}
+    lost_runs: dict[str, int] = {}  # per trial: its runs found lost
+    asked: dict[str, float] = {}  # per trial: when its run was last checked for silence
     flying: dict[str, Any] = {}
     done: dict[str, dict] = {}
     from prefect import get_client
@@ -107,6 +161,9 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
                 key = f"{sid}/{name}" + (f"/retry{n}" if n else "")
                 fr = _submit(deployment, ov, key, env)
                 st = fr.state.type.value if fr.state else "SCHEDULED"
+                if st in LIVE and (why := lost(pc, fr, lost_after_s)):  # left by a sweep killed with its worker
+                    mark_lost(pc, fr, why, log)
+                    st = "CRASHED"
                 if st in FINAL_BAD:  # an earlier attempt of this trial failed: the next key submits anew
                     attempts[name] = n + 1
                     todo.insert(0, (name, ov, t))
@@ -116,6 +173,18 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
             for name, (fid, ov, t) in list(flying.items()):
                 fr = pc.read_flow_run(fid)
                 st = fr.state.type.value if fr.state else "SCHEDULED"
+                why = None
+                if st in LIVE and time.time() - asked.get(name, 0) > LISTEN_S:
+                    asked[name] = time.time()
+                    why = lost(pc, fr, lost_after_s)
+                if why:
+                    mark_lost(pc, fr, why, log)
+                    lost_runs[name] = lost_runs.get(name, 0) + 1
+                    if lost_runs[name] <= MAX_LOST:  # its key now finds a Crashed run: the next key submits anew
+                        del flying[name]
+                        todo.insert(0, (name, ov, t))
+                        continue
+                    fr, st = pc.read_flow_run(fid), "CRASHED"
                 if st == "COMPLETED" or st in FINAL_BAD:
                     if st != "COMPLETED":
                         log.warning(f"trial {name} ended {st}: {fr.state.message or ''}")
@@ -137,10 +206,10 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
     return done
 
 
-def run_cli(recipe: str, grid: dict, max_parallel: int) -> int:
+def run_cli(recipe: str, grid: dict, max_parallel: int, lost_after_s: float = LOST_AFTER_S) -> int:
     """`fastgen sweep` once its arguments are checked (stages.sweep.cli_args): run the sweep flow
     here against $PREFECT_API_URL; print each trial's state; exit 1 if any did not complete."""
-    state = sweep(recipe, grid, max_parallel=max_parallel, return_state=True)
+    state = sweep(recipe, grid, max_parallel=max_parallel, lost_after_s=lost_after_s, return_state=True)
     if not state.is_completed():
         print(f"error: {state.message}", file=sys.stderr)
         return 1

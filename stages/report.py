@@ -7,7 +7,9 @@ EDM model at its largest NFE), and sampling speed (samples/s, measured during th
 On images also precision / recall (k-NN manifolds in the same features; floor: real vs real) and,
 when it was computed, the standard Inception FID.
 The same table is written as markdown next to the evaluation (`<storage>/<recipe>/<stage>.report.md`,
-with the quality-vs-NFE and precision-vs-recall plots and whether Inception FID was computed).
+with the quality-vs-NFE and precision-vs-recall plots and whether Inception FID was computed), and as
+one self-contained HTML page beside it (`<stage>.report.html`: the table and every plot of the
+evaluation embedded, so the file can be mailed or opened anywhere).
 
 `--summary FILE` also writes the flat summary DVC declares as the evaluation's metrics
 (`metrics/<recipe>-<stage>.json`, git-tracked, so `dvc metrics show` prints one short row per
@@ -19,6 +21,8 @@ recipe and `dvc exp show` carries it): the same few keys for every recipe.
 from __future__ import annotations
 
 import argparse
+import base64
+import html
 import json
 import math
 import sys
@@ -40,9 +44,13 @@ def eval_stages(recipe: Recipe) -> list[str]:
 
 def load(recipe: Recipe, stage: str) -> tuple[dict, dict]:
     """(manifest, metrics.json) of an evaluation stage's output (FileNotFoundError if it has not run)."""
-    loc = storage.location(recipe, stage)
-    path, manifest = storage.fetch(loc)
-    return manifest, json.loads((Path(path) / "metrics.json").read_text())
+    return _load(recipe, stage)[1:]
+
+
+def _load(recipe: Recipe, stage: str) -> tuple[Path, dict, dict]:
+    """(verified local folder, manifest, metrics.json) of an evaluation stage's output."""
+    path, manifest = storage.fetch(storage.location(recipe, stage))
+    return Path(path), manifest, json.loads((Path(path) / "metrics.json").read_text())
 
 
 def _nfes(d: dict) -> list[int]:
@@ -153,7 +161,13 @@ def title(recipe: Recipe, stage: str, prim: str, manifest: dict) -> str:
 
 def report(recipe: Recipe, stage: str) -> tuple[str, str, dict]:
     """(terminal text, markdown, flat summary) of one evaluation stage."""
-    manifest, results = load(recipe, stage)
+    r = render(recipe, stage)
+    return r["text"], r["markdown"], r["summary"]
+
+
+def render(recipe: Recipe, stage: str) -> dict:
+    """One evaluation stage as `text` (terminal), `markdown`, `html` (self-contained) and `summary`."""
+    path, manifest, results = _load(recipe, stage)
     prim, rs = rows(recipe, manifest, results)
     head, body = cells(prim, rs)
     t = title(recipe, stage, prim, manifest)
@@ -164,7 +178,38 @@ def report(recipe: Recipe, stage: str) -> tuple[str, str, dict]:
         md += ["", f"![{prim} vs NFE]({stage}/plots/quality_vs_nfe.png)"]
     if "plots/precision_recall.png" in manifest["files"]:
         md += ["", f"![precision vs recall]({stage}/plots/precision_recall.png)"]
-    return f"{t}\n\n{text_table(head, body)}", "\n".join(md) + "\n", summary(prim, rs)
+    return {"text": f"{t}\n\n{text_table(head, body)}", "markdown": "\n".join(md) + "\n", "summary": summary(prim, rs),
+            "html": html_page(f"{recipe.name} / {stage}", t, head, body, figures(path, manifest, prim))}
+
+
+FIRST = ("plots/quality_vs_nfe.png", "plots/precision_recall.png")  # then the evaluation's other plots
+
+
+def figures(path: Path, manifest: dict, prim: str) -> list[tuple[str, bytes]]:
+    """(caption, PNG bytes) of every plot of an evaluation output, the quality-vs-NFE one first."""
+    names = sorted((f for f in manifest["files"] if f.startswith("plots/") and f.endswith(".png")),
+                   key=lambda f: (FIRST.index(f) if f in FIRST else len(FIRST), f))
+    captions = {FIRST[0]: f"{prim} vs NFE", FIRST[1]: "precision vs recall"}
+    return [(captions.get(f, Path(f).stem.replace("_", " ")), (path / f).read_bytes()) for f in names]
+
+
+CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;color:#222}"
+       "table{border-collapse:collapse;font-variant-numeric:tabular-nums}"
+       "th,td{border:1px solid #ccc;padding:.25em .6em;text-align:right}th:first-child,td:first-child{text-align:left}"
+       "th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#555}")
+
+
+def html_page(heading: str, subtitle: str, head: list[str], body: list[list[str]],
+              figs: list[tuple[str, bytes]]) -> str:
+    """A self-contained HTML page: the table, then every figure embedded as a data: URI."""
+    e = html.escape
+    rows_ = "\n".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in b) + "</tr>" for b in body)
+    figs_ = "\n".join(f'<figure><img alt="{e(cap)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+                      f"<figcaption>{e(cap)}</figcaption></figure>" for cap, png in figs)
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{e(heading)}</title>'
+            f"<style>{CSS}</style></head>\n<body><h1>{e(heading)}</h1>\n<p>{e(subtitle)}</p>\n<table>\n<thead><tr>"
+            + "".join(f"<th>{e(h)}</th>" for h in head) + f"</tr></thead>\n<tbody>\n{rows_}\n</tbody></table>\n"
+            f"{figs_}\n</body></html>\n")
 
 
 def write_summary(recipe_path: str, stage: str, path: str) -> None:
@@ -173,8 +218,9 @@ def write_summary(recipe_path: str, stage: str, path: str) -> None:
 
     recipe = load_recipe(recipe_path)
     try:
-        _, md, flat = report(recipe, stage)
-        write_markdown(recipe, stage, md)
+        r = render(recipe, stage)
+        write_markdown(recipe, stage, r["markdown"], r["html"])
+        flat = r["summary"]
     except Exception as e:  # noqa: BLE001  (a summary never fails the stage that was evaluated)
         print(f"[fastgen] {recipe.name}/{stage}: no summary: {type(e).__name__}: {e}", file=sys.stderr)
         flat = {}
@@ -186,17 +232,25 @@ def markdown_path(recipe: Recipe, stage: str) -> str:
     return f"{storage.location(recipe, stage)}.report.md"
 
 
-def write_markdown(recipe: Recipe, stage: str, md: str) -> str | None:
-    """Next to the evaluation's folder (not inside it: the folder's files are its manifest's)."""
-    loc = markdown_path(recipe, stage)
-    if storage.is_remote(loc):
-        import fsspec
+def html_path(recipe: Recipe, stage: str) -> str:
+    return f"{storage.location(recipe, stage)}.report.html"
 
-        with fsspec.open(loc, "w") as f:
-            f.write(md)
-    else:
-        Path(loc).write_text(md)
-    return loc
+
+def write_markdown(recipe: Recipe, stage: str, md: str, page: str | None = None) -> str | None:
+    """Write the markdown report and its HTML page (`page`, or rendered here) next to the
+    evaluation's folder (not inside it: the folder's files are its manifest's); return the
+    markdown's location."""
+    if page is None:
+        page = render(recipe, stage)["html"]
+    for loc, text in ((markdown_path(recipe, stage), md), (html_path(recipe, stage), page)):
+        if storage.is_remote(loc):
+            import fsspec
+
+            with fsspec.open(loc, "w", encoding="utf-8") as f:
+                f.write(text)
+        else:
+            Path(loc).write_text(text, encoding="utf-8")
+    return markdown_path(recipe, stage)
 
 
 # --- sweeps ----------------------------------------------------------------------------------------
@@ -255,17 +309,17 @@ def main(argv: list[str] | None = None) -> int:
     missing = 0
     for s in stages:
         try:
-            text, md, flat = report(recipe, s)
+            r = render(recipe, s)
         except (FileNotFoundError, artifacts.DigestMismatch):
             print(f"{recipe.name}/{s}: not evaluated yet (run `fastgen run {a.target}`)", file=sys.stderr)
             missing += 1
             continue
-        where = write_markdown(recipe, s, md)
+        where = write_markdown(recipe, s, r["markdown"], r["html"])
         if a.summary:
             Path(a.summary).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.summary).write_text(json.dumps(flat, indent=1) + "\n")
+            Path(a.summary).write_text(json.dumps(r["summary"], indent=1) + "\n")
         if not a.quiet:
-            print(f"{text}\n\n(markdown: {where})\n")
+            print(f"{r['text']}\n\n(markdown: {where}; with the plots: {html_path(recipe, s)})\n")
     return 1 if missing == len(stages) else 0
 
 

@@ -23,6 +23,8 @@ from typing import Any
 from .recipe import Recipe, RecipeError, parse_recipe, read_yaml
 
 PROJECT = Path(__file__).resolve().parent.parent
+HEARTBEAT_S = 30  # a sweep's trials send Prefect's flow-run heartbeat this often (Prefect's minimum)
+LOST_AFTER_S = 3 * HEARTBEAT_S  # a trial run silent this long is lost (flows/sweep.py)
 
 
 def recipe_names() -> list[str]:
@@ -187,10 +189,10 @@ def validate_trials(recipe: str, grid: dict[str, list], extra: dict[str, Any] | 
     return out
 
 
-def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int] | int:
-    """`fastgen sweep RECIPE -S KEY=V1,V2 [-S ...] [--max-parallel N]`: (recipe, grid, max parallel)
-    with every trial validated, or an exit status (2) after printing the problems — before Prefect
-    is imported or contacted."""
+def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int, float] | int:
+    """`fastgen sweep RECIPE -S KEY=V1,V2 [-S ...] [--max-parallel N] [--lost-after S]`: (recipe,
+    grid, max parallel, lost after) with every trial validated, or an exit status (2) after printing
+    the problems — before Prefect is imported or contacted."""
     import argparse
     import os
     import sys
@@ -201,7 +203,15 @@ def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int] | int:
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=V1,V2",
                     help="a grid axis (the grammar of `dvc exp run -S`: a,b / range(1,4) / choice(a,b)); repeatable")
     ap.add_argument("--max-parallel", type=int, default=4, help="trials in flight at once (default 4)")
+    ap.add_argument("--lost-after", type=float, default=LOST_AFTER_S, metavar="SECONDS",
+                    help=f"a trial run silent this long (no heartbeat or other event; trials send a heartbeat every "
+                    f"{HEARTBEAT_S} s) is taken as lost with its worker: set Crashed and submitted again "
+                    f"(default {LOST_AFTER_S})")
     a = ap.parse_args(argv)
+    if not a.lost_after > HEARTBEAT_S:
+        print(f"fastgen sweep: --lost-after {a.lost_after:g}: must exceed the trials' heartbeat period "
+              f"({HEARTBEAT_S} s), or live trials would be taken as lost", file=sys.stderr)
+        return 2
     try:
         grid = parse_grid(a.set)
         if not grid:
@@ -218,4 +228,4 @@ def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int] | int:
         print("fastgen sweep: trials run as deployment runs on the work pool: set PREFECT_API_URL to the Prefect "
               "server that holds the deployments (infra/README.md)", file=sys.stderr)
         return 2
-    return a.recipe, grid, a.max_parallel
+    return a.recipe, grid, a.max_parallel, a.lost_after

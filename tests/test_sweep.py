@@ -87,7 +87,10 @@ def test_sweep_cli_needs_the_server_that_holds_the_deployments(monkeypatch, caps
     assert "PREFECT_API_URL" in capsys.readouterr().err
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
     assert cli_args(["toy_cd", "-S", "stages.cd.method.N=6,8", "--max-parallel", "3"]) == \
-        ("toy_cd", {"stages.cd.method.N": [6, 8]}, 3)
+        ("toy_cd", {"stages.cd.method.N": [6, 8]}, 3, 90.0)
+    # a limit within the trials' heartbeat period would take live trials as lost
+    assert cli_args(["toy_cd", "-S", "stages.cd.method.N=6,8", "--lost-after", "30"]) == 2
+    assert "heartbeat" in capsys.readouterr().err
 
 
 def test_identical_stage_of_another_trial_is_reused_not_rerun(tmp_path, monkeypatch, capfd):
