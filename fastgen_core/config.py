@@ -152,6 +152,9 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0, description="weight decay")
     grad_clip: float | None = Field(None, gt=0, description="clip gradient norm per optimiser (None: no clipping)")
     lr_warmup: int = Field(0, ge=0, description="linear learning-rate warmup steps (at most steps)")
+    lr_schedule: Literal["constant", "linear_decay"] = Field(
+        "constant", description="learning rate after the warmup: constant, or linear_decay: annealed linearly to 0 "
+        "over the run, lr·(1 − step/steps) at step 0 … steps − 1 (progressive distillation's schedule in each round)")
     ema_decay: float = Field(0.999, ge=0, lt=1, description="evaluation EMA decay per step")
     ckpt_every: int = Field(500, gt=0, description="write a resumable checkpoint every this many steps")
     log_every: int = Field(50, gt=0, description="log metrics every this many steps")
@@ -169,11 +172,11 @@ class TrainConfig(Strict):
 
     @model_serializer(mode="wrap")
     def _new_fields_only_when_set(self, handler):
-        """`precision: fp32` and `compile: false` (the defaults) are left out, so that the params digest of
-        every stage that does not set them is as it was before they existed."""
+        """`precision: fp32`, `compile: false` and `lr_schedule: constant` (the defaults) are left out, so
+        that the params digest of every stage that does not set them is as it was before they existed."""
         out = handler(self)
         if isinstance(out, dict):
-            for k, default in (("precision", "fp32"), ("compile", False)):
+            for k, default in (("precision", "fp32"), ("compile", False), ("lr_schedule", "constant")):
                 if out.get(k) == default:
                     out.pop(k)
         return out

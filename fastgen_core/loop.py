@@ -3,7 +3,8 @@
 
 Per iteration: draw a minibatch from `method.tensors()`; for each optimiser group due this step
 (`Group.due`: `step % every == 0`, less the steps its `skip_every` skips) zero its gradients,
-compute `method.loss(group)`, backpropagate, average gradients over workers, clip and step; then
+compute `method.loss(group)`, backpropagate, average gradients over workers, clip and step (at
+lr · `lr_multiplier`: linear warmup, then constant or, `lr_schedule: linear_decay`, down to 0); then
 update the evaluation EMA and call `method.after_step`. Checkpoints (`last.pt`, tensors only, loaded with `weights_only=True`) are
 written atomically every `ckpt_every` steps and training resumes from them exactly: they hold every
 random state the loop draws from (the batch generator, torch's CPU generator, and CUDA's generators
@@ -353,18 +354,26 @@ def train(method: Method, cfg, ckpt_dir: str | Path | None = None, seed: int = 0
     return {n: e.state_dict() for n, e in st.ema.items()}
 
 
+def lr_multiplier(step: int, cfg) -> float:
+    """The learning rate of step `step` (0 … steps − 1) over `cfg.lr`: the linear warmup
+    min(1, (step + 1)/lr_warmup), times 1 − step/steps for `lr_schedule: linear_decay` (annealed
+    linearly to 0 over the run, as progressive distillation within each round)."""
+    warm = min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else 1.0
+    return warm * (1 - step / cfg.steps if cfg.lr_schedule == "linear_decay" else 1.0)
+
+
 def _step(step: int, method: Method, cfg, st: _State, groups: list, watch: _Watch, draw, n_data: int,
           local_bs: int, autocast, world: int) -> None:
     """One iteration: a minibatch, each due group's loss, gradient and optimiser step (no read from
     the device), the EMA updates, snapshots and `method.after_step`."""
     batch = draw(torch.randint(n_data, (local_bs,), generator=st.gen))
-    warm = min(1.0, (step + 1) / cfg.lr_warmup) if cfg.lr_warmup else 1.0
+    mult = lr_multiplier(step, cfg)
     for gi, g in enumerate(groups):
         if not g.due(step):
             continue
         opt = st.opts[g.name]
         for pg in opt.param_groups:
-            pg["lr"] = cfg.lr * g.lr_scale * warm
+            pg["lr"] = cfg.lr * g.lr_scale * mult
         opt.zero_grad(set_to_none=True)
         with autocast:
             loss, logs = method.loss(g.name, batch, step)

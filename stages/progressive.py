@@ -13,6 +13,10 @@ last carries the group's name, so an input naming `pd` gets the final student). 
 `teacher` input is the previous round's student (the first round's: the group's `teacher`).
 The member stages are ordinary stages everywhere (dvc.yaml, the flow, digests); this module's
 `run` is never called.
+
+Each round's learning rate is annealed linearly to 0 over its steps (`train.lr_schedule:
+linear_decay`, as Salimans & Ho 2022 and their public distillation configs: Adam, no warmup, a
+linear anneal over each round's updates); the group sets it unless `train` sets `lr_schedule` itself.
 """
 from __future__ import annotations
 
@@ -62,8 +66,15 @@ class Spec(StageSpec):
     method: ProgressiveConfig = Field(default_factory=ProgressiveConfig,
                                       description="the progressive method's settings, except N (set per round)")
     network: NetworkConfig | None = Field(None, description="network of the students (None: the teacher's)")
-    train: TrainConfig = Field(default_factory=TrainConfig, description="each round's training-loop settings")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="each round's training-loop settings "
+                               "(lr_schedule, unless set: linear_decay, the paper's anneal to 0 within each round)")
     noise: NoiseProcess | None = Field(None, description="the rounds' noise process (None: the recipe's)")
+
+    @model_validator(mode="after")
+    def _paper_lr_schedule(self):
+        if "lr_schedule" not in self.train.model_fields_set:
+            self.train = self.train.model_copy(update={"lr_schedule": "linear_decay"})
+        return self
 
     @model_validator(mode="after")
     def _n_per_round(self):

@@ -229,8 +229,8 @@ def test_progressive_group_expands_into_chained_rounds_in_the_flow_and_dvc():
     teachers, Ns = ["wstudent", "pd_8", "pd_4"], [8, 4, 2]
     for member, teacher, N in zip(r.groups["pd"], teachers, Ns):
         st = r.stages[member]
-        assert (st.kind, st.method.name, st.method.N, st.inputs, st.train.steps) == \
-            ("distill", "progressive", N, {"teacher": teacher}, 7)
+        assert (st.kind, st.method.name, st.method.N, st.inputs, st.train.steps, st.train.lr_schedule) == \
+            ("distill", "progressive", N, {"teacher": teacher}, 7, "linear_decay")  # the paper's anneal by default
         entry = stage_entry(r, "params/g.yaml", member, {"stages"})
         assert entry["cmd"] == f"python -m stages.run params/g.yaml {member}"
         assert f"outputs/g/{teacher}" in entry["deps"] and entry["outs"] == [f"outputs/g/{member}"]
@@ -245,11 +245,43 @@ def test_progressive_group_expands_into_chained_rounds_in_the_flow_and_dvc():
         assert f"outputs/digits_guided/{up}" in dvc[f"digits_guided-{member}"]["deps"]
 
 
+def test_progressive_group_keeps_an_lr_schedule_it_is_given():
+    r = parse_recipe(_recipe(train={"steps": 7, "lr_schedule": "constant"}), "g.yaml")
+    assert {r.stages[m].train.lr_schedule for m in r.groups["pd"]} == {"constant"}
+
+
+@pytest.mark.parametrize("schedule,warmup", [("constant", 0), ("linear_decay", 0), ("linear_decay", 4)])
+def test_lr_schedule_through_the_loop_matches_the_closed_form(schedule, warmup):
+    """The loop's `lr_schedule` (progressive distillation anneals lr linearly to 0 within a round):
+    with loss = Σθ every gradient is 1 at every step, so each Adam step (m̂ = v̂ = 1) moves every
+    parameter by lr_k/(1 + eps), and after S steps θ_0 − θ_S = Σ_k lr_k in closed form."""
+    from fastgen_core.methods import edm
+
+    class Linear(edm.Method):
+        def loss(self, group, batch, step):
+            return sum(p.sum() for p in self.nets["net"].parameters()), {}
+
+    d = load_data(DataConfig(kind="toy", name="8gaussians", n_train=64, n_test=16))
+    m = Linear(edm.Config(), Context(d, EDM(), NetworkConfig(arch="mlp", width=8, depth=1, emb_dim=4)))
+    before = [p.detach().clone() for p in m.nets["net"].parameters()]
+    S, W, lr = 20, warmup, 1e-2
+    loop.train(m, TrainConfig(steps=S, batch_size=8, lr=lr, lr_warmup=W, lr_schedule=schedule), None, progress=False)
+    if schedule == "constant":
+        total = S
+    elif W == 0:  # Σ_{k<S} (1 − k/S) = (S + 1)/2
+        total = (S + 1) / 2
+    else:  # Σ_{k<W} (k + 1)/W·(1 − k/S) + Σ_{W≤k<S} (1 − k/S)
+        total = (W + 1) / 2 - (W * W - 1) / (3 * S) + (S - W) - (S - W) * (S + W - 1) / (2 * S)
+    for p0, p in zip(before, m.nets["net"].parameters()):
+        assert torch.allclose(p0 - p.detach(), torch.full_like(p0, lr * total), rtol=1e-5), (schedule, W)
+
+
 @pytest.mark.parametrize("pd,field", [
     ({"rounds": {"teacher_steps": 12, "student_steps": 1}}, "stages.pd.rounds.student_steps"),
     ({"rounds": {"teacher_steps": 2, "student_steps": 2}}, "stages.pd.rounds.student_steps"),
     ({"method": {"N": 4}}, "stages.pd.method.N"),
     ({"inputs": {"student": "wstudent"}}, "stages.pd.inputs"),
+    ({"train": {"steps": 7, "lr_schedule": "cosine"}}, "stages.pd.train.lr_schedule"),
 ])
 def test_bad_progressive_groups_name_the_field(pd, field):
     with pytest.raises(RecipeError) as e:

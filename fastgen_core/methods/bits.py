@@ -61,7 +61,8 @@ class Config(Strict):
     self_cond: bool = Field(True, description="self-conditioning: the network also sees an earlier x̂0 estimate")
     self_cond_rate: float = Field(0.5, ge=0, le=1, description="share of each minibatch trained with the "
                                   "self-conditioning estimate (the rest sees zeros)")
-    td: float = Field(0.0, ge=0, description="asymmetric time intervals at sampling: t_next = max(1 − (i + 1 + td)/T, 0)")
+    td: float = Field(0.0, ge=0, description="asymmetric time intervals at sampling: t_next = max(1 − (i + 1 + td)/T, 0) "
+                      "(td in units of one step 1/T, as the authors' generate())")
     x0_clip: bool = Field(True, description="clip x̂0 to [−b_scale, b_scale] at sampling and in the "
                           "self-conditioning estimate")
 

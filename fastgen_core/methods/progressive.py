@@ -20,9 +20,10 @@ an earlier w-conditioned round), the student does too, and each sample's w ~ U[w
 to teacher and student alike. An EDM teacher (no w) gives plain progressive distillation.
 
 The models are EDM x0-predictors read in VP time (`guided.edm_denoiser`, `Process.from_edm_denoiser`),
-sampled with N DDIM steps (`guided.ddim_sample`). The paper's schedule (Adam, lr annealed linearly
-to 0 within a round, no EMA, 8192 → 1 steps on CIFAR) maps to the stage's `train`, except the lr
-annealing, which the loop does not offer (docs/methods.md §9).
+sampled with N DDIM steps (`guided.ddim_sample`). The paper's schedule (Adam, no warmup, lr annealed
+linearly to 0 within a round, no EMA, 8192 → 1 steps on CIFAR) maps to the stage's `train`; the
+anneal is the loop's `lr_schedule: linear_decay`, which a `progressive` group sets for its rounds
+unless told otherwise (docs/methods.md §9).
 """
 from __future__ import annotations
 
