@@ -69,7 +69,7 @@ class DataConfig(Strict):
         "images: an image folder / CIFAR-10 / MNIST from a local or s3:// root")
     name: str = Field(
         "8gaussians",
-        description="toy: 8gaussians | checkerboard | labelled_mixture | fractal; images: folder | cifar10 | mnist")
+        description="toy: 8gaussians | checkerboard | labelled_mixture | fractal | triangle; images: folder | cifar10 | mnist")
     n_train: int = Field(20000, gt=0, description="toy: number of training samples drawn")
     n_test: int = Field(5000, gt=0, description="toy: number of held-out ground-truth samples")
     root: str | None = Field(None, min_length=1, description="images: local path or s3:// URI of the data root")

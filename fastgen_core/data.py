@@ -232,8 +232,20 @@ def fractal(levels: int = 3, spread: float = math.radians(35), ratio: float = 0.
     return ToyDensity("fractal", (means - centre) * scale, covs=covs * scale ** 2, weights=w, labels=labels)
 
 
+def triangle(radius: float = 1.2, std: float = 0.35) -> ToyDensity:
+    """3 equal isotropic Gaussians at the vertices of an equilateral triangle pointing down (angles
+    −90°, 30°, 150°): rectified flow's 3-Gaussian toy scaled to the unit-circle toys, and the source of
+    the mixture → mixture CAF toy (docs/methods.md §2): none of its modes sits on one of
+    8gaussians', so every coupling moves mass across the plane. Each mode is wide (0.35; 6 std
+    between modes) because a flow splits it among ~3 target modes: a narrow source (0.1) makes
+    that split so steep that no small network learns the coupling (measured)."""
+    angle = torch.tensor([-90.0, 30.0, 150.0], dtype=torch.float64) * (math.pi / 180)
+    means = radius * torch.stack([angle.cos(), angle.sin()], dim=1)
+    return ToyDensity("triangle", means, covs=torch.eye(2, dtype=torch.float64).expand(3, 2, 2) * std ** 2)
+
+
 TOY_DENSITIES = {"8gaussians": eight_gaussians, "checkerboard": checkerboard,
-                 "labelled_mixture": labelled_mixture, "fractal": fractal}
+                 "labelled_mixture": labelled_mixture, "fractal": fractal, "triangle": triangle}
 
 
 def _generator(seed: int, stream: int) -> torch.Generator:

@@ -31,7 +31,8 @@ from collections.abc import Mapping
 from typing import Annotated, Callable, Literal, Union
 
 import torch
-from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_serializer,
+                      model_validator)
 
 from .config import FieldError, Strict
 
@@ -112,6 +113,15 @@ class Process(Strict):
     def t_data(self) -> float:
         """The time of clean data (the end of `grid`)."""
         return float(self.grid(1)[-1])
+
+    def draw(self, n: int, shape, generator: torch.Generator | None = None) -> Tensor:
+        """n draws (n, *shape) of the noise end, on the CPU: standard normal (a flow with a `source`
+        draws its mixture instead). Samplers, pair sets and evaluations start from these."""
+        return torch.randn((n, *shape), generator=generator)
+
+    def draw_like(self, x: Tensor) -> Tensor:
+        """`draw` shaped, typed and placed like x (training batches): torch.randn_like(x)."""
+        return torch.randn_like(x)
 
     def from_edm_denoiser(self, D_edm: Callable) -> Callable:
         """An EDM x0-predictor D_edm(x_σ, σ) as this process's x0-predictor D(x_t, t) = D_edm(x_t/a(t), σ(t))."""
@@ -244,7 +254,49 @@ class TrigFlow(_EDMLevels, _Flow):
         return self.from_edm(_lognormal(self.P_mean, self.P_std, n, device, generator))
 
 
-class Flow(_Flow):
+class _Source(_Flow):
+    """A flow whose noise end may be a 2D toy Gaussian mixture instead of N(0, I): mixture → mixture
+    transport (rectified flow's 2D toy, CAF's synthetic experiment; docs/methods.md §2, §13). `draw`
+    returns the mixture's samples; the forward process, velocities and samplers are unchanged
+    (ε is then the source sample). The EDM conversions assume Gaussian noise: a flow with a source
+    is no EDM denoiser's peer."""
+
+    source: str | None = Field(
+        None, description="None: standard-normal noise; or a 2D Gaussian-mixture toy (a data.name of kind "
+        "toy, e.g. triangle) drawn as the noise end (mixture → mixture; data must be 2D)")
+
+    @field_validator("source")
+    @classmethod
+    def _a_toy_mixture(cls, v: str | None) -> str | None:
+        from .data import TOY_DENSITIES  # data imports no noise process; kept local all the same
+        mixtures = [k for k, f in TOY_DENSITIES.items() if f().is_mixture]
+        if v is not None and v not in mixtures:
+            raise ValueError(f"source {v!r} is not a 2D toy Gaussian mixture (known: {', '.join(mixtures)})")
+        return v
+
+    @model_serializer(mode="wrap")
+    def _without_unset_source(self, handler):
+        """Leave `source` out while it is None, so processes written before it existed keep their digests."""
+        d = handler(self)
+        if d.get("source") is None:
+            d.pop("source", None)
+        return d
+
+    def draw(self, n: int, shape, generator: torch.Generator | None = None) -> Tensor:
+        if self.source is None:
+            return super().draw(n, shape, generator)
+        if tuple(shape) != (2,):
+            raise ValueError(f"noise.source {self.source!r} draws 2D points, not samples of shape {tuple(shape)}")
+        from .data import TOY_DENSITIES
+        return TOY_DENSITIES[self.source]().sample(n, generator)[0]
+
+    def draw_like(self, x: Tensor) -> Tensor:
+        if self.source is None:
+            return torch.randn_like(x)
+        return self.draw(x.shape[0], x.shape[1:]).to(x)
+
+
+class Flow(_Source):
     """Rectified flow, t = 1 is data: x_t = t·x1 + (1 − t)·z0 (Liu et al. 2022, Eq. 1; docs/methods.md §13).
     Here x1 is the data (`x0` in method signatures) and z0 = ε the noise.
 
@@ -297,7 +349,7 @@ class FM(_Flow):
         return 1 - _rf_grid(N, self.eps_t)
 
 
-class CAF(_Flow):
+class CAF(_Source):
     """Constant Acceleration Flow, t = 0 noise x0, t = 1 data x1 (Park et al. 2024; docs/methods.md §2):
     x_t = (1 − t²)·x0 + t²·x1 + v0·(t − t²). With the true initial velocity v0 = h·(x1 − x0) this is
     x_t = (1 − κ)·x0 + κ·x1, κ(t) = t² + h·(t − t²). (`x0` in method signatures is the data x1.)

@@ -23,7 +23,8 @@ Deterministic noise → data maps (docs/methods.md §2, §13), per model, next t
   `mse` at 1 NFE (a teacher: at its largest NFE), and `nfe_K` at every NFE for methods that define
   `trajectory` (deterministic multistep samplers);
 - `inversion` (methods that define `invert(model, x, nfe, class_labels) -> z`): E‖G(G⁻¹(x)) − x‖²
-  on the first 2000 held-out data points, `nfe_K` with K steps each way;
+  on the first 2000 held-out data points, `nfe_K` with K steps each way (a method's own
+  `reconstruct(model, x, nfe, class_labels)` where it defines one: CAF keeps the inversion's v̂);
 - `straightness` (methods that define `trajectory(model, z, nfe, class_labels) -> (nfe + 1, n, ...)`):
   rectified flow's S = ∫ E‖(Z1 − Z0) − Ż_t‖² dt along the K-step sampled paths, `nfe_K` for K ≥ 2
   (`metrics.straightness`; 0 for straight paths).
@@ -202,7 +203,7 @@ PRIMARY = {"toy": "swd", "image": "fd"}
 def _generate(model, n: int, nfe: int, seed: int, labels, device) -> torch.Tensor:
     """n samples for one seed; a conditional model gets `labels[seed]` (`metrics.eval_labels`)."""
     g = torch.Generator().manual_seed(10_000 + seed)
-    z = torch.randn((n, *model.shape), generator=g)
+    z = model.noise.draw(n, model.shape, g)  # standard normal, or a flow's source mixture
     y = labels[seed].to(device) if model.num_classes > 0 else None
     torch.manual_seed(20_000 + seed)  # stochastic multistep samplers
     return model.sample(z.to(device), nfe, y).float().cpu()
@@ -304,8 +305,11 @@ def _inversion(model, x: torch.Tensor, y, nfes: list[int], device) -> dict:
     """E‖G(G⁻¹(x)) − x‖² on data x with K steps each way (the method's `invert`)."""
     x = x.to(device)
     y = None if y is None or model.num_classes == 0 else y.to(device)
-    return {f"nfe_{k}": round(M.mean_sq_distance(model.sample(model.method.invert(model, x, k, y), k, y).float().cpu(),
-                                                 x.cpu()), 6) for k in nfes}
+    rec = getattr(model.method, "reconstruct", None)  # a method's own G(G⁻¹(x)) (CAF keeps its v̂)
+
+    def back(k):
+        return rec(model, x, k, y) if rec else model.sample(model.method.invert(model, x, k, y), k, y)
+    return {f"nfe_{k}": round(M.mean_sq_distance(back(k).float().cpu(), x.cpu()), 6) for k in nfes}
 
 
 @torch.no_grad()
@@ -313,7 +317,7 @@ def _straightness(model, labels, nfes: list[int], device) -> tuple[dict, dict[in
     """Straightness of the K-step sampled paths from fixed noise (the method's `trajectory`), and
     the paths themselves."""
     n = N_MAP if labels is None else min(N_MAP, len(labels))
-    z = torch.randn((n, *model.shape), generator=torch.Generator().manual_seed(40_000)).to(device)
+    z = model.noise.draw(n, model.shape, torch.Generator().manual_seed(40_000)).to(device)
     y = labels[:n].to(device) if model.num_classes > 0 else None
     paths = {k: model.method.trajectory(model, z, k, y).float().cpu() for k in nfes if k >= 2}
     return {f"nfe_{k}": round(M.straightness(p), 6) for k, p in paths.items()}, paths

@@ -3,7 +3,8 @@
 An EDM teacher solves its PF-ODE with Heun from x = σ_max·z; a rectified flow (method `rf`) solves
 its own ODE in its own process from z0 = z (`methods.rf.ode_solve`: RK45 with rtol = atol = 1e-5 as
 RF's reflow code, or Euler). `pairs.npz` stores the *standard normal* z (so a generator whose input
-is σ_max·z, or z itself for a flow, sees exactly the noise that made the pair), the sample and the
+is σ_max·z, or z itself for a flow, sees exactly the noise that made the pair; a flow whose process has a
+`source` mixture stores its draw from that mixture), the sample and the
 class label (−1 for unconditional). The manifest's metrics carry `pairs_digest`, the content digest
 of (noise, sample, label) (`methods.rf.pairs_digest`); a flow reflowed on the set records the same
 digest in its model.json. CLI: python -m stages.run RECIPE.yaml STAGE
@@ -80,7 +81,7 @@ def run(ctx) -> None:
     zs, xs, ys, nfes = [], [], [], []
     for start in tqdm(range(0, cfg.n_pairs, cfg.batch_size), desc="ode_pairs", mininterval=2.0):
         n = min(cfg.batch_size, cfg.n_pairs - start)
-        z = torch.randn((n, *data.shape), generator=gen)
+        z = teacher.noise.draw(n, data.shape, gen)  # standard normal, or a flow's source mixture
         y = None
         if teacher.num_classes > 0:
             y = data.y[torch.randint(len(data.y), (n,), generator=gen)]

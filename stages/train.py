@@ -38,7 +38,7 @@ from fastgen_core.models import load_model, save_model, snapshot_dir
 from fastgen_core.noise import NoiseProcess
 
 from . import storage
-from .spec import MethodConfig, Problem, StageError, StageSpec, network_problems, stage_names
+from .spec import MethodConfig, Problem, StageError, StageSpec, network_problems, one_input, stage_names
 from .timing import add_phase, current, pause_point, phase, recording
 
 
@@ -172,6 +172,12 @@ def method_problems(spec, recipe, name: str) -> list[Problem]:
                               "this input needs an ode_pairs stage"))
             elif want.kind != "pairs" and recipe.model_method(up) is None:
                 probs.append((f"{at}.inputs.{role}", f"stage {up!r} ({st.kind}) makes no model"))
+            elif want.kind == "pairs" and (t := one_input(st, "teacher")) in recipe.stages:
+                mine, theirs = (getattr(recipe.noise_of(s), "source", None) for s in (name, t))
+                if mine != theirs:  # the pairs' noise is drawn from the teacher's source (noise.draw)
+                    probs.append((f"{at}.inputs.{role}", f"the pairs of {up!r} start from the noise.source of "
+                                  f"its teacher {t!r} ({theirs or 'standard normal'}), this stage's process from "
+                                  f"{mine or 'standard normal'}: give both the same noise.source"))
     probs += [(f"{at}.{field}", msg) for field, msg in m.settings_problems(spec.method, spec.train)]
     process = recipe.noise_of(name).process
     if process not in m.processes:

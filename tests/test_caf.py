@@ -99,6 +99,51 @@ def test_exactness_needs_the_midpoint_time():
     assert (x - T(x0)).abs().max() > 0.05
 
 
+def _public_reconstruction(vel, acc, x, N):
+    """CAF's code (`inversion` with return_dict, then `sample(..., pred_vel=...)`, as its
+    reconstruction script runs them), transcribed: times linspace(0, 1000, N + 1).long()/1000,
+    dt = 1/N; inversion z ← z − v·dt − (t_rev − 1/(2N))·a(z, t_rev, v)·dt from v = vel(x, 1); sampling
+    z ← z + v·dt + (t + 1/(2N))·a(z, t, v)·dt with the inversion's v (not a fresh vel(z, 0))."""
+    times = torch.linspace(0, 1000, N + 1).long().double() / 1000
+    one = torch.ones(x.shape[0], dtype=x.dtype)
+    v, z, dt = vel(x, one), x.clone(), 1 / N
+    for r in times.flip(0)[:-1]:
+        z = z - v * dt - (r - 1 / (2 * N)) * acc(z, one * r, v) * dt
+    for t in times[:-1]:
+        z = z + v * dt + (t + 1 / (2 * N)) * acc(z, one * t, v) * dt
+    return z
+
+
+def _random_caf(h=1.5):
+    """A two-network CAF model of arbitrary smooth functions (not a coupling's exact ones)."""
+    g = torch.Generator().manual_seed(7)
+    W1, W2, W3 = (torch.randn(2, 2, generator=g, dtype=torch.float64) for _ in range(3))
+    vel = _Fn(lambda x, t, cond=None, class_labels=None: torch.tanh(x @ W1 + t[:, None]) + 0.3 * x)
+    acc = _Fn(lambda x, t, cond=None, class_labels=None: torch.sin(x @ W2 + cond @ W3 - t[:, None]))
+    meta = {"method": "caf", "method_config": caf.Config().model_dump(mode="json")}
+    return LoadedModel(meta, nn.ModuleDict({"vel": vel, "acc": acc}), CAF(h=h))
+
+
+@pytest.mark.parametrize("N", [1, 2, 4])
+def test_reconstruction_keeps_the_inversions_initial_velocity(N):
+    """`reconstruct` is CAF's code's reconstruction (an independent transcription above) to float
+    precision, on networks that are not a coupling's; it is not sample(invert(x)), which draws a
+    fresh v̂ = v(z, 0). Closed form: an acceleration that depends on v̂ alone makes every path an
+    exact parabola, so keeping v̂ reconstructs x exactly for any N; a fresh v̂ does not."""
+    x = torch.randn(128, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(N))
+    model = _random_caf()
+    vel, acc = caf.velocity_fn(model.nets["vel"]), caf.acceleration_fn(model.nets["acc"])
+    ref = _public_reconstruction(lambda x, t: vel(x, t), lambda x, t, v: acc(x, t, v), x, N)
+    assert torch.allclose(caf.reconstruct(model, x, N + 1), ref, rtol=0, atol=1e-12)
+    fresh = caf.sample(model, caf.invert(model, x, N + 1), N + 1)
+    assert ((fresh - ref) ** 2).sum(1).mean() > 1e-2
+    model.nets["acc"] = _Fn(lambda x, t, cond=None, class_labels=None: -0.5 * cond)
+    assert torch.allclose(caf.reconstruct(model, x, N + 1), x, rtol=0, atol=1e-12)
+    assert ((caf.sample(model, caf.invert(model, x, N + 1), N + 1) - x) ** 2).sum(1).mean() > 1e-2
+    # one NFE, or a velocity-only model: there is no v̂ to keep, reconstruction is sample(invert(x))
+    assert torch.equal(caf.reconstruct(model, x, 1), caf.sample(model, caf.invert(model, x, 1), 1))
+
+
 def test_clamp_bounds_samples_only_when_set():
     model, x0 = exact_model(1.5), 3 * torch.randn(64, 2, dtype=torch.float64)
     model.meta["method_config"] = caf.Config(clamp=1.0).model_dump(mode="json")
@@ -187,6 +232,58 @@ def test_method_refuses_bad_inputs_in_one_line(data):
         caf.Method(caf.Config(), Context(data, CAF(), NET, {"pairs": bad}))
 
 
+# ----------------------------------------------------------------------------- mixture → mixture
+
+def test_a_source_mixture_replaces_the_standard_normal_only_where_set():
+    """`noise.source` (flows and CAF): `draw` returns the named toy mixture's samples, the same
+    stream as the data's own sampler (so a pair set's noise is a source draw), and without a source
+    it is exactly torch.randn (existing pair sets and evaluations unchanged; the process dump, hence
+    every stage digest, has no `source` key)."""
+    from fastgen_core.data import triangle
+    from fastgen_core.noise import Flow
+    for P in (CAF(source="triangle"), Flow(source="triangle")):
+        z = P.draw(30000, (2,), torch.Generator().manual_seed(5))
+        assert torch.equal(z, triangle().sample(30000, torch.Generator().manual_seed(5))[0])
+        comp = triangle().mode_of(z)
+        assert torch.allclose(torch.bincount(comp, minlength=3).float() / 30000, torch.full((3,), 1 / 3), atol=0.01)
+        assert triangle().on_support(z).float().mean() > 0.985      # 98.9% within 3 std of a mode
+        assert P.draw_like(torch.zeros(7, 2, dtype=torch.float64)).dtype == torch.float64
+    assert torch.equal(CAF().draw(64, (2,), torch.Generator().manual_seed(5)),
+                       torch.randn((64, 2), generator=torch.Generator().manual_seed(5)))
+    assert CAF().model_dump() == {"process": "caf", "h": 1.5} and "source" not in Flow().model_dump()
+    with pytest.raises(ValueError, match="not samples of shape"):
+        CAF(source="triangle").draw(4, (1, 8, 8))
+
+
+class _AtZero:
+    """A process whose training times are all t = 0 (so the velocity loss reads v at x_0 = x0)."""
+
+    def __init__(self, P):
+        self.P = P
+
+    def __getattr__(self, k):
+        return getattr(self.P, k)
+
+    def sample_t(self, n, device=None, generator=None):
+        return torch.zeros(n, device=device)
+
+
+def test_independent_couplings_start_from_the_source(data):
+    """CAF without reflow on a source draws x0 from it: a network answering h·(x1 − μ), μ the
+    triangle mode nearest to its input x0, has the loss h²·std² = 2.25·0.35² per dimension against
+    source draws, and a far larger one against standard-normal x0 (no source)."""
+    from fastgen_core.data import triangle
+    tri, x1 = triangle(), data.x.repeat(8, 1)                       # 2048 points
+    losses = []
+    for P in (CAF(source="triangle"), CAF()):
+        torch.manual_seed(0)
+        m = caf.Method(caf.Config(couplings="independent"), Context(data, P, NET, {}))
+        m.nets["vel"] = _Fn(lambda x, t, cond=None, class_labels=None: 1.5 * (x1 - tri.means.float()[tri.mode_of(x)]))
+        m.P = _AtZero(P)
+        losses.append(float(m.loss("vel", {"x1": x1}, 0)[0]))
+    assert abs(losses[0] - 2.25 * 0.35**2) < 0.03 and losses[1] > 2 * losses[0]
+
+
 # ----------------------------------------------------------------------------- recipe validation
 
 RAW = yaml.safe_load((ROOT / "params/toy_caf.yaml").read_text())
@@ -223,3 +320,19 @@ def test_recipe_problems_are_one_line_each(changes, line):
     probs = _problems(**changes)
     assert any(p.startswith(line) for p in probs), probs
     assert all("\n" not in p for p in probs)
+
+
+@pytest.mark.parametrize("stage, noise, line", [
+    ("caf_vel", {"process": "caf", "h": 1.5},
+     "toy_caf_mixture.yaml: stages.caf_vel.inputs.pairs: the pairs of 'pairs' start from the noise.source of its "
+     "teacher 'rf1' (triangle), this stage's process from standard normal: give both the same noise.source"),
+    ("rf2", {"process": "flow", "source": "checkerboard"},
+     "toy_caf_mixture.yaml: stages.rf2.noise.source: source 'checkerboard' is not a 2D toy Gaussian mixture"),
+])
+def test_mixture_recipe_problems_are_one_line_each(stage, noise, line):
+    raw = yaml.safe_load((ROOT / "params/toy_caf_mixture.yaml").read_text())
+    raw["stages"][stage]["noise"] = noise
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(raw, "toy_caf_mixture.yaml")
+    assert any(p.startswith(line) for p in e.value.problems), e.value.problems
+    assert all("\n" not in p for p in e.value.problems)

@@ -17,14 +17,17 @@ fed concat(x_t, v0) (`cond` channels of `nets`), trained in two stages on the sa
   The model it saves holds both networks ("vel", "acc"), so it samples alone.
 
 Couplings: the `pairs` of an ode_pairs stage (reflow), or `couplings: independent` (x0 ~ N(0, I)
-drawn per batch against data: the paper's no-reflow ablation). An EDM teacher's pair is already in
+drawn per batch against data: the paper's no-reflow ablation). With `noise: {process: caf, source: NAME}`
+x0 is drawn from a 2D toy mixture instead (mixture → mixture, `noise.CAF`; its pairs must come from a
+teacher of the same source, checked at recipe load). An EDM teacher's pair is already in
 CAF's convention (`coupling`). Losses: l2, or CAF's pseudo-Huber (`pseudo_huber`).
 
 Sampler (N steps, Δt = ±1/N): v̂ once, then x ← x + v̂·Δt + (t_i + Δt/2)·a(x, t_i, v̂)·Δt,
 exact for a constant a whatever N (and whatever the steps: `trajectory` takes them equal in κ);
 clamp to the data range at the end (`clamp`). Forward from
 t = 0 costs N + 1 evaluations, so an NFE budget of n ≥ 2 runs N = n − 1 steps; at n = 1 the model
-answers with its velocity alone (below). Inversion: the same steps from t = 1 backwards, v̂ = v_θ(x1, 1).
+answers with its velocity alone (below). Inversion: the same steps from t = 1 backwards, v̂ = v_θ(x1, 1);
+reconstruction (`reconstruct`, CAF's code) samples the inverted noise with that same v̂.
 A velocity-only model (or any model at 1 NFE) follows the flow of the marginal with the true v0,
 dx_t/dt = κ'(t)·v_θ(x_t, t)/h (κ = t² + h(t − t²), §0), by Euler steps in κ:
 x ← x + (κ(t_{i+1}) − κ(t_i))·v_θ(x, t_i)/h; one step is the public code's x1 = x0 + v_θ(x0, 0)/h.
@@ -124,12 +127,14 @@ def acceleration_fn(net) -> Callable:
 # ----------------------------------------------------------------------------- samplers
 
 @torch.no_grad()
-def caf_path(vel: Callable, acc: Callable, x: Tensor, times: list[float], **cond) -> Tensor:
+def caf_path(vel: Callable, acc: Callable, x: Tensor, times: list[float], v: Tensor | None = None,
+             **cond) -> Tensor:
     """CAF's sampler over `times` t_0, …, t_N (increasing: sampling from t_0 = 0; decreasing:
-    inversion from t_0 = 1), every state: v̂ = v(x, t_0) once, then with Δt = t_{i+1} − t_i
-    x ← x + v̂·Δt + (t_i + Δt/2)·a(x, t_i, v̂)·Δt, the exact increment of x_t = x0 + v̂·t + a·t²/2 for a
-    constant a (x_{t+Δt} − x_t = v̂·Δt + a·((t + Δt)² − t²)/2) whatever the steps. Returns (N + 1, *x.shape)."""
-    v = vel(x, times[0], **cond)
+    inversion from t_0 = 1), every state: v̂ = v(x, t_0) once (or the given `v`), then with
+    Δt = t_{i+1} − t_i x ← x + v̂·Δt + (t_i + Δt/2)·a(x, t_i, v̂)·Δt, the exact increment of
+    x_t = x0 + v̂·t + a·t²/2 for a constant a (x_{t+Δt} − x_t = v̂·Δt + a·((t + Δt)² − t²)/2)
+    whatever the steps. Returns (N + 1, *x.shape)."""
+    v = vel(x, times[0], **cond) if v is None else v
     xs = [x]
     for t, t_next in zip(times[:-1], times[1:]):
         dt = t_next - t
@@ -184,6 +189,25 @@ def invert(model, x, nfe, class_labels=None) -> Tensor:
     """Data x (t = 1) → noise (t = 0): the sampler run backwards with the same budget, v̂ = v_θ(x, 1)."""
     N, use_acc = _steps(model, nfe)
     return _path(model, x, model.noise.grid(N).tolist()[::-1], use_acc, class_labels)[-1]
+
+
+@torch.no_grad()
+def reconstruct(model, x, nfe, class_labels=None) -> Tensor:
+    """G(G⁻¹(x)) as CAF's code measures reconstruction (docs/methods.md §2): invert x with
+    v̂ = v_θ(x, 1), then sample from the inverted noise with that same v̂ (CAF's latent of x is the
+    pair (z, v̂); a fresh v_θ(z, 0) would add the velocity model's error v_θ(z, 0) − v_θ(x, 1)).
+    N = nfe − 1 steps each way; 1 + 2N evaluations. A velocity-only answer (one network, or 1 NFE)
+    evaluates v at every step and has no v̂ to keep: `sample(invert(x))`."""
+    N, use_acc = _steps(model, nfe)
+    if not use_acc:
+        return sample(model, invert(model, x, nfe, class_labels), nfe, class_labels)
+    cond, grid = condition(class_labels), model.noise.grid(N).tolist()
+    vel, acc = velocity_fn(model.nets["vel"]), acceleration_fn(model.nets["acc"])
+    v_hat = vel(x, grid[-1], **cond)
+    z = caf_path(vel, acc, x, grid[::-1], v=v_hat, **cond)[-1]
+    out = caf_path(vel, acc, z, grid, v=v_hat, **cond)[-1]
+    clamp = model.cfg.clamp
+    return out if clamp is None else out.clamp(-clamp, clamp)
 
 
 def trajectory(model, z, nfe, class_labels=None) -> Tensor:
@@ -259,7 +283,7 @@ class Method(_Base):
 
     def loss(self, group, batch, step):
         x1, cond = batch["x1"], condition(self.labels(batch))
-        x0 = batch["x0"] if "x0" in batch else torch.randn_like(x1)
+        x0 = batch["x0"] if "x0" in batch else self.P.draw_like(x1)  # N(0, I), or the process's source
         t = self.P.sample_t(x1.shape[0], device=x1.device)
         if self.cfg.part == "velocity":
             v0 = initial_velocity(x0, x1, self.P.h)

@@ -6,7 +6,8 @@ a velocity network v_θ(x_t, t) regresses the straight-line velocity of a coupli
 
     L = E_{t, (z0, x1)} ‖v_θ(x_t, t) − (x1 − z0)‖²,   t ~ U[ε_t, 1]                (RF Eq. 1)
 
-- 1-RF: independent couplings, z0 ~ N(0, I) drawn afresh for each data batch.
+- 1-RF: independent couplings, z0 ~ N(0, I) drawn afresh for each data batch (or the process's
+  `source` mixture: mixture → mixture, `noise.Flow`).
 - k-RF (reflow, input `pairs`): the deterministic couplings (z0, Z1) of the previous flow's ODE,
   z0 the pair set's standard-normal `noise`, x1 its `sample`; the network starts from the previous
   flow (input `teacher`, `init_from_teacher`).
@@ -132,7 +133,7 @@ class Method(_Base):
 
     def loss(self, group, batch, step):
         x1, cond = batch["x"], condition(self.labels(batch))
-        z0 = batch["z"] if "z" in batch else torch.randn_like(x1)
+        z0 = batch["z"] if "z" in batch else self.ctx.noise.draw_like(x1)
         noise = self.ctx.noise
         if self.cfg.t_schedule == "t0":
             t = torch.full((x1.shape[0],), noise.eps_t, device=x1.device)
