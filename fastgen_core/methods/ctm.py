@@ -41,7 +41,10 @@ g_θ(x, t, s) = D_teacher(x, t) and G is one DDIM/Euler step of the teacher from
 of N + 1 levels),  s = √(1−γ²)·(t_{n+1} − σ_min) + σ_min,
     x ← G(x, t_n, s) + √(t_{n+1}² − s²)·z_n.
 γ = 0: deterministic long jumps (N NFE); γ = 1: s = σ_min, i.e. CM multistep sampling with
-f(x, t) = G(x, t, σ_min).
+f(x, t) = G(x, t, σ_min). `sample` (γ = 0) is sony/ctm's sampler for CTM at n NFE (its `exact`
+sampler with its default empty `ts`): n jumps G(x, t_i, t_{i+1}) along the Karras grid of n + 1 levels
+from σ_max to σ_min, on the exported (EMA) weights; the times need not lie on the training grid of N
+levels (docs/methods.md §10; docs/results.md "Toy CTM from 1 to 8 steps").
 """
 from __future__ import annotations
 
