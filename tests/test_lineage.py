@@ -53,3 +53,60 @@ def test_tampered_checkpoint_is_caught_and_refused(ran, capsys):
         run_stage(ran, "cd", force=True)
     assert artifacts.read_manifest(cd) == before  # nothing written
     assert not [p for p in cd.parent.iterdir() if p.name.startswith(".cd.tmp")]
+
+
+def _edges(node: dict, out: set | None = None) -> set[tuple[str, str, str]]:
+    """Every (consumer, input stage, role) of a lineage tree."""
+    out = set() if out is None else out
+    for i in node["inputs"]:
+        out.add((node["stage"], i["stage"], i["role"]))
+        _edges(i, out)
+    return out
+
+
+def _nodes(node: dict) -> list[dict]:
+    return [node] + [n for i in node["inputs"] for n in _nodes(i)]
+
+
+@pytest.mark.xdist_group("recipe-digits_crosspaper")  # the flow run tests/test_recipes.py makes (and caches)
+def test_crosspaper_lineage_shows_guide_teacher_dmd2_and_every_msd_student(prefect_harness, tmp_path_factory,
+                                                                           mlflow_template):
+    """The cross-paper recipe (params/digits_crosspaper.yaml: autoguided teacher -> DMD2 -> MSD), shrunk
+    through the Prefect flow: the tree of its evaluation, from the manifests, holds the weak guide (a
+    snapshot of the teacher), the teacher, the autoguided DMD2 student and the K = 4 students of the
+    MSD router, each student made from the teacher AND the guide with the autoguided real score;
+    every copy of the teacher in the tree is the one teacher artifact; and the router's tree read
+    from MLflow alone has the same edges and digests."""
+    from test_recipes import ROOT, flow_run
+
+    root, p, results = flow_run(ROOT / "params" / "digits_crosspaper.yaml", tmp_path_factory, mlflow_template)
+    r = load_recipe(p)
+    tree = lineage.manifest_tree(stage_dir(r, "eval"))
+    edges = _edges(tree)
+    K = 4
+    students = {f"msd_{k}" for k in range(K)}
+    assert {("eval", s, "models") for s in ("teacher", "guide", "dmd2", "msd")} <= edges
+    assert ("guide", "teacher", "teacher") in edges
+    assert {("msd", s, "students") for s in students} <= edges
+    assert {(s, up, up) for s in students | {"dmd2"} for up in ("teacher", "guide")} <= edges
+    assert ("dmd2_plain", "guide", "guide") not in edges  # the unguided piece alone has no guide
+    nodes = _nodes(tree)
+    by_stage = {}
+    for n in nodes:
+        by_stage.setdefault(n["stage"], []).append(n)
+    assert students | {"msd", "msds", "msds_0", "msds_1", "msds_tsm_0", "msds_tsm_1", "dmd2", "dmd2_plain",
+                       "guide", "teacher", "features"} <= set(by_stage)
+    # one teacher, one guide: every occurrence carries the digest of the stage's own output
+    for stage in ("teacher", "guide", "dmd2", *students):
+        assert {n["digest"] for n in by_stage[stage]} == {results[stage]["digest"]}, stage
+    assert by_stage["guide"][0]["kind"] == "weak_snapshot" and by_stage["guide"][0]["method"]["mode"] == "snapshot"
+    for s in students | {"dmd2"}:
+        m = by_stage[s][0]["method"]
+        assert (m["name"], m["guidance"], m["real_guidance"]) == ("dmd2", "auto", 2.0), s
+    assert by_stage["msd"][0]["method"]["classes"] == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]
+    # the same tree of the router from MLflow alone (tags and logged manifests; no files read)
+    ml = lineage.MlflowLineage(f"sqlite:///{root / 'mlflow.db'}")
+    router = next(n for n in nodes if n["stage"] == "msd")
+    from_mlflow = ml.tree(router["mlflow_run_id"])
+    assert _edges(from_mlflow) == _edges(router)
+    assert {(n["stage"], n["digest"]) for n in _nodes(from_mlflow)} == {(n["stage"], n["digest"]) for n in _nodes(router)}
