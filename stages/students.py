@@ -148,8 +148,8 @@ def num_classes(data) -> int | None:
     (None: unknown until loaded, or 0 for unconditional data)."""
     if not data.conditional:
         return 0
-    if data.kind == "digits":
-        return 10
+    if data.kind == "digits" or (data.kind == "images" and data.name in ("cifar10", "mnist")):
+        return 10  # fixed class sets; an image folder's classes are its subfolders, known once listed
     if data.kind == "toy":
         from fastgen_core.data import cached_data
 

@@ -33,6 +33,10 @@ def test_same_tensors_as_the_documented_layout(cifar):
         assert torch.equal(x, torch.from_numpy(want.astype(np.float32) / 127.5 - 1).permute(0, 3, 1, 2))
         assert torch.equal(y, torch.from_numpy(labels))
     assert ds.num_classes == 10 and load_data(cfg(cifar)).num_classes == 0
+    # what a students group knows before loading (its default contiguous partition needs it)
+    from stages.students import num_classes
+
+    assert num_classes(cfg(cifar, conditional=True)) == ds.num_classes and num_classes(cfg(cifar)) == 0
 
 
 def test_same_tensors_as_torchvision(cifar):
@@ -152,3 +156,67 @@ def test_s3_root_reads_the_same(cifar, tmp_path, monkeypatch):
     finally:
         s3fs.S3FileSystem.clear_instance_cache()
         server.stop()
+
+
+# ----------------------------------------------------------------------------- 8-bit RGB through analog bits
+# params/cifar10_bits.yaml: the bits method at 256 levels reads images through the ordinary image
+# loaders; these check that what it trains on is exactly the files' 8-bit values.
+
+def _bits_method(ds):
+    from fastgen_core.config import NetworkConfig
+    from fastgen_core.methods import bits as B
+    from fastgen_core.methods.base import Context
+    from fastgen_core.noise import VPCosine
+
+    net = NetworkConfig(arch="unet", width=8, depth=1, channel_mult=[1, 2], emb_dim=16)
+    return B.Method(B.Config(levels=256, code="binary", b_scale=0.5, self_cond=True), Context(ds, VPCosine(), net))
+
+
+def _msb_first_bits(u8_chw: torch.Tensor, b_scale: float) -> torch.Tensor:
+    """(N, 3, H, W) uint8 -> (N, 24, H, W): channel c's bits in channels 8c … 8c + 7, most significant
+    first, each ±b_scale (docs/methods.md §7), written with shifts independently of fastgen_core.bits."""
+    shifts = torch.arange(7, -1, -1).reshape(1, 1, 8, 1, 1)
+    b = (u8_chw.long().unsqueeze(2) >> shifts) & 1
+    return ((2 * b - 1) * b_scale).float().flatten(1, 2)
+
+
+def test_cifar10_bytes_are_what_the_bits_method_trains_on(cifar):
+    """CIFAR-10 at 256 levels: the method's values are the file's uint8 bytes (not rounded from
+    anything else), 24 analog bits a pixel in the documented layout, and decoding gives back the
+    loaded images; one training loss runs on the conv net built for (24, 32, 32) + 24 channels."""
+    from fastgen_core.bits import dequantize
+
+    ds = load_data(cfg(cifar, conditional=True))
+    want = torch.from_numpy(cifar10_images(60, 3)[0]).permute(0, 3, 1, 2)  # the written bytes, CHW
+    m = _bits_method(ds)
+    v = m.tensors()["v"]
+    assert v.dtype == torch.uint8 and torch.equal(v, want)
+    a = m.coder.encode(v)
+    assert m.shape == (24, 32, 32) and torch.equal(a, _msb_first_bits(want, 0.5))
+    assert torch.allclose(dequantize(m.coder.decode(a), 256), ds.x, atol=1e-6, rtol=0)
+    assert m.nets["net"].inp.in_channels == 48  # 24 bits + 24 self-conditioning channels
+    torch.manual_seed(0)
+    loss, _ = m.loss("main", {"v": v[:4], "y": ds.y[:4]}, 0)
+    assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+def test_image_folder_8bit_rgb_reaches_the_bits_method_exactly(tmp_path):
+    """An image folder of 8-bit RGB PNGs (random ones and two ramps spanning 0-255): each training
+    image the method sees is one written PNG's bytes exactly."""
+    g = np.random.default_rng(5)
+    imgs = {}
+    for c in ("a", "b"):
+        (tmp_path / "f" / c).mkdir(parents=True)
+        for i in range(4):
+            arr = g.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+            if c == "a" and i == 0:
+                arr = np.arange(192, dtype=np.uint8).reshape(8, 8, 3) + np.uint8(64)  # 64 … 255
+            if c == "a" and i == 1:
+                arr = np.arange(192, dtype=np.uint8).reshape(8, 8, 3)  # 0 … 191
+            Image.fromarray(arr).save(tmp_path / "f" / c / f"{i}.png")
+            imgs[(c, i)] = arr
+    ds = load_data(DataConfig(kind="images", name="folder", root=str(tmp_path / "f"), test_fraction=0.25))
+    v = _bits_method(ds).tensors()["v"]
+    got = {bytes(x.permute(1, 2, 0).contiguous().numpy()) for x in v}
+    assert v.dtype == torch.uint8 and v.shape[1:] == (3, 8, 8) and len(v) == len(ds.x)
+    assert got <= {a.tobytes() for a in imgs.values()} and len(got) == len(v)

@@ -1,7 +1,7 @@
 """Every shipped recipe (params/*.yaml), shrunk to a tiny size, runs end to end through the Prefect
 flow (Prefect's test harness), and the small ones also through `dvc repro` (a real git + DVC
-repository in a temp dir), where the two give bit-identical artifacts stage by stage. Four small
-recipes (FLOW_ONLY) skip `dvc repro`: the others already run every stage kind and method through it.
+repository in a temp dir), where the two give bit-identical artifacts stage by stage. The small
+recipes in FLOW_ONLY skip `dvc repro`: the others already run every stage kind and method through it.
 
 Shrinking keeps each recipe's stage graph, methods and method settings and cuts only sizes:
 training steps and batch sizes, pair counts, evaluation samples, seeds and NFEs, and the U-Nets
@@ -11,10 +11,15 @@ Adding a recipe to params/ adds it to this test with no code change.
 
 Paper-scale recipes (params/cifar10_*.yaml, params/imagenet64_*.yaml: GPU-sized, `compute: ray`)
 run shrunk through the Prefect flow only (the same stage code `dvc repro` runs; the flow/dvc
-identity is checked on the small recipes) and validate at full size.
+identity is checked on the small recipes) and validate at full size. Shrinking also cuts a
+progressive group's rounds to those other stages name (cifar10_guided's 1024 -> 1 to 16 -> 1),
+explicit class groups of a students group to two students on the test data's classes
+(imagenet64_msd), and, for these recipes, the evaluation's deterministic-map metrics to 64 paths
+(`stages.evaluate.N_MAP`; unconditional data draws all 2000).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import re
@@ -22,6 +27,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import yaml
@@ -78,8 +84,8 @@ def _shrink_settings(node: dict, sides: tuple[int, int] | None = None) -> None:
             continue
         if key == "train":  # 32-pixel images: 4 steps at batch 8 (CPU time of the shrunk paper-scale recipes)
             _shrink_train(v, *((8, 4) if sides and (sides[1] or 0) >= 32 else (64, 8)))
-        elif key == "pairs":
-            v.update(n_pairs=64, steps=min(v.get("steps", 18), 4))
+        elif key == "pairs":  # 32-pixel images: 16 pairs (RK45 on a 32x32 U-Net costs ~100 evaluations a batch)
+            v.update(n_pairs=16 if sides and (sides[1] or 0) >= 32 else 64, steps=min(v.get("steps", 18), 4))
         elif key == "network":  # a copy: YAML anchors (`network: *net`) share one dict between stages
             node[key] = dict(v)
             _shrink_network(node[key], sides)
@@ -128,11 +134,32 @@ def _shrink_data(data: dict) -> tuple[int, int] | None:
     return side, data.get("resolution") or side
 
 
+def _named(r: dict) -> set[str]:
+    """Every string in the stages' inputs and guidance rows (the stage names other stages use)."""
+    def walk(v) -> set[str]:
+        if isinstance(v, str):
+            return {v}
+        return set().union(*map(walk, v.values() if isinstance(v, dict) else v if isinstance(v, list) else []))
+    return set().union(*(walk([s.get("inputs", {}), (s.get("evaluate") or {}).get("guidance", [])])
+                         for s in r["stages"].values()))
+
+
 def shrink(raw: dict) -> dict:
     """The same recipe at a size that runs in seconds (see module docstring)."""
     r = copy.deepcopy(raw)
     sides = _shrink_data(r.setdefault("data", {}))
-    for spec in r["stages"].values():
+    named = _named(r)
+    for stage, spec in r["stages"].items():
+        rounds = spec.get("rounds") if spec.get("kind") == "progressive" else None
+        if rounds:  # only the rounds other stages name (pd_8 … pd of 1024 -> 1): the first teacher at 2·N
+            ns = [int(n[len(stage) + 1:]) for n in named if n.startswith(stage + "_") and n[len(stage) + 1:].isdigit()]
+            rounds["teacher_steps"] = min(rounds["teacher_steps"], 2 * max([rounds.get("student_steps", 1), *ns]))
+        students = spec.get("students") or {}
+        if isinstance(students.get("partition"), list):  # explicit groups (ImageNet's 1000 classes): 2 students
+            from fastgen_core.methods.router import contiguous  # on the test data's classes (folder: 4 shapes)
+            from fastgen_core.shapes import CLASSES
+
+            students.update(k=2, partition=contiguous(10 if r["data"].get("name") == "cifar10" else len(CLASSES), 2))
         if spec.get("kind") in ("teacher", "distill", "feature_net", "weak_snapshot"):
             spec.setdefault("train", {})  # only training kinds take `train`
         _shrink_settings(spec, sides)
@@ -142,6 +169,8 @@ def shrink(raw: dict) -> dict:
         m = spec.get("method") or {}
         if "K" in m:
             m["K"] = 8
+        if m.get("low_nfe"):  # lowdiff: one evaluation at each lower resolution (the evaluation's NFEs are cut too)
+            m["low_nfe"] = [1] * len(m["low_nfe"])
         if m.get("name") == "ctm":  # at most 3 teacher steps per iteration (CIFAR's default is 17)
             m["max_teacher_steps"] = min(m.get("max_teacher_steps") or m.get("N", 18) - 1, 3)
         if "step" in (spec.get("guide") or {}):  # weak_snapshot: the teacher's (shrunk) snapshot step
@@ -175,7 +204,8 @@ PAPER_SCALE = ("cifar10_", "imagenet64_")  # GPU-sized recipes: shrunk through t
 # stage processes could change is per stage kind and per method (seeding, inputs read back from
 # disk), and the recipes left in cover every kind, group kind and method of the small recipes
 # (test_dvc_recipes_cover_every_kind_and_method). Each `dvc repro` costs 30-170 s of the suite.
-FLOW_ONLY = ("digits_cd", "digits_consistency", "digits_caf", "shapes_cd")
+FLOW_ONLY = ("digits_cd", "digits_consistency", "digits_caf", "shapes_cd", "digits_dmd2", "digits_msd",
+             "toy_caf_mixture")  # toy_caf runs its stage kinds and methods through DVC
 
 
 def paper_scale(recipe: Path) -> bool:
@@ -204,8 +234,9 @@ def flow_run(recipe: Path, tmp_path_factory, mlflow_template) -> tuple:
         p = write_shrunk(root / "params", str(root / "outputs"), {"uri": f"sqlite:///{root / 'mlflow.db'}"}, recipe,
                          tmp_path_factory.getbasetemp() / "data")
         saved = os.environ.pop("FASTGEN_INVOCATION", None)
-        try:
-            _FLOW[recipe.stem] = (root, p, pipeline(load_recipe(p), recipe_path=str(p)))
+        try:  # paper-scale (flow only): the deterministic-map metrics on 64 paths, not 2000 (unconditional: all of them)
+            with mock.patch("stages.evaluate.N_MAP", 64) if paper_scale(recipe) else contextlib.nullcontext():
+                _FLOW[recipe.stem] = (root, p, pipeline(load_recipe(p), recipe_path=str(p)))
         finally:
             if saved is not None:
                 os.environ["FASTGEN_INVOCATION"] = saved
@@ -323,7 +354,11 @@ def test_dvc_repro_after_touching_a_helper_reruns_exactly_its_users(recipe, tmp_
 
 
 # The papers' teacher sizes (EDM, Karras et al. 2022, Table 7): DDPM++ on CIFAR-10, ADM on ImageNet-64
-PAPER_TEACHER_PARAMS = {"cifar10_consistency": 55.7e6, "cifar10_dmd2": 55.7e6, "cifar10_caf": 55.7e6, "imagenet64_dmd2": 295.9e6}
+PAPER_TEACHER_PARAMS = {"cifar10_consistency": 55.7e6, "cifar10_dmd2": 55.7e6, "cifar10_caf": 55.7e6, "imagenet64_dmd2": 295.9e6,
+                        # score_sde DDPM++ (RF), Salimans & Ho's CIFAR U-Net (guided), pix2seq's TransUNet
+                        # (bits; no middle blocks, ours has two: +9%), EDM DDPM++ (lowdiff), EDM ADM (msd)
+                        "cifar10_reflow": 61.8e6, "cifar10_guided": 60.0e6, "cifar10_bits": 52.0e6,
+                        "cifar10_lowdiff": 55.7e6, "imagenet64_msd": 295.9e6}
 
 
 @pytest.mark.parametrize("recipe", [p for p in PER_RECIPE if paper_scale(p.values[0])])
@@ -357,7 +392,9 @@ def test_paper_scale_recipe_at_full_size(recipe, tmp_path):
     for n, orig in nets:
         assert n["width"] <= 16 and n["emb_dim"] <= 32 and n["depth"] == 1 and len(n["channel_mult"]) <= 2
         assert n.get("dropout") == orig.get("dropout")
-    want = {"cifar10_consistency": [16], "cifar10_dmd2": [16], "cifar10_caf": [16], "imagenet64_dmd2": [8]}[recipe.stem]  # level 1 at 32 px / 16 px
+    want = {"cifar10_consistency": [16], "cifar10_dmd2": [16], "cifar10_caf": [16], "imagenet64_dmd2": [8],
+            "cifar10_reflow": [16], "cifar10_guided": [16], "cifar10_bits": [16], "cifar10_lowdiff": [16],
+            "imagenet64_msd": [8]}[recipe.stem]  # level 1 at 32 px / 16 px
     assert all(n.get("attn_resolutions") == want for n, o in nets if o.get("attn_resolutions"))
     p = tmp_path / recipe.name
     p.write_text(yaml.safe_dump(with_test_data(small, tmp_path / "data"), sort_keys=False))
