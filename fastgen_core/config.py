@@ -8,7 +8,7 @@ Every number must be finite (YAML's `.nan` and `.inf` are refused), a boolean is
 """
 from __future__ import annotations
 
-from typing import Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -35,6 +35,18 @@ class Strict(BaseModel):
     finite; a boolean where a number is expected is an error, not 0 or 1."""
 
     model_config = ConfigDict(extra="forbid", validate_default=True, allow_inf_nan=False)
+    # settings added after recipes were first digested: left out of the dump while at these values,
+    # so the params digest of every stage that does not set them is as it was before they existed
+    omit_at_default: ClassVar[dict[str, Any]] = {}
+
+    @model_serializer(mode="wrap")
+    def _omit_new_settings_at_default(self, handler):
+        out = handler(self)
+        if isinstance(out, dict):
+            for k, default in self.omit_at_default.items():
+                if k in out and out[k] == default:
+                    del out[k]
+        return out
 
     @model_validator(mode="before")
     @classmethod
@@ -170,16 +182,7 @@ class TrainConfig(Strict):
     compile: bool = Field(False, description="compile the trained networks with torch.compile (in place; "
                           "state dicts unchanged; the first steps pay the compilation)")
 
-    @model_serializer(mode="wrap")
-    def _new_fields_only_when_set(self, handler):
-        """`precision: fp32`, `compile: false` and `lr_schedule: constant` (the defaults) are left out, so
-        that the params digest of every stage that does not set them is as it was before they existed."""
-        out = handler(self)
-        if isinstance(out, dict):
-            for k, default in (("precision", "fp32"), ("compile", False), ("lr_schedule", "constant")):
-                if out.get(k) == default:
-                    out.pop(k)
-        return out
+    omit_at_default = {"precision": "fp32", "compile": False, "lr_schedule": "constant"}  # (Strict)
 
     @field_validator("betas")
     @classmethod

@@ -31,8 +31,7 @@ from collections.abc import Mapping
 from typing import Annotated, Callable, Literal, Union
 
 import torch
-from pydantic import (BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_serializer,
-                      model_validator)
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, field_validator, model_validator
 
 from .config import FieldError, Strict
 
@@ -274,13 +273,7 @@ class _Source(_Flow):
             raise ValueError(f"source {v!r} is not a 2D toy Gaussian mixture (known: {', '.join(mixtures)})")
         return v
 
-    @model_serializer(mode="wrap")
-    def _without_unset_source(self, handler):
-        """Leave `source` out while it is None, so processes written before it existed keep their digests."""
-        d = handler(self)
-        if d.get("source") is None:
-            d.pop("source", None)
-        return d
+    omit_at_default = {"source": None}  # processes written before it existed keep their digests (Strict)
 
     def draw(self, n: int, shape, generator: torch.Generator | None = None) -> Tensor:
         if self.source is None:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_serializer
+from pydantic import Field
 from tqdm.auto import tqdm
 
 from fastgen_core.config import Strict
@@ -38,13 +38,7 @@ class PairsConfig(Strict):
         None, description="rf teachers: rk45 (adaptive, rtol = atol = 1e-5; RF's reflow pairs) or euler "
         "(`steps` steps); None: rk45. edm teachers always use Heun")
 
-    @model_serializer(mode="wrap")
-    def _without_unset_solver(self, handler):
-        """Leave `solver` out while it is None, so stages written before it existed keep their params digest."""
-        d = handler(self)
-        if d.get("solver") is None:
-            d.pop("solver", None)
-        return d
+    omit_at_default = {"solver": None}  # stages written before it existed keep their params digest (Strict)
 
 
 class Spec(StageSpec):

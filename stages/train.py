@@ -27,7 +27,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from pydantic import Field, model_serializer
+from pydantic import Field
 
 from fastgen_core import loop
 from fastgen_core.config import NetworkConfig, TrainConfig
@@ -56,13 +56,7 @@ class Spec(StageSpec):
         "train on these classes only (class-conditional data): the data's train and test splits are filtered "
         "to them; input pair sets are not (e.g. one student of a `students` group, docs/methods.md §8)"))
 
-    @model_serializer(mode="wrap")
-    def _classes_only_when_set(self, handler):
-        """`classes` unset is left out, so that the params digest of every stage without it is as it was."""
-        out = handler(self)
-        if self.classes is None and isinstance(out, dict):
-            out.pop("classes", None)
-        return out
+    omit_at_default = {"classes": None}  # the params digest of every stage without it is as it was (Strict)
 
     def problems(self, recipe, name: str) -> list[Problem]:
         probs = method_problems(self, recipe, name) + settings_problems(self, recipe, name)
