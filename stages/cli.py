@@ -82,8 +82,9 @@ def run(argv: list[str]) -> int:
             print(f"error: {e}", file=sys.stderr)
             return 2
     for stage in report.eval_stages(recipe):
-        text, md, _ = report.report(recipe, stage)
-        print(f"\n{text}\n\n(markdown: {report.write_markdown(recipe, stage, md)})")
+        r = report.render(recipe, stage)
+        where = report.write_markdown(recipe, stage, r["markdown"], r["html"])
+        print(f"\n{r['text']}\n\n(markdown: {where}; with the plots: {report.html_path(recipe, stage)})")
     return 0
 
 

@@ -42,13 +42,9 @@ def eval_stages(recipe: Recipe) -> list[str]:
     return [s for s in recipe.order() if recipe.stages[s].kind == "evaluate"]
 
 
-def load(recipe: Recipe, stage: str) -> tuple[dict, dict]:
-    """(manifest, metrics.json) of an evaluation stage's output (FileNotFoundError if it has not run)."""
-    return _load(recipe, stage)[1:]
-
-
-def _load(recipe: Recipe, stage: str) -> tuple[Path, dict, dict]:
-    """(verified local folder, manifest, metrics.json) of an evaluation stage's output."""
+def load(recipe: Recipe, stage: str) -> tuple[Path, dict, dict]:
+    """(verified local folder, manifest, metrics.json) of an evaluation stage's output
+    (FileNotFoundError if it has not run)."""
     path, manifest = storage.fetch(storage.location(recipe, stage))
     return Path(path), manifest, json.loads((Path(path) / "metrics.json").read_text())
 
@@ -167,7 +163,7 @@ def report(recipe: Recipe, stage: str) -> tuple[str, str, dict]:
 
 def render(recipe: Recipe, stage: str) -> dict:
     """One evaluation stage as `text` (terminal), `markdown`, `html` (self-contained) and `summary`."""
-    path, manifest, results = _load(recipe, stage)
+    path, manifest, results = load(recipe, stage)
     prim, rs = rows(recipe, manifest, results)
     head, body = cells(prim, rs)
     t = title(recipe, stage, prim, manifest)
@@ -236,12 +232,9 @@ def html_path(recipe: Recipe, stage: str) -> str:
     return f"{storage.location(recipe, stage)}.report.html"
 
 
-def write_markdown(recipe: Recipe, stage: str, md: str, page: str | None = None) -> str | None:
-    """Write the markdown report and its HTML page (`page`, or rendered here) next to the
-    evaluation's folder (not inside it: the folder's files are its manifest's); return the
-    markdown's location."""
-    if page is None:
-        page = render(recipe, stage)["html"]
+def write_markdown(recipe: Recipe, stage: str, md: str, page: str) -> str:
+    """Write the markdown report and its HTML page next to the evaluation's folder (not inside it:
+    the folder's files are its manifest's); return the markdown's location."""
     for loc, text in ((markdown_path(recipe, stage), md), (html_path(recipe, stage), page)):
         if storage.is_remote(loc):
             import fsspec
