@@ -8,6 +8,7 @@
       network: {…}                                # size smaller: the students' (smaller) network
       train: {steps: 2000, …}                     # each student's training
       tsm: {train: {steps: 1000, …}}              # size smaller: Teacher Score Matching first (optional)
+      gan: {method: {gan_gen_weight: 3e-3}, train: {steps: 500, …}}   # then DM + GAN (optional)
 
 expands (`StageSpec.expand`) into ordinary stages:
 - `msd_tsm_<k>` (size smaller with `tsm`): method `tsm` (fastgen_core/methods/tsm.py), the student's
@@ -16,6 +17,10 @@ expands (`StageSpec.expand`) into ordinary stages:
   (`classes` of stages/train.py: the data is filtered, input pair sets are not — the paper shares
   the regression set); a smaller student starts from its TSM stage (`warm_start` input) or, without
   `tsm`, from random weights;
+- `msd_gan_<k>` (with `gan`): MSD's last phase, DM + GAN: the student method with `gan: true` (and
+  the phase's other method settings), its generator started from `msd_<k>`'s (`warm_start`; the
+  fake critic starts again from the teacher, the classifier head from scratch: [ours], DMD2's code
+  resumes the critic too); the router then combines these;
 - `msd`: the router (fastgen_core/methods/router.py), a zero-step `distill` stage that copies the
   K students into one model sending each class label to its student (1 NFE for one-step students),
   evaluated, sampled and registered like any model.
@@ -24,9 +29,9 @@ never called.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from fastgen_core.config import FieldError, NetworkConfig, Strict, TrainConfig
 from fastgen_core.methods.router import Config as RouterConfig
@@ -75,6 +80,15 @@ class TSMStage(Strict):
     train: TrainConfig = Field(default_factory=TrainConfig, description="each TSM stage's training-loop settings")
 
 
+class GANPhase(Strict):
+    """DM + GAN after DM (MSD's last phase, docs/methods.md §8): each student trained again from its DM
+    stage with the method's GAN term switched on."""
+
+    method: dict[str, Any] = Field(default_factory=dict, description="the students' method settings that change "
+                                   "in this phase (gan: true is set; e.g. gan_gen_weight, gan_noised)")
+    train: TrainConfig = Field(default_factory=TrainConfig, description="each DM + GAN stage's training-loop settings")
+
+
 class Spec(StageSpec):
     """K students of one method, each on its class group, and the router that combines them."""
 
@@ -86,6 +100,8 @@ class Spec(StageSpec):
     train: TrainConfig = Field(default_factory=TrainConfig, description="each student's training-loop settings")
     noise: NoiseProcess | None = Field(None, description="the students' noise process (None: the recipe's)")
     tsm: TSMStage | None = Field(None, description="size smaller: a TSM stage before each student (None: none)")
+    gan: GANPhase | None = Field(None, description="a DM + GAN stage after each student's DM stage, started from it "
+                                 "(None: none; the students' method must have a GAN term)")
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -107,7 +123,27 @@ class Spec(StageSpec):
                 raise FieldError("method.name", f"size smaller needs a student method that can start from other "
                                  f"weights than the teacher's (a setting init_from_teacher); {self.method.name!r} "
                                  "has none")
+        if self.gan is not None:
+            self._gan_method()
         return self
+
+    def _gan_method(self) -> MethodConfig:
+        """The students' method with the GAN phase's changes (gan: true), validated as one."""
+        fields = type(self.method).model_fields
+        if "gan" not in fields or "init_from_teacher" not in fields:
+            raise FieldError("gan", f"a DM + GAN phase needs a student method with a GAN term that can start from "
+                             f"other weights than the teacher's (settings gan, init_from_teacher); "
+                             f"{self.method.name!r} has not")
+        bad = sorted(set(self.gan.method) - set(fields) | {"name", "init_from_teacher"} & set(self.gan.method))
+        if bad:
+            raise FieldError("gan.method", f"{', '.join(bad)}: not a setting of {self.method.name!r} this phase can "
+                             "change")
+        try:
+            return type(self.method).model_validate({**self.method.model_dump(), **self.gan.method, "gan": True,
+                                                     "init_from_teacher": False})
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise FieldError("gan.method." + ".".join(map(str, err["loc"])), err["msg"]) from None
 
     def expand(self, name: str, recipe) -> dict[str, StageSpec]:
         C, p = num_classes(recipe.data), self.students.partition
@@ -130,7 +166,12 @@ class Spec(StageSpec):
             members[f"{name}_{k}"] = train.Spec(
                 kind="distill", inputs=inputs, method=method, network=self.network, train=self.train,
                 noise=self.noise, classes=group or None)
-        members[name] = Route(kind="distill", inputs={"students": [f"{name}_{k}" for k in range(len(groups))]},
+            if self.gan is not None:
+                members[f"{name}_gan_{k}"] = train.Spec(
+                    kind="distill", inputs={**self.inputs, train.WARM_START: f"{name}_{k}"}, method=self._gan_method(),
+                    network=self.network, train=self.gan.train, noise=self.noise, classes=group or None)
+        last = f"{name}_gan" if self.gan is not None else name
+        members[name] = Route(kind="distill", inputs={"students": [f"{last}_{k}" for k in range(len(groups))]},
                               method=RouterConfig(classes=groups if all(groups) else None),
                               train=TrainConfig(steps=0), noise=self.noise)
         members[name]._partition = (p, C)

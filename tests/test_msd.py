@@ -94,6 +94,7 @@ def test_group_settings_are_validated_in_one_line():
     cases = {
         "network": recipe({"k": 2, "size": "smaller"}),                  # smaller without a network
         "tsm": recipe({"k": 2}, tsm={"train": {"steps": 2}}),             # TSM for same-size students
+        "gan.method": recipe({"k": 2}, gan={"method": {"name": "dmd"}}),  # the phase changes the method's name
         "inputs": {**recipe({"k": 2}), "stages": {**recipe({"k": 2})["stages"], "msd": {
             **recipe({"k": 2})["stages"]["msd"], "inputs": {"teacher": "teacher", "students": "teacher"}}}},
     }
@@ -275,6 +276,33 @@ def test_warm_start_loads_the_tsm_network(teacher_dir, tmp_path):
         assert torch.equal(m.nets["net"].state_dict()[k], v)
     assert m.nets["critic"].state_dict().keys() == load_model(teacher_dir).nets["net"].state_dict().keys()
     assert sorted(m.ctx.data.y.unique().tolist()) == [0, 1, 2, 3, 4] and m.ctx.data.num_classes == len(data.y.unique())
+
+
+def test_gan_phase_starts_each_student_from_its_dm_stage_with_the_gan_term(teacher_dir, tmp_path):
+    """MSD's DM, then DM + GAN: msd_gan_k is the group's method with gan on (and the phase's
+    changes), on group k's classes, its generator from msd_k's exported weights, its fake critic from
+    the teacher, its classifier head new; the router combines the DM + GAN students."""
+    from stages.train import build_method
+
+    r = parse_recipe(recipe({"k": 2}, method={"name": "dmd2", "ratio": 3},
+                            gan={"method": {"gan_gen_weight": 1e-3}, "train": {"steps": 2}}))
+    assert r.groups["msd"] == ["msd_0", "msd_gan_0", "msd_1", "msd_gan_1", "msd"]
+    assert r.stages["msd"].inputs == {"students": ["msd_gan_0", "msd_gan_1"]}
+    dm = build_method(r, "msd_0", {"teacher": [str(teacher_dir)]})
+    dm_model = _save(dm, loop.train(dm, TrainConfig(steps=7, batch_size=8, lr=1e-2, ema_decay=0), None, progress=False),
+                     tmp_path / "dm")
+    m = build_method(r, "msd_gan_0", {"teacher": [str(teacher_dir)], "warm_start": [str(tmp_path / "dm")]})
+    assert (dm.cfg.gan, m.cfg.gan, m.cfg.gan_gen_weight, m.cfg.ratio) == (False, True, 1e-3, 3)
+    assert "head" in m.nets and "head" not in dm.nets
+    teacher = load_model(teacher_dir).nets["net"].state_dict()
+    for k, v in dm_model.nets["net"].state_dict().items():
+        assert torch.equal(m.nets["net"].state_dict()[k], v)
+        assert torch.equal(m.nets["critic"].state_dict()[k], teacher[k])
+    assert any(not torch.equal(v, teacher[k]) for k, v in dm_model.nets["net"].state_dict().items())
+    assert sorted(m.ctx.data.y.unique().tolist()) == [0, 1, 2, 3, 4]
+    assert problems(recipe({"k": 2}, method={"name": "cd"}, gan={})) == [
+        "r.yaml: stages.msd.gan: a DM + GAN phase needs a student method with a GAN term that can start from "
+        "other weights than the teacher's (settings gan, init_from_teacher); 'cd' has not"]
 
 
 # ----------------------------------------------------------------------------- TSM
