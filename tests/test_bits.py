@@ -2,7 +2,7 @@
 self-conditioning in training and sampling, the value-histogram metric.
 
 Reference values are transcribed from the authors' public code (google-research/pix2seq:
-`models/diffusion_utils.py` for the schedule and the sampler's time steps,
+`models/diffusion_utils.py` for the schedule, the sampler's time steps and its DDPM transition,
 `models/image_discrete_diffusion_model.py` for the Gray code and the 8-bit permutation), not from
 this project's implementation."""
 from __future__ import annotations
@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import tempfile
 
+import numpy as np
 import pytest
 import torch
 
@@ -140,7 +141,7 @@ def test_sampler_follows_the_intervals_exactly_on_a_point_mass(td):
         seen.append((t, x.clone()))
         return c
 
-    out = B.ddim_sample(x0_fn, z, p, T, td=td, self_cond=False)
+    out = B.generate(x0_fn, z, p, T, td=td, self_cond=False)
     assert torch.allclose(out, c)
     steps = _authors_steps(T, td)
     assert [t for t, _ in seen] == pytest.approx([t_now for t_now, _ in steps])
@@ -165,13 +166,115 @@ def test_sampler_feeds_back_the_previous_clipped_estimate():
         return outs[-1]
 
     z = torch.randn(3, 4, 2, 2, generator=torch.Generator().manual_seed(1))
-    B.ddim_sample(x0_fn, z, VPCosine(), 6, self_cond=True, clip=1.0)
+    B.generate(x0_fn, z, VPCosine(), 6, self_cond=True, clip=1.0)
     assert torch.equal(seen[0], torch.zeros_like(z))
     for i in range(1, 6):
         assert torch.equal(seen[i], outs[i - 1].clamp(-1, 1))
     seen.clear()
-    B.ddim_sample(x0_fn, z, VPCosine(), 3, self_cond=False)
+    B.generate(x0_fn, z, VPCosine(), 3, self_cond=False)
     assert seen == [None, None, None]
+
+
+def _authors_ddpm_transition(samples, data_pred, noise_pred, gamma_now, gamma_prev, eps):
+    """pix2seq `Scheduler.transition_step`, sampler_name 'ddpm' (ddpm_var_type 'large', the default),
+    transcribed to numpy float64: log α_t = log γ_now − log γ_prev, α_t = clip(exp(·), 0, 1),
+    x_mean = rsqrt(α_t)·(x − rsqrt(1 − γ_now)·(1 − α_t)·ε̂), var = 1 − α_t, x = x_mean + √var·eps."""
+    alpha_t = np.clip(np.exp(np.log(gamma_now) - np.log(gamma_prev)), 0.0, 1.0)
+    x_mean = 1 / np.sqrt(alpha_t) * (samples - 1 / np.sqrt(1 - gamma_now) * (1 - alpha_t) * noise_pred)
+    return x_mean + np.sqrt(1.0 - alpha_t) * eps
+
+
+def _authors_generate_ddpm(x0_fn, z, T, td, eps_list, clip=1.0):
+    """pix2seq `Scheduler.generate` with pred_type 'x', x0_clip '−1,1', self_cond 'x' (the previous
+    step's clipped data_pred, zeros first), sampler 'ddpm'; returns (data_pred, states seen)."""
+    get_step = lambda t: 1.0 - t / T  # noqa: E731
+    samples, data_pred, seen = z, np.zeros_like(z), []
+    for i in range(T):
+        g, g_p = _authors_cosine(get_step(float(i))), _authors_cosine(max(get_step(float(i) + 1 + td), 0.0))
+        seen.append(samples)
+        data_pred = np.clip(x0_fn(samples, get_step(float(i)), data_pred), -clip, clip)
+        noise_pred = 1.0 / np.sqrt(1 - g) * (samples - np.sqrt(g) * data_pred)   # get_eps_from_x0
+        samples = _authors_ddpm_transition(samples, data_pred, noise_pred, g, g_p, eps_list[i])
+    return data_pred, seen
+
+
+@pytest.mark.parametrize("td", [0.0, 1.0, 2.0])
+def test_ddpm_sampler_matches_a_transcription_of_the_authors_step(td):
+    """`sampler: ddpm` against pix2seq's generate + transition_step('ddpm'), transcribed in numpy,
+    on a toy self-conditioned x0-predictor, with the same fixed noise (one N(0, I) draw a step,
+    the last step's too): every state the predictor sees and the returned x̂0 agree."""
+    T, shape = 6, (3, 4, 2, 2)
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
+
+    def toy(x, t, sc):   # exceeds the clip range in places; depends on t and on the estimate
+        return 1.6 * np.tanh(1.5 * x + 0.3 * sc) + 0.2 * t
+
+    g = torch.Generator().manual_seed(12)
+    eps_list = [torch.randn(shape, generator=g, dtype=torch.float64).numpy() for _ in range(T)]
+    want, want_seen = _authors_generate_ddpm(toy, z.numpy(), T, td, eps_list)
+    seen = []
+
+    def x0_fn(x, t, sc, y):
+        seen.append(x.clone())
+        return torch.from_numpy(toy(x.numpy(), t, sc.numpy()))
+
+    out = B.generate(x0_fn, z, VPCosine(), T, td=td, self_cond=True, clip=1.0, sampler="ddpm",
+                     generator=torch.Generator().manual_seed(12))
+    assert np.allclose(out.numpy(), want, atol=1e-10)
+    assert len(seen) == T and all(np.allclose(a.numpy(), b, atol=1e-10) for a, b in zip(seen, want_seen))
+    # not DDIM: the same predictor through DDIM gives other states
+    seen.clear()
+    B.generate(x0_fn, z, VPCosine(), T, td=td, self_cond=True, clip=1.0, sampler="ddim")
+    assert not np.allclose(seen[1].numpy(), want_seen[1], atol=1e-3)
+
+
+@pytest.mark.parametrize("td", [0.0, 1.0])
+def test_ddpm_step_on_a_point_mass_closed_form(td):
+    """Closed form: with the exact x0-predictor of a point mass at c and x = √γ_now·c + √(1 − γ_now)·e,
+    one ancestral step (α = γ_now/γ_next) gives x' = √γ_next·c + (α − γ_now)/(√α·√(1 − γ_now))·e
+    + √(1 − α)·n. Its noise variance exceeds the marginal's 1 − γ_next by γ_now(1 − α)²/(α(1 − γ_now))
+    (the 'large' variance β = 1 − α; the 'small' one, the exact posterior's, would give 0 excess)."""
+    p, T, i, c = VPCosine(), 10, 3, 0.6
+    t_now, t_next = B.asymmetric_times(T, td)[i]
+    g_now, g_next = _authors_cosine(t_now), _authors_cosine(t_next)
+    alpha = g_now / g_next
+    e = torch.randn(200_000, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    x = math.sqrt(g_now) * c + math.sqrt(1 - g_now) * e
+    n = torch.randn(e.shape, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    out = B.ddpm_step(x, torch.full_like(x, c), float(p.gamma(torch.tensor(t_now, dtype=torch.float64))),
+                      float(p.gamma(torch.tensor(t_next, dtype=torch.float64))), torch.Generator().manual_seed(14))
+    want = math.sqrt(g_next) * c + (alpha - g_now) / (math.sqrt(alpha) * math.sqrt(1 - g_now)) * e + math.sqrt(1 - alpha) * n
+    assert torch.allclose(out, want, atol=1e-9)
+    excess = float((out - math.sqrt(g_next) * c).var()) - (1 - g_next)
+    assert excess == pytest.approx(g_now * (1 - alpha) ** 2 / (alpha * (1 - g_now)), rel=0.05, abs=2e-3)
+    assert excess > 0.01
+
+
+def test_sampler_setting_default_ddim_left_out_of_the_digest_and_used_by_sample():
+    """`sampler` defaults to ddim and is left out of the dump (params digests of recipes that do
+    not set it are unchanged); `sample` uses the setting: ddpm is stochastic in torch's global
+    generator, ddim is not."""
+    assert "sampler" not in B.Config().model_dump() and B.Config(sampler="ddpm").model_dump()["sampler"] == "ddpm"
+    rec = _Recorder((4, 2, 2))
+    z = torch.randn(5, 4, 2, 2, generator=torch.Generator().manual_seed(2))
+
+    def model(sampler):
+        cfg = B.Config(levels=16, self_cond=True, sampler=sampler)
+        return LoadedModel({"method": "bits", "method_config": cfg.model_dump(), "shape": [4, 2, 2], "num_classes": 0},
+                           torch.nn.ModuleDict({"net": rec}), VPCosine())
+
+    ddim, ddpm = model("ddim"), model("ddpm")
+    assert torch.equal(ddim.sample(z, 4), ddim.sample(z, 4))
+    torch.manual_seed(0)
+    rec.calls.clear()
+    a = ddpm.sample(z, 4)
+    xs = [c["x"] for c in rec.calls]
+    torch.manual_seed(0)
+    rec.calls.clear()
+    assert torch.equal(ddpm.sample(z, 4), a)
+    rec.calls.clear()
+    ddim.sample(z, 4)
+    assert not torch.allclose(rec.calls[2]["x"], xs[2])
 
 
 class _Recorder(torch.nn.Module):

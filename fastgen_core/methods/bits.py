@@ -17,11 +17,16 @@ network first predicts x̃0 = clip(F_θ([x_t, 0], t)) without gradient; the trai
 [x_t, stopgrad x̃0]; the other rows see [x_t, 0]. At sampling each step is fed the previous step's
 clipped x̂0 (zeros at the first step).
 
-Sampler: DDIM on the asymmetric time intervals (T = nfe steps, one network evaluation each):
+Sampler (`sampler`): DDIM (default) or DDPM (ancestral; the authors' config default and their
+CIFAR-10 evaluations), both on the asymmetric time intervals (T = nfe steps, one network
+evaluation each), as the authors' Scheduler.generate / transition_step:
     t_now = 1 − i/T,   t_next = max(1 − (i + 1 + td)/T, 0),   i = 0 … T − 1,
     x̂0 = clip(F_θ(x, t_now, x̂0_prev)),  ε̂ = (x − √γ_now·x̂0)/√(1 − γ_now),
-    x ← √γ_next·x̂0 + √(1 − γ_next)·ε̂;
-the last x̂0 is decoded by thresholding at 0 and mapped back to the data range.
+    ddim: x ← √γ_next·x̂0 + √(1 − γ_next)·ε̂;
+    ddpm: α = clip(γ_now/γ_next, 0, 1), x ← (x − (1 − α)/√(1 − γ_now)·ε̂)/√α + √(1 − α)·n, n ~ N(0, I)
+          (the authors' 'large' variance β = 1 − α; td enters only through γ_next);
+the last x̂0 is decoded by thresholding at 0 and mapped back to the data range. DDPM draws its
+noise from torch's global generator (the evaluate stage seeds it per sampling seed).
 
 Noise shape. A bits model generates from standard-normal noise of the analog-bit shape (C·n, H, W);
 model.json's `shape` is that shape (so `LoadedModel.shape`, and the evaluate stage's noise, are the
@@ -31,7 +36,7 @@ contract), each row's analog-bit noise is drawn from a generator seeded by a dig
 bytes (`bit_noise`): deterministic in z, row by row, and standard normal.
 
 Input `init` (optional): a trained bits model whose weights the network starts from. With
-`train.steps: 0` this is the same model with other sampling settings (e.g. another `td`).
+`train.steps: 0` this is the same model with other sampling settings (e.g. another `td` or `sampler`).
 """
 from __future__ import annotations
 
@@ -65,6 +70,10 @@ class Config(Strict):
                       "(td in units of one step 1/T, as the authors' generate())")
     x0_clip: bool = Field(True, description="clip x̂0 to [−b_scale, b_scale] at sampling and in the "
                           "self-conditioning estimate")
+    sampler: Literal["ddim", "ddpm"] = Field(
+        "ddim", description="ddim (deterministic) or ddpm (ancestral, the authors' 'large' variance β = 1 − γ_now/γ_next; "
+        "their config default), both on the asymmetric intervals")
+    omit_at_default = {"sampler": "ddim"}  # (Strict) digests of recipes that leave it unset are unchanged
 
 
 def coder(cfg: Config) -> BitCoder:
@@ -89,21 +98,43 @@ def x0_hat(net: torch.nn.Module, noise, x_t: torch.Tensor, t, sc: torch.Tensor |
     return net(x_t, (sigma.log() / 4).float(), **cond)
 
 
+def ddim_step(x, x0, g_now: float, g_next: float, generator=None) -> torch.Tensor:
+    """DDIM (the authors' transition_step 'ddim'): x ← √γ_next·x̂0 + √(1 − γ_next)·ε̂,
+    ε̂ = (x − √γ_now·x̂0)/√(1 − γ_now)."""
+    eps = (x - g_now**0.5 * x0) / (1 - g_now) ** 0.5
+    return g_next**0.5 * x0 + (1 - g_next) ** 0.5 * eps
+
+
+def ddpm_step(x, x0, g_now: float, g_next: float, generator=None) -> torch.Tensor:
+    """Ancestral DDPM (the authors' transition_step 'ddpm', variance 'large'): α = clip(γ_now/γ_next,
+    0, 1), x ← (x − (1 − α)/√(1 − γ_now)·ε̂)/√α + √(1 − α)·n, n ~ N(0, I) from `generator`
+    (torch's global generator when None)."""
+    alpha = min(max(g_now / g_next, 0.0), 1.0)
+    eps = (x - g_now**0.5 * x0) / (1 - g_now) ** 0.5
+    mean = (x - (1 - alpha) / (1 - g_now) ** 0.5 * eps) / alpha**0.5
+    n = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
+    return mean + (1 - alpha) ** 0.5 * n
+
+
+STEPS = {"ddim": ddim_step, "ddpm": ddpm_step}
+
+
 @torch.no_grad()
-def ddim_sample(x0_fn: Callable, z: torch.Tensor, noise, steps: int, td: float = 0.0,
-                self_cond: bool = True, clip: float | None = 1.0, class_labels=None) -> torch.Tensor:
-    """DDIM from x = z on the asymmetric intervals; returns the last x̂0 (analog bits).
+def generate(x0_fn: Callable, z: torch.Tensor, noise, steps: int, td: float = 0.0, self_cond: bool = True,
+             clip: float | None = 1.0, class_labels=None, sampler: str = "ddim", generator=None) -> torch.Tensor:
+    """DDIM or DDPM (`sampler`) from x = z on the asymmetric intervals; returns the last x̂0 (analog bits).
 
     x0_fn(x, t, sc, class_labels) is the x0-predictor; with `self_cond` it gets the previous
-    step's (clipped) x̂0 as sc (zeros at the first step), else sc = None."""
+    step's (clipped) x̂0 as sc (zeros at the first step), else sc = None. DDPM draws one noise
+    tensor of z's shape a step (the last step's too, as the authors' loop), from `generator`."""
+    step = STEPS[sampler]
     x, prev = z, torch.zeros_like(z)
     for t_now, t_next in asymmetric_times(steps, td):
         g_now, g_next = (float(noise.gamma(torch.tensor(t, dtype=torch.float64))) for t in (t_now, t_next))
         x0 = x0_fn(x, t_now, prev if self_cond else None, class_labels)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
-        eps = (x - g_now**0.5 * x0) / (1 - g_now) ** 0.5
-        x = g_next**0.5 * x0 + (1 - g_next) ** 0.5 * eps
+        x = step(x, x0, g_now, g_next, generator)
         prev = x0
     return prev
 
@@ -173,8 +204,8 @@ def bit_noise(z: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def sample(model, z, nfe, class_labels=None):
-    """Decoded samples (N, *data_shape) on the L-level grid in [−1, 1] with `nfe` DDIM steps (one
-    network evaluation each), from noise z of the analog-bit shape `model.shape`, or of the data
+    """Decoded samples (N, *data_shape) on the L-level grid in [−1, 1] with `nfe` DDIM or DDPM steps
+    (`sampler`, one network evaluation each), from noise z of the analog-bit shape `model.shape`, or of the data
     shape (then `bit_noise(z)`)."""
     cfg = model.cfg
     data_shape = tuple(model.meta.get("data_shape", ()))
@@ -188,6 +219,6 @@ def sample(model, z, nfe, class_labels=None):
     def x0_fn(x, t, sc, y):
         return x0_hat(net, model.noise, x, t, sc, y)
 
-    a = ddim_sample(x0_fn, z, model.noise, nfe, cfg.td, cfg.self_cond,
-                    cfg.b_scale if cfg.x0_clip else None, class_labels)
+    a = generate(x0_fn, z, model.noise, nfe, cfg.td, cfg.self_cond, cfg.b_scale if cfg.x0_clip else None,
+                 class_labels, cfg.sampler)
     return dequantize(coder(cfg).decode(a), cfg.levels).to(z.device)
