@@ -232,6 +232,107 @@ def test_method_refuses_bad_inputs_in_one_line(data):
         caf.Method(caf.Config(), Context(data, CAF(), NET, {"pairs": bad}))
 
 
+# ----------------------------------------------------------------------------- the GAN stage
+
+def _trained_acceleration(data):
+    """A two-network model as the acceleration stage saves it, with random non-zero output layers."""
+    m = caf.Method(caf.Config(part="acceleration"),
+                   Context(data, CAF(), None, {"pairs": _pairs(), "velocity": _trained_velocity(data)}))
+    torch.manual_seed(4)
+    nn.init.normal_(m.nets["acc"].out.weight, std=0.5)
+    meta = {"method": "caf", "method_config": m.cfg.model_dump(mode="json"),
+            "networks": {n: c.model_dump(mode="json") for n, c in m.net_cfgs.items()}}
+    return LoadedModel(meta, m.nets, m.ctx.noise)
+
+
+def _gan(data, acc_model=None):
+    """The GAN stage on CAF's defaults (hinge, adaptive weight, g_every 2) with CAF's GAN t grid."""
+    cfg = caf.Config(part="acceleration", gan=caf.GANSettings(), t_levels=10)
+    acc_model = acc_model or _trained_acceleration(data)
+    return caf.Method(cfg, Context(data, CAF(), None, {"pairs": _pairs(), "acceleration": acc_model}))
+
+
+def _cafs_generator_loss(vel, acc, D, x0, x1, t):
+    """CAF's code (`adversarial_training_losses` on a generator step, `get_GAN_loss`,
+    `calculate_adaptive_weight`), transcribed: v̂ = velmodel(x0, 0) (v0 input zeros); x_t =
+    (1 − t²)·x0 + t²·x1 + v̂·(t − t²); caf_loss = mean_flat((a(x_t, t, v̂) − (2(x1 − x0) − 2v̂))²);
+    fake x0 + v̂·1 + ½·a(x0, 0, v̂)·1; g_loss = mean(−D(fake)); d_weight = ‖∇_W 2·caf_loss‖/(‖∇_W
+    g_loss‖ + 1e-4) clamped to [0, 1e4], clipped to [0.01, 10], W the last layer; loss caf_loss +
+    d_weight·g_loss. Returns (loss, d_weight)."""
+    n, zero = x0.shape[0], torch.zeros(x0.shape[0])
+    with torch.no_grad():
+        v = vel(x0, zero, cond=torch.zeros_like(x0))
+    tc = t[:, None]
+    x_t = (1 - tc**2) * x0 + tc**2 * x1 + v * (tc - tc**2)
+    l_caf = ((acc(x_t, t, cond=v) - (2 * (x1 - x0) - 2 * v)) ** 2).mean(1).mean()
+    g_loss = (-D(x0 + v + 0.5 * acc(x0, zero, cond=v))).mean()
+    W = acc.out.weight
+    g1 = torch.autograd.grad(2 * l_caf, W, retain_graph=True)[0]
+    g2 = torch.autograd.grad(g_loss, W, retain_graph=True)[0]
+    w = torch.clip(torch.clamp(g1.norm() / (g2.norm() + 1e-4), 0.0, 1e4), 0.01, 10).detach()
+    assert n == x1.shape[0]
+    return l_caf + w * g_loss, w
+
+
+def test_gan_generator_loss_is_cafs_with_the_adaptive_weight_clipped(data):
+    """The generator's loss and weight against the transcription of CAF's code above (t on CAF's GAN
+    grid {0, 0.1, …, 1}, drawn first); then the clip: a discriminator whose logits are scaled by 10⁶
+    (‖∇L_G‖ huge) gets the floor 0.01, one scaled by 10⁻⁶ the ceiling 10."""
+    m, pairs = _gan(data), _pairs()
+    batch = {"x0": pairs["noise"][:64], "x1": pairs["sample"][:64]}
+    with torch.no_grad():
+        m.nets["disc"].out.weight.mul_(1000)                      # logits of order 1: λ inside the clip
+    torch.manual_seed(5)
+    loss, logs = m.loss("acc", batch, 0)
+    torch.manual_seed(5)
+    t = torch.randint(0, 11, (64,)) / 10
+    ref, w = _cafs_generator_loss(m.nets["vel"], m.nets["acc"], m.nets["disc"], batch["x0"], batch["x1"], t)
+    assert 0.01 < float(w) < 10, "the unclipped regime"
+    assert torch.allclose(logs["gan_weight"], w, rtol=1e-5) and torch.allclose(loss, ref, rtol=1e-5)
+    for scale, bound in ((1e6, 0.01), (1e-6, 10.0)):
+        with torch.no_grad():
+            m.nets["disc"].out.weight.mul_(scale)
+        torch.manual_seed(5)
+        assert float(m.loss("acc", batch, 0)[1]["gan_weight"]) == pytest.approx(bound, rel=1e-6)
+        with torch.no_grad():
+            m.nets["disc"].out.weight.div_(scale)
+
+
+def test_gan_stage_alternates_and_each_loss_updates_only_its_own_network(data):
+    """CAF's loop: the generator (acceleration) steps when step % 2 == 0, the discriminator on the
+    other steps. The generator's loss leaves the discriminator and the frozen velocity without
+    gradient; the discriminator's loss leaves both networks without gradient and sees data points
+    (not the couplings' x1) as real and the 1-step samples x0 + v̂ + ½·a(x0, 0, v̂) as fake."""
+    acc_model = _trained_acceleration(data)
+    m, pairs = _gan(data, acc_model), _pairs()
+    assert m.export == ("vel", "acc")
+    for n in ("vel", "acc"):                                        # finetuned from the acceleration stage
+        assert all(torch.equal(v, acc_model.nets[n].state_dict()[k]) for k, v in m.nets[n].state_dict().items())
+    groups = {g.name: g for g in m.groups()}
+    assert [s for s in range(8) if groups["acc"].due(s)] == [0, 2, 4, 6]
+    assert [s for s in range(8) if groups["disc"].due(s)] == [1, 3, 5, 7]
+    assert groups["disc"].lr_scale == 50.0
+    batch = {"x0": pairs["noise"][:64], "x1": pairs["sample"][:64]}
+    m.loss("acc", batch, 0)[0].backward()
+    assert all(p.grad is None for n in ("disc", "vel") for p in m.nets[n].parameters())
+    assert m.nets["acc"].out.weight.grad.abs().sum() > 0
+    m.nets["acc"].zero_grad(set_to_none=True)
+    seen = []
+    hook = m.nets["disc"].register_forward_hook(lambda mod, inp, out: seen.append((inp[0].detach(), out.detach())))
+    loss, _ = m.loss("disc", batch, 1)
+    hook.remove()
+    loss.backward()
+    assert all(p.grad is None for n in ("acc", "vel") for p in m.nets[n].parameters())
+    assert m.nets["disc"].out.weight.grad.abs().sum() > 0
+    (real, r), (fake, f) = seen
+    assert all(bool((data.x == row).all(1).any()) for row in real)                 # rows of the data set
+    assert not any(bool((batch["x1"] == row).all(1).any()) for row in real)
+    x0, zero = batch["x0"], torch.zeros(64)
+    v = m.nets["vel"](x0, zero)
+    assert torch.allclose(fake, x0 + v + 0.5 * m.nets["acc"](x0, zero, cond=v), atol=1e-6)
+    assert torch.allclose(loss, torch.relu(1 - r).mean() + torch.relu(1 + f).mean())
+
+
 # ----------------------------------------------------------------------------- mixture → mixture
 
 def test_a_source_mixture_replaces_the_standard_normal_only_where_set():
@@ -315,6 +416,12 @@ def _problems(**changes) -> list[str]:
     ({"stages__caf_vel__noise": None}, "toy_caf.yaml: noise.process: method 'caf' trains in the caf process, not 'edm'"),
     ({"stages__caf_vel__noise": {"process": "caf", "h": 3.0}}, "toy_caf.yaml: stages.caf_vel.noise"),
     ({"stages__caf_vel__method": {"name": "caf", "part": "jerk"}}, "toy_caf.yaml: stages.caf_vel.method"),
+    ({"stages__caf_gan__inputs": {"pairs": "pairs"}},
+     "toy_caf.yaml: stages.caf_gan.inputs.acceleration: method 'caf' needs input 'acceleration'"),
+    ({"stages__caf_gan__method__part": "velocity"},
+     "toy_caf.yaml: stages.caf_gan.method.gan: CAF's GAN stage finetunes the acceleration: needs part: acceleration"),
+    ({"stages__caf_gan__method__gan__g_every": 1}, "toy_caf.yaml: stages.caf_gan.method.gan.g_every: "),
+    ({"stages__caf_gan__method__gan__noised": True}, "toy_caf.yaml: stages.caf_gan.method.gan.noised: "),
 ])
 def test_recipe_problems_are_one_line_each(changes, line):
     probs = _problems(**changes)

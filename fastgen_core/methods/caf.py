@@ -16,6 +16,16 @@ fed concat(x_t, v0) (`cond` channels of `nets`), trained in two stages on the sa
   stage): v̂ = stopgrad v_θ(x0, 0), x_t rebuilt with v̂, a_φ(x_t, t, v̂) regresses 2(x1 − x0) − 2v̂.
   The model it saves holds both networks ("vel", "acc"), so it samples alone.
 
+- `gan: {…}` (CAF's optional GAN stage, scripts/caf_train_gan.py; part: acceleration, input
+  `acceleration`: a trained acceleration stage): both networks copied from that stage, v_θ frozen,
+  a_φ finetuned on L_rec + λ·L_G. L_rec is the acceleration loss above on the couplings (t on
+  {0, 1/K, …, 1}, K = `t_levels`, CAF's GAN code: 10); L_G the hinge generator loss of the 1-step
+  sample x̂ = x0 + v̂ + ½·a_φ(x0, 0, v̂) of the coupling's noise; λ = clip(‖∇_W 2·L_rec‖ /
+  (‖∇_W L_G‖ + 10⁻⁴), 0.01, 10) on a_φ's output layer W (`gan.adaptive_weight` on 2·L_rec). An
+  unconditional discriminator "disc" sees the data set's points (real) against detached x̂ (fake)
+  with the hinge loss; generator and discriminator alternate (a_φ on steps ≡ 0 mod g_every, the
+  discriminator on the others: `Group.skip_every`), as CAF's loop does.
+
 Couplings: the `pairs` of an ode_pairs stage (reflow), or `couplings: independent` (x0 ~ N(0, I)
 drawn per batch against data: the paper's no-reflow ablation). With `noise: {process: caf, source: NAME}`
 x0 is drawn from a 2D toy mixture instead (mixture → mixture, `noise.CAF`; its pairs must come from a
@@ -37,9 +47,10 @@ from __future__ import annotations
 from typing import Callable, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..config import Strict
+from ..config import FieldError, Strict
+from ..gan import Adversary, Discriminator, GANConfig, gan_term
 from ..noise import CAF
 from .base import Group, Role
 from .base import Method as _Base
@@ -47,6 +58,15 @@ from .common import col, condition, network_settings, per_sample
 from .rf import pairs_digest
 
 Tensor = torch.Tensor
+
+
+class GANSettings(GANConfig):
+    """The GAN stage's settings: `gan.GANConfig` with CAF's code's defaults (scripts/caf_train_gan.py)."""
+
+    g_every: int = Field(2, ge=2, description="the generator steps on iterations ≡ 0 mod g_every, the discriminator on "
+                         "the others (CAF's code: 2; they alternate, so at least 2)")
+    lr_scale: float = Field(50.0, gt=0, description="discriminator lr = lr_scale × the stage's lr (CAF's code: "
+                            "1e-3 against the generator's 2e-5)")
 
 
 class Config(Strict):
@@ -63,6 +83,21 @@ class Config(Strict):
         "l2", description="l2, or CAF's pseudo-Huber (√(‖Δ‖² + c²) − c)/d, c = 0.00054·d")
     clamp: float | None = Field(None, gt=0, description="sampling clamps the result to [−clamp, clamp] "
                                 "(1 for images in [−1, 1]; None: no clamp)")
+    t_levels: int = Field(1000, ge=1, description="training times t uniform on {0, 1/K, …, 1}, K = t_levels "
+                          "(CAF's code: 1000; its GAN stage: 10)")
+    gan: GANSettings | None = Field(None, description="CAF's GAN stage (part: acceleration, input `acceleration`): "
+                                    "finetune the acceleration on its loss + λ·hinge L_G of 1-step samples against "
+                                    "the data (discriminator 'disc'); None: no GAN")
+
+    omit_at_default = {"t_levels": 1000, "gan": None}  # (Strict) stages that leave them unset keep their digests
+
+    @model_validator(mode="after")
+    def _gan_fits_caf(self):
+        if self.gan is not None and self.part != "acceleration":
+            raise FieldError("gan", "CAF's GAN stage finetunes the acceleration: needs part: acceleration")
+        if self.gan is not None and self.gan.noised:
+            raise FieldError("gan.noised", "CAF's discriminator sees clean samples (no EDM noising)")
+        return self
 
 
 # ----------------------------------------------------------------------------- the path (docs/methods.md §2)
@@ -98,6 +133,19 @@ def pseudo_huber(pred: Tensor, target: Tensor) -> Tensor:
     d = diff.shape[1]
     c = 0.00054 * d
     return ((diff**2).sum(1) + c**2).sqrt().sub(c) / d
+
+
+def sample_t(P: CAF, n: int, levels: int, device=None) -> Tensor:
+    """t uniform on {0, 1/K, …, 1}, K = `levels` (CAF's `UniformSampler`); K = 1000 is the process's
+    own law (`noise.CAF.sample_t`)."""
+    if levels == 1000:
+        return P.sample_t(n, device=device)
+    return torch.randint(0, levels + 1, (n,), device=device) / levels
+
+
+def one_step(acc: Callable, x0: Tensor, v_hat: Tensor, **cond) -> Tensor:
+    """CAF's 1-step estimate x̂ = x0 + v̂ + ½·a(x0, 0, v̂) (the GAN stage's fake; `caf_path` with N = 1)."""
+    return x0 + v_hat + 0.5 * acc(x0, 0.0, v_hat, **cond)
 
 
 def caf_loss(pred: Tensor, target: Tensor, kind: str) -> Tensor:
@@ -228,13 +276,16 @@ class Method(_Base):
                       description="teacher couplings (noise, sample, label) of an ode_pairs stage (couplings: pairs)"),
         "velocity": Role("model", required=False, method="caf",
                          description="the trained velocity stage whose v̂ conditions the acceleration (part: acceleration)"),
+        "acceleration": Role("model", required=False, method="caf",
+                             description="the trained acceleration stage that the GAN stage (`gan`) finetunes"),
     }
     processes = ("caf",)
 
     @classmethod
     def required_roles(cls, cfg: Config) -> set[str]:
         return ({"pairs"} if cfg.couplings == "pairs" else set()) | (
-            {"velocity"} if cfg.part == "acceleration" else set())
+            {"velocity"} if cfg.part == "acceleration" and cfg.gan is None else set()) | (
+            {"acceleration"} if cfg.gan is not None else set())
 
     def __init__(self, cfg: Config, ctx):
         super().__init__(cfg, ctx)
@@ -244,9 +295,12 @@ class Method(_Base):
         self.pairs = ctx.inputs.get("pairs") if cfg.couplings == "pairs" else None
         if self.pairs is not None:
             self._check_pairs(self.pairs)
+        self.adv = None
         if cfg.part == "velocity":
             self.export = ("vel",)
             self.add_net("vel", net_settings(network_settings(ctx), shape))
+        elif cfg.gan is not None:
+            self._finetune(ctx.inputs["acceleration"])
         else:
             velmodel = ctx.inputs["velocity"]
             if velmodel.noise != ctx.noise:
@@ -257,6 +311,25 @@ class Method(_Base):
             vel.requires_grad_(False)
             own = ctx.network if ctx.network is not None else velmodel.meta_net_cfg("vel")
             self.add_net("acc", net_settings(own, shape))
+
+    def _finetune(self, accmodel) -> None:
+        """The GAN stage (CAF's caf_train_gan.py): v_θ and a_φ copied from a trained acceleration stage
+        (its saved EMA weights), v_θ frozen; an unconditional discriminator "disc" (CAF's takes no
+        class); the data set's points as the real samples."""
+        if accmodel.noise != self.ctx.noise or "acc" not in accmodel.nets:
+            raise ValueError(f"inputs.acceleration: needs a two-network caf model trained in this stage's process "
+                             f"{self.ctx.noise.model_dump()} (got networks {sorted(accmodel.nets)}, process "
+                             f"{accmodel.noise.model_dump()})")
+        if self.ctx.network is not None and net_settings(self.ctx.network, self.ctx.data.shape) != accmodel.meta_net_cfg("acc"):
+            raise ValueError("network: the GAN stage finetunes the `acceleration` input's networks; give its network")
+        self.export = ("vel", "acc")
+        self.add_net("vel", accmodel.meta_net_cfg("vel"), init_from=accmodel.nets["vel"]).requires_grad_(False)
+        self.add_net("acc", accmodel.meta_net_cfg("acc"), init_from=accmodel.nets["acc"])
+        g = self.cfg.gan
+        D = Discriminator(self.ctx.data.shape, 0, g.width, g.depth).to(self.ctx.device)
+        self.nets["disc"] = D
+        self.adv = Adversary(g, D, self.ctx.noise)
+        self.real = self.ctx.data.x.to(self.ctx.device)
 
     def _check_pairs(self, pairs: dict) -> None:
         x0, x1 = coupling(pairs)
@@ -269,8 +342,14 @@ class Method(_Base):
                              "but the data is class-conditional")
 
     def groups(self) -> list[Group]:
+        """The trained network; in the GAN stage a_φ on steps ≡ 0 mod g_every and the discriminator
+        (lr × lr_scale) on the others (CAF's loop steps one or the other each iteration)."""
         name = "vel" if self.cfg.part == "velocity" else "acc"
-        return [Group(name, list(self.nets[name].parameters()))]
+        if self.adv is None:
+            return [Group(name, list(self.nets[name].parameters()))]
+        g = self.cfg.gan
+        return [Group("acc", list(self.nets["acc"].parameters()), every=g.g_every),
+                Group("disc", list(self.nets["disc"].parameters()), lr_scale=g.lr_scale, skip_every=g.g_every)]
 
     def tensors(self) -> dict[str, Tensor]:
         if self.pairs is None:  # independent couplings: data here, noise drawn per batch
@@ -284,16 +363,37 @@ class Method(_Base):
     def loss(self, group, batch, step):
         x1, cond = batch["x1"], condition(self.labels(batch))
         x0 = batch["x0"] if "x0" in batch else self.P.draw_like(x1)  # N(0, I), or the process's source
-        t = self.P.sample_t(x1.shape[0], device=x1.device)
+        if group == "disc":
+            return self._discriminator_loss(x0, cond)
+        t = sample_t(self.P, x1.shape[0], self.cfg.t_levels, device=x1.device)
         if self.cfg.part == "velocity":
             v0 = initial_velocity(x0, x1, self.P.h)
             pred = velocity_fn(self.nets["vel"])(interpolant(x0, x1, v0, t), t, **cond)
             return caf_loss(pred, v0, self.cfg.loss), {}
-        self.nets["vel"].eval()  # v̂ from the frozen velocity model, without dropout
+        v_hat = self._v_hat(x0, cond)
+        if self.adv is not None and self.cfg.clamp is not None:  # CAF's GAN loop clamps the couplings' data
+            x1 = x1.clamp(-self.cfg.clamp, self.cfg.clamp)
+        acc = acceleration_fn(self.nets["acc"])
+        loss = caf_loss(acc(interpolant(x0, x1, v_hat, t), t, v_hat, **cond), acceleration(x0, x1, v_hat), self.cfg.loss)
+        if self.adv is None or step < self.cfg.gan.start:
+            return loss, {}
+        fake = one_step(acc, x0, v_hat, **cond)
+        l_gan, lam = gan_term(self.adv, self.cfg.gan, 2 * loss, fake, None, None, self.nets["acc"])
+        return loss + lam * l_gan, {"caf": loss.detach(), "gan": l_gan.detach(), "gan_weight": lam}
+
+    def _v_hat(self, x0: Tensor, cond: dict) -> Tensor:
+        """v̂ = stopgrad v_θ(x0, 0) from the frozen velocity model in eval mode (no dropout)."""
+        self.nets["vel"].eval()
         with torch.no_grad():
-            v_hat = velocity_fn(self.nets["vel"])(x0, 0.0, **cond)
-        pred = acceleration_fn(self.nets["acc"])(interpolant(x0, x1, v_hat, t), t, v_hat, **cond)
-        return caf_loss(pred, acceleration(x0, x1, v_hat), self.cfg.loss), {}
+            return velocity_fn(self.nets["vel"])(x0, 0.0, **cond)
+
+    def _discriminator_loss(self, x0: Tensor, cond: dict):
+        """Hinge L_D: data points drawn at random (real; CAF's loader of the real data set, apart from the
+        couplings) against the detached 1-step samples x̂ of the couplings' noise (fake)."""
+        with torch.no_grad():
+            fake = one_step(acceleration_fn(self.nets["acc"]), x0, self._v_hat(x0, cond), **cond)
+        real = self.real[torch.randint(self.real.shape[0], (x0.shape[0],)).to(self.real.device)]
+        return self.adv.discriminator_loss(real, fake)
 
     def meta(self) -> dict:
         """Which couplings the model was trained on (the pair set's digest, as rf records it)."""
