@@ -154,6 +154,28 @@ def test_classifier_loss_updates_critic_backbone_and_head(data):
     assert all(g is None or torch.count_nonzero(g) == 0 for g in _grads(m.nets["head"]))
 
 
+def test_diffusion_gan_inputs_are_noised_over_the_grid(data):
+    """gan_noised (DMD2's `compute_cls_logits` with --diffusion_gan): the critic reads x + σ·ε at
+    σ = karras_sigmas[i], i ~ U{0 … max − 1} of the ascending grid (the whole grid by default, the
+    first `gan_noise_levels` otherwise); without it, the clean x at the smallest level."""
+    torch.manual_seed(0)
+    x0 = torch.full((4000, 2), 0.3)
+    levels = _karras_dmd2(1000, EDM().sigma_min, EDM().sigma_max).float()
+    for kw, top in [({"gan_noised": True}, 999), ({"gan_noised": True, "gan_noise_levels": 10}, 9), ({}, 0)]:
+        m = _method(dmd2, data, {"teacher": Teacher(data)}, gan=True, **kw)
+        seen = {}
+        m.features = lambda x, sigma, **c: seen.update(x=x, sigma=sigma) or torch.zeros(len(x), 32)
+        m.logits(x0)
+        i = torch.searchsorted(levels, seen["sigma"].clamp(max=levels[-1]))
+        assert torch.allclose(levels[i.clamp(max=999)], seen["sigma"], rtol=1e-4)
+        assert int(i.max()) >= top - max(top // 50, 0) and int(i.max()) <= top and int(i.min()) <= top // 50
+        if not kw:
+            assert torch.equal(seen["x"], x0)
+            continue
+        e = (seen["x"] - x0) / seen["sigma"][:, None]
+        assert abs(float(e.mean())) < 0.05 and abs(float(e.std()) - 1) < 0.05
+
+
 # ----------------------------------------------------------------------------- multi-step
 
 def _karras_dmd2(n, sigma_min, sigma_max, rho=7.0):
