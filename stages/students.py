@@ -155,6 +155,7 @@ class Spec(StageSpec):
         method = self.method
         if self.students.size == "smaller":
             method = method.model_copy(update={"init_from_teacher": False})
+        gan_method = self._gan_method() if self.gan is not None else None
         members: dict[str, StageSpec] = {}
         for k, group in enumerate(groups):
             inputs = dict(self.inputs)
@@ -166,11 +167,11 @@ class Spec(StageSpec):
             members[f"{name}_{k}"] = train.Spec(
                 kind="distill", inputs=inputs, method=method, network=self.network, train=self.train,
                 noise=self.noise, classes=group or None)
-            if self.gan is not None:
+            if gan_method is not None:
                 members[f"{name}_gan_{k}"] = train.Spec(
-                    kind="distill", inputs={**self.inputs, train.WARM_START: f"{name}_{k}"}, method=self._gan_method(),
+                    kind="distill", inputs={**self.inputs, train.WARM_START: f"{name}_{k}"}, method=gan_method,
                     network=self.network, train=self.gan.train, noise=self.noise, classes=group or None)
-        last = f"{name}_gan" if self.gan is not None else name
+        last = f"{name}_gan" if gan_method is not None else name
         members[name] = Route(kind="distill", inputs={"students": [f"{last}_{k}" for k in range(len(groups))]},
                               method=RouterConfig(classes=groups if all(groups) else None),
                               train=TrainConfig(steps=0), noise=self.noise)

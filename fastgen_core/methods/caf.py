@@ -144,7 +144,8 @@ def sample_t(P: CAF, n: int, levels: int, device=None) -> Tensor:
 
 
 def one_step(acc: Callable, x0: Tensor, v_hat: Tensor, **cond) -> Tensor:
-    """CAF's 1-step estimate x̂ = x0 + v̂ + ½·a(x0, 0, v̂) (the GAN stage's fake; `caf_path` with N = 1)."""
+    """CAF's 1-step estimate x̂ = x0 + v̂ + ½·a(x0, 0, v̂) (the GAN stage's fake; `caf_path` with N = 1,
+    which samples without gradients)."""
     return x0 + v_hat + 0.5 * acc(x0, 0.0, v_hat, **cond)
 
 
