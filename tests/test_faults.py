@@ -293,7 +293,9 @@ def test_two_flows_of_one_recipe_at_once_run_each_stage_once(prefect_harness, ti
     for t in threads:
         t.start()
     err, t_end = "", time.monotonic() + 150
-    while "is running this stage; waiting for it to finish" not in err and time.monotonic() < t_end:
+    # the holder pauses at its first checkpoint (it writes `flag`), the other may start waiting before
+    while not ("is running this stage; waiting for it to finish" in err and flag.exists()) \
+            and time.monotonic() < t_end:
         time.sleep(0.1)
         err += capfd.readouterr().err
     flag.unlink(missing_ok=True)  # the held flow goes on
