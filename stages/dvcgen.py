@@ -176,4 +176,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .run import exit_now
+
+    exit_now(main())
