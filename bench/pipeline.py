@@ -1,5 +1,5 @@
 """Where a pipeline's wall time goes: run a recipe stage by stage as separate processes, the way
-`dvc repro` does (`python -m stages.<kind> RECIPE STAGE --force`), into a fresh storage root and
+`dvc repro` does (`python -m stages.run RECIPE STAGE --force`), into a fresh storage root and
 MLflow store, and split each stage's wall time into compute and overhead.
 
 Each stage prints one `[fastgen-timing] {json}` line on stderr (stages/runtime.py) with its phases;
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
     try:
         for stage in order:
             kind = recipe.stages[stage].kind
-            cmd = [sys.executable, "-m", f"stages.{kind}", str(rpath), stage, "--force"]
+            cmd = [sys.executable, "-m", "stages.run", str(rpath), stage, "--force"]
             launched, t0 = time.time(), time.perf_counter()
             with subprocess.Popen(cmd, cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                   text=True, start_new_session=True) as proc:

@@ -6,7 +6,7 @@ recipes in FLOW_ONLY skip `dvc repro`: the others already run every stage kind a
 Shrinking keeps each recipe's stage graph, methods and method settings and cuts only sizes:
 training steps and batch sizes, pair counts, evaluation samples, seeds and NFEs, and the U-Nets
 (width, embedding, blocks, levels). Image recipes read a small dataset the test writes in the real
-on-disk format (CIFAR-10's python batches, or an image folder of PNG files) at 16-32 pixels.
+on-disk format (CIFAR-10's python batches, or an image folder of PNG files), read at 16 pixels.
 Adding a recipe to params/ adds it to this test with no code change.
 
 Paper-scale recipes (params/cifar10_*.yaml, params/imagenet64_*.yaml: GPU-sized, `compute: ray`)
@@ -14,7 +14,8 @@ run shrunk through the Prefect flow only (the same stage code `dvc repro` runs; 
 identity is checked on the small recipes) and validate at full size. Shrinking also cuts a
 progressive group's rounds to those other stages name (cifar10_guided's 1024 -> 1 to 16 -> 1),
 explicit class groups of a students group to two students on the test data's classes
-(imagenet64_msd), and, for these recipes, the evaluation's deterministic-map metrics to 64 paths
+(imagenet64_msd), scales LowDiff's cascade of resolutions with the image side (cifar10_lowdiff's
+8, 16, 32 -> 4, 8, 16), and, for these recipes, the evaluation's deterministic-map metrics to 64 paths
 (`stages.evaluate.N_MAP`; unconditional data draws all 2000).
 """
 from __future__ import annotations
@@ -82,10 +83,10 @@ def _shrink_settings(node: dict, sides: tuple[int, int] | None = None) -> None:
     for key, v in node.items():
         if not isinstance(v, dict):
             continue
-        if key == "train":  # 32-pixel images: 4 steps at batch 8 (CPU time of the shrunk paper-scale recipes)
-            _shrink_train(v, *((8, 4) if sides and (sides[1] or 0) >= 32 else (64, 8)))
-        elif key == "pairs":  # 32-pixel images: 16 pairs (RK45 on a 32x32 U-Net costs ~100 evaluations a batch)
-            v.update(n_pairs=16 if sides and (sides[1] or 0) >= 32 else 64, steps=min(v.get("steps", 18), 4))
+        if key == "train":  # paper-scale images: 4 steps at batch 8 (CPU time of the shrunk paper-scale recipes)
+            _shrink_train(v, *((8, 4) if sides and (sides[0] or 0) >= 32 else (64, 8)))
+        elif key == "pairs":  # paper-scale images: 16 pairs (RK45 on a U-Net costs ~100 evaluations a batch)
+            v.update(n_pairs=16 if sides and (sides[0] or 0) >= 32 else 64, steps=min(v.get("steps", 18), 4))
         elif key == "network":  # a copy: YAML anchors (`network: *net`) share one dict between stages
             node[key] = dict(v)
             _shrink_network(node[key], sides)
@@ -120,7 +121,7 @@ def with_test_data(raw: dict, base: Path) -> dict:
 
 
 def _shrink_data(data: dict) -> tuple[int, int] | None:
-    """Cut toy sample counts, and resized image data (e.g. 64-pixel recipes) to 16 pixels a side;
+    """Cut toy sample counts, and image data over 16 pixels a side (CIFAR-10, 64-pixel recipes) to 16;
     returns (image side as written, shrunk side) for image data (None otherwise)."""
     kind = data.get("kind", "toy")
     if kind == "toy":
@@ -129,8 +130,8 @@ def _shrink_data(data: dict) -> tuple[int, int] | None:
     if kind == "digits":
         return 8, 8
     side = data.get("resolution") or {"cifar10": 32, "folder": 16, "mnist": 28}.get(data.get("name"))
-    if data.get("resolution"):
-        data["resolution"] = min(data["resolution"], 16)
+    if side and side > 16:
+        data["resolution"] = 16
     return side, data.get("resolution") or side
 
 
@@ -171,6 +172,8 @@ def shrink(raw: dict) -> dict:
             m["K"] = 8
         if m.get("low_nfe"):  # lowdiff: one evaluation at each lower resolution (the evaluation's NFEs are cut too)
             m["low_nfe"] = [1] * len(m["low_nfe"])
+        if m.get("resolutions") and sides and sides[0] != sides[1]:  # lowdiff's cascade, scaled to the shrunk side
+            m["resolutions"] = [r * sides[1] // sides[0] for r in m["resolutions"]]
         if m.get("name") == "ctm":  # at most 3 teacher steps per iteration (CIFAR's default is 17)
             m["max_teacher_steps"] = min(m.get("max_teacher_steps") or m.get("N", 18) - 1, 3)
         if "step" in (spec.get("guide") or {}):  # weak_snapshot: the teacher's (shrunk) snapshot step
@@ -391,9 +394,9 @@ def test_paper_scale_recipe_at_full_size(recipe, tmp_path):
     for n, orig in nets:
         assert n["width"] <= 16 and n["emb_dim"] <= 32 and n["depth"] == 1 and len(n["channel_mult"]) <= 2
         assert n.get("dropout") == orig.get("dropout")
-    want = {"cifar10_consistency": [16], "cifar10_dmd2": [16], "cifar10_caf": [16], "imagenet64_dmd2": [8],
-            "cifar10_reflow": [16], "cifar10_guided": [16], "cifar10_bits": [16], "cifar10_lowdiff": [16],
-            "imagenet64_msd": [8]}[recipe.stem]  # level 1 at 32 px / 16 px
+    want = {"cifar10_consistency": [8], "cifar10_dmd2": [8], "cifar10_caf": [8], "imagenet64_dmd2": [8],
+            "cifar10_reflow": [8], "cifar10_guided": [8], "cifar10_bits": [8], "cifar10_lowdiff": [8],
+            "imagenet64_msd": [8]}[recipe.stem]  # level 1 (16 px at 32 px, 32 px at 64 px): 8 px at the shrunk 16 px
     assert all(n.get("attn_resolutions") == want for n, o in nets if o.get("attn_resolutions"))
     p = tmp_path / recipe.name
     p.write_text(yaml.safe_dump(with_test_data(small, tmp_path / "data"), sort_keys=False))
