@@ -28,6 +28,18 @@ PROJECT = Path(__file__).resolve().parent.parent
 # real servers (moto S3, `mlflow server`) as session fixtures: s3_server, mlflow_server
 pytest_plugins = ["servers"]
 
+# The modules with the longest tests (recipes through DVC, the sweep, DVC remotes, faults, Ray)
+# first: pytest-xdist hands tests out in collection order, so the long ones start early and the many
+# short ones fill the gaps at the end instead of one process finishing a long test alone. Order
+# within a module is kept.
+LONG_FIRST = ("test_recipes.py", "test_deploy.py", "test_dvc.py", "test_faults.py", "test_dvc_exp.py",
+              "test_s3_storage.py", "test_ray_train.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONG_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
+
 # Same stages as params/toy_cd.yaml: teacher -> pairs -> cd -> eval, scaled down.
 TINY = {
     "name": "tiny_cd",
