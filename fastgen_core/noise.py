@@ -385,8 +385,9 @@ class CAF(_Source):
         k = torch.as_tensor(k)
         return 2 * k / (self.h + (self.h**2 + 4 * (1 - self.h) * k).sqrt())
 
-    def sample_t(self, n: int, device=None, generator=None) -> Tensor:
-        return torch.randint(0, 1001, (n,), device=device, generator=generator) / 1000
+    def sample_t(self, n: int, device=None, generator=None, levels: int = 1000) -> Tensor:
+        """t uniform on {0, 1/K, …, 1}, K = `levels` (CAF's `UniformSampler`: 1000; its GAN stage: 10)."""
+        return torch.randint(0, levels + 1, (n,), device=device, generator=generator) / levels
 
     def grid(self, N: int) -> Tensor:
         return torch.arange(N + 1, dtype=torch.float64) / N

@@ -365,7 +365,7 @@ class _AtZero:
     def __getattr__(self, k):
         return getattr(self.P, k)
 
-    def sample_t(self, n, device=None, generator=None):
+    def sample_t(self, n, device=None, generator=None, levels=1000):
         return torch.zeros(n, device=device)
 
 

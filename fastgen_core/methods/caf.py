@@ -135,14 +135,6 @@ def pseudo_huber(pred: Tensor, target: Tensor) -> Tensor:
     return ((diff**2).sum(1) + c**2).sqrt().sub(c) / d
 
 
-def sample_t(P: CAF, n: int, levels: int, device=None) -> Tensor:
-    """t uniform on {0, 1/K, …, 1}, K = `levels` (CAF's `UniformSampler`); K = 1000 is the process's
-    own law (`noise.CAF.sample_t`)."""
-    if levels == 1000:
-        return P.sample_t(n, device=device)
-    return torch.randint(0, levels + 1, (n,), device=device) / levels
-
-
 def one_step(acc: Callable, x0: Tensor, v_hat: Tensor, **cond) -> Tensor:
     """CAF's 1-step estimate x̂ = x0 + v̂ + ½·a(x0, 0, v̂) (the GAN stage's fake; `caf_path` with N = 1,
     which samples without gradients)."""
@@ -366,7 +358,7 @@ class Method(_Base):
         x0 = batch["x0"] if "x0" in batch else self.P.draw_like(x1)  # N(0, I), or the process's source
         if group == "disc":
             return self._discriminator_loss(x0, cond)
-        t = sample_t(self.P, x1.shape[0], self.cfg.t_levels, device=x1.device)
+        t = self.P.sample_t(x1.shape[0], device=x1.device, levels=self.cfg.t_levels)
         if self.cfg.part == "velocity":
             v0 = initial_velocity(x0, x1, self.P.h)
             pred = velocity_fn(self.nets["vel"])(interpolant(x0, x1, v0, t), t, **cond)
