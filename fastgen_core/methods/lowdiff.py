@@ -13,7 +13,7 @@ block side f = H/r,
 so down_f(up_f(x)) = x exactly and P_f is the orthogonal projection onto images constant on f×f
 blocks. Vectors (N, D) are pooled over runs of f consecutive entries the same way. By default the
 pyramid is H/4, H/2, H (fewer where H is odd). Holding every level at full size lets one network
-of fixed shape (the MLP of every digits recipe) serve all levels, at the price that a
+of fixed shape (an MLP, or a U-Net at H×H) serve all levels, at the price that a
 low-resolution evaluation costs as much as a full-resolution one here (a convolutional net at
 native sizes would make it ~(r/H)² as cheap).
 
@@ -39,7 +39,7 @@ steps on the Karras grid from σ_start). The full-resolution level uses the call
 draw fresh low-resolution noise from torch's global generator. `sample(model, z, nfe)` spends `nfe`
 at full resolution and `low_nfe` (a model setting; default 35 at r_0, 17 above) below it. On 8×8
 digits one full-resolution Euler step from c + 5·z after 35 + 17 low-resolution NFE matches the
-teacher's FD at 17–25 NFE (docs/methods.md §11, measured). With `cascade=False` only the
+teacher's FD at 17 NFE (docs/methods.md §11, measured). With `cascade=False` only the
 full-resolution level runs, with c = 0: exactly the plain EDM Heun sampler of the same network at
 w = log₂ H, cond = 0.
 """
