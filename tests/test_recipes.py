@@ -207,7 +207,7 @@ PAPER_SCALE = ("cifar10_", "imagenet64_")  # GPU-sized recipes: shrunk through t
 # stage processes could change is per stage kind and per method (seeding, inputs read back from
 # disk), and the recipes left in cover every kind, group kind and method of the small recipes
 # (test_dvc_recipes_cover_every_kind_and_method). Each `dvc repro` costs 30-170 s of the suite.
-FLOW_ONLY = ("digits_cd", "digits_consistency", "shapes_cd", "digits_msd")
+FLOW_ONLY = ("digits_cd", "digits_consistency", "shapes_cd")
 
 
 def paper_scale(recipe: Path) -> bool:
