@@ -80,13 +80,14 @@ def _shrink_network(n: dict, sides: tuple[int, int] | None) -> None:
 def _shrink_settings(node: dict, sides: tuple[int, int] | None = None) -> None:
     """Training and pair-solving settings and networks anywhere in a stage's settings: a group kind
     (rounds, students) nests them (e.g. a students group's `tsm.train`)."""
+    paper_images = bool(sides and (sides[0] or 0) >= 32)  # images written at 32 px or more (paper-scale recipes)
     for key, v in node.items():
         if not isinstance(v, dict):
             continue
         if key == "train":  # paper-scale images: 4 steps at batch 8 (CPU time of the shrunk paper-scale recipes)
-            _shrink_train(v, *((8, 4) if sides and (sides[0] or 0) >= 32 else (64, 8)))
+            _shrink_train(v, *((8, 4) if paper_images else (64, 8)))
         elif key == "pairs":  # paper-scale images: 16 pairs (RK45 on a U-Net costs ~100 evaluations a batch)
-            v.update(n_pairs=16 if sides and (sides[0] or 0) >= 32 else 64, steps=min(v.get("steps", 18), 4))
+            v.update(n_pairs=16 if paper_images else 64, steps=min(v.get("steps", 18), 4))
         elif key == "network":  # a copy: YAML anchors (`network: *net`) share one dict between stages
             node[key] = dict(v)
             _shrink_network(node[key], sides)
@@ -394,10 +395,8 @@ def test_paper_scale_recipe_at_full_size(recipe, tmp_path):
     for n, orig in nets:
         assert n["width"] <= 16 and n["emb_dim"] <= 32 and n["depth"] == 1 and len(n["channel_mult"]) <= 2
         assert n.get("dropout") == orig.get("dropout")
-    want = {"cifar10_consistency": [8], "cifar10_dmd2": [8], "cifar10_caf": [8], "imagenet64_dmd2": [8],
-            "cifar10_reflow": [8], "cifar10_guided": [8], "cifar10_bits": [8], "cifar10_lowdiff": [8],
-            "imagenet64_msd": [8]}[recipe.stem]  # level 1 (16 px at 32 px, 32 px at 64 px): 8 px at the shrunk 16 px
-    assert all(n.get("attn_resolutions") == want for n, o in nets if o.get("attn_resolutions"))
+    # attention at level 1 (16 px at 32 px, 32 px at 64 px): 8 px at the shrunk 16 px, for every paper-scale recipe
+    assert all(n.get("attn_resolutions") == [8] for n, o in nets if o.get("attn_resolutions"))
     p = tmp_path / recipe.name
     p.write_text(yaml.safe_dump(with_test_data(small, tmp_path / "data"), sort_keys=False))
     load_recipe(p)
