@@ -341,6 +341,23 @@ def test_ctm_step_count_is_drawn_per_iteration_with_p_k_proportional_to_k(data):
     assert ks.mean() == pytest.approx((2 * 17 + 1) / 3, abs=0.1)                # E k = (2K + 1)/3
 
 
+def test_ctm_uniform_step_law_draws_k_uniformly_on_1_to_K(data):
+    """`k_law: uniform` (params/toy_ctm.yaml's `ctm` stage) is sony/ctm's heun_step_strategy "uniform",
+    `np.random.randint(1, 1 + num_heun_step)`: every k in 1..K equally often, never 0 or K + 1. χ² over
+    20000 iterations at K = 17 and at a capped K = 5; p(k) ∝ k fails the same bound."""
+    for K in (None, 5):
+        m = _method(ctm, data, FakeTeacher(data, analytic=True), k_law="uniform", max_teacher_steps=K)
+        K = K or 17
+        torch.manual_seed(2)
+        ks = np.array([m.draw_k("cpu") for _ in range(20000)])
+        assert ks.min() == 1 and ks.max() == K
+        counts = np.bincount(ks, minlength=K + 1)[1:]
+        bound = _chi2_quantile(K - 1)
+        assert _chi2(counts, np.full(K, 1 / K)) < bound
+        weighted = np.arange(1, K + 1) / (K * (K + 1) / 2)
+        assert _chi2(counts, weighted) > 10 * bound
+
+
 def test_ctm_times_follow_sony_ctm_given_k(data):
     """Given k, per sample n_t ~ U{0..N−1−k}, n_u = n_t + k and n_s ~ U{n_u..N−1} (sony/ctm's
     `sample_t` on N − k indices and `sample_s` = randint(n_t + k, N)): χ² of the (n_t, n_s) histogram
