@@ -322,17 +322,27 @@ def test_ctm_teacher_solve_and_loss(data):
         ctm.Config(N=8, max_teacher_steps=8)
 
 
+def _p_weighted(K: int) -> np.ndarray:
+    """sony/ctm's heun_step_strategy "weighted": p(k) = k / Σk on 1..K (transcribed, not ctm.p_k)."""
+    return np.arange(1, K + 1) / (K * (K + 1) / 2)
+
+
+def _draw_ks(m, n_iter: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """n_iter step counts k from the method's per-iteration draw, and their counts on 1..K."""
+    torch.manual_seed(seed)
+    ks = np.array([m.draw_k("cpu") for _ in range(n_iter)])
+    return ks, np.bincount(ks, minlength=m.K + 1)[1:]
+
+
 def test_ctm_step_count_is_drawn_per_iteration_with_p_k_proportional_to_k(data):
     """sony/ctm (`get_num_heun_step`, heun_step_strategy "weighted"): one k per iteration with
     p(k) ∝ k on 1..N − 1 by default (17 on the 18-level grid): the long jumps. χ² over 20000
     iterations; a uniform k (or the old per-sample window of at most 4 steps) fails the same bound."""
     m = _method(ctm, data, FakeTeacher(data, analytic=True))
     assert m.K == 17
-    torch.manual_seed(0)
     n_iter = 20000
-    ks = np.array([m.draw_k("cpu") for _ in range(n_iter)])
-    counts = np.bincount(ks, minlength=18)[1:]
-    p = np.arange(1, 18) / (17 * 18 / 2)
+    ks, counts = _draw_ks(m, n_iter, seed=0)
+    p = _p_weighted(17)
     bound = _chi2_quantile(16)
     assert _chi2(counts, p) < bound
     assert 0.5 * np.abs(counts / n_iter - p).sum() < 0.02                       # total variation
@@ -348,14 +358,11 @@ def test_ctm_uniform_step_law_draws_k_uniformly_on_1_to_K(data):
     for K in (None, 5):
         m = _method(ctm, data, FakeTeacher(data, analytic=True), k_law="uniform", max_teacher_steps=K)
         K = K or 17
-        torch.manual_seed(2)
-        ks = np.array([m.draw_k("cpu") for _ in range(20000)])
+        ks, counts = _draw_ks(m, 20000, seed=2)
         assert ks.min() == 1 and ks.max() == K
-        counts = np.bincount(ks, minlength=K + 1)[1:]
         bound = _chi2_quantile(K - 1)
         assert _chi2(counts, np.full(K, 1 / K)) < bound
-        weighted = np.arange(1, K + 1) / (K * (K + 1) / 2)
-        assert _chi2(counts, weighted) > 10 * bound
+        assert _chi2(counts, _p_weighted(K)) > 10 * bound
 
 
 def test_ctm_times_follow_sony_ctm_given_k(data):
