@@ -1,5 +1,7 @@
 """Trained-model artifacts: `model.safetensors` (evaluation-EMA weights) + `model.json` (how to
-rebuild and sample it). Loading never unpickles: safetensors holds tensors only."""
+rebuild and sample it), and for methods with `resume` networks `resume.safetensors` (their live
+training weights, which a stage warm-started from the model loads: DMD2's fake critic). Loading
+never unpickles: safetensors holds tensors only."""
 from __future__ import annotations
 
 import json
@@ -59,10 +61,23 @@ def snapshot_dir(model_dir: str | Path, step: int) -> Path:
     return Path(model_dir) / "snapshots" / f"step_{step:06d}"
 
 
+RESUME = "resume.safetensors"
+
+
+def _flat(states: dict[str, dict]) -> dict[str, torch.Tensor]:
+    return {f"{n}.{k}": v.detach().cpu().contiguous().clone() for n, sd in states.items() for k, v in sd.items()}
+
+
+def _read(file: Path, device) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file), device=str(device))
+    except SafetensorError as e:  # e.g. a pickle put in its place: never unpickled, refused
+        raise ValueError(f"{file}: not a safetensors file, refusing to load it ({e})") from None
+
+
 def save_model(out: Path, method_name: str, method_cfg, net_cfgs: dict[str, NetworkConfig],
                states: dict[str, dict], shape, num_classes: int, noise: Process, extra: dict | None = None) -> None:
-    tensors = {f"{n}.{k}": v.detach().cpu().contiguous().clone() for n, sd in states.items() for k, v in sd.items()}
-    save_file(tensors, str(Path(out) / "model.safetensors"))
+    save_file(_flat(states), str(Path(out) / "model.safetensors"))
     meta = {
         "method": method_name,
         "method_config": method_cfg.model_dump(mode="json"),
@@ -80,10 +95,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
 
     path = Path(path)
     meta = json.loads((path / "model.json").read_text())
-    try:
-        tensors = load_file(str(path / "model.safetensors"), device=str(device))
-    except SafetensorError as e:  # e.g. a pickle put in its place: never unpickled, refused
-        raise ValueError(f"{path / 'model.safetensors'}: not a safetensors file, refusing to load it ({e})") from None
+    tensors = _read(path / "model.safetensors", device)
     nets = nn.ModuleDict()
     for name, ncfg in meta["networks"].items():
         net = build_network(NetworkConfig.model_validate(ncfg), tuple(meta["shape"]), meta["num_classes"])
@@ -91,3 +103,21 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> LoadedMo
         net.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
         nets[name] = net.to(device).eval().requires_grad_(False)
     return LoadedModel(meta, nets, load_process(meta["noise"]))
+
+
+def save_resume(out: Path, states: dict[str, dict]) -> None:
+    """The live weights of a method's `resume` networks beside its model (nothing when it has none)."""
+    if states:
+        save_file(_flat(states), str(Path(out) / RESUME))
+
+
+def load_resume(path: str | Path, device: str | torch.device = "cpu") -> dict[str, dict]:
+    """{network: live state dict} saved beside the model at `path` ({} when it has none)."""
+    file = Path(path) / RESUME
+    if not file.exists():
+        return {}
+    states: dict[str, dict] = {}
+    for key, v in _read(file, device).items():
+        name, _, k = key.partition(".")
+        states.setdefault(name, {})[k] = v
+    return states

@@ -1,7 +1,8 @@
 """Training stages `teacher`, `distill` and `feature_net`: one kind family, one module. Each builds
 its method from the recipe stage and runs the one loop (`fastgen_core.loop.train`) in-process
 (`compute.backend: local`) or on Ray Train workers (`compute.backend: ray`), then saves the model
-(model.safetensors + model.json, and EMA snapshots under snapshots/). The three kinds differ only in
+(model.safetensors + model.json, resume.safetensors for a method's `resume` networks, and EMA
+snapshots under snapshots/). The three kinds differ only in
 what they say about the model (a teacher, a distilled student, a feature network for metrics).
 
 Both paths call the same `fit(config)`; under Ray it is `TorchTrainer`'s per-worker function
@@ -34,7 +35,7 @@ from fastgen_core.config import NetworkConfig, TrainConfig
 from fastgen_core.data import cached_data
 from fastgen_core.methods import get_method
 from fastgen_core.methods.base import Context
-from fastgen_core.models import load_model, save_model, snapshot_dir
+from fastgen_core.models import load_model, load_resume, save_model, save_resume, snapshot_dir
 from fastgen_core.noise import NoiseProcess
 
 from . import storage
@@ -72,8 +73,9 @@ class Spec(StageSpec):
 
 # A training stage's own input role, whatever its method: a model whose `net` weights the trained
 # network `net` starts from (loaded once the method is built; e.g. a small MSD student after its
-# TSM stage, docs/methods.md §8). Networks the method copied from `net` while being built keep the
-# weights they were copied from.
+# TSM stage, docs/methods.md §8), and whose `resume` networks saved beside it (live weights, e.g.
+# DMD2's fake critic, docs/methods.md §5) start this method's networks of the same names. Other
+# networks the method copied from `net` while being built keep the weights they were copied from.
 WARM_START = "warm_start"
 
 
@@ -208,6 +210,14 @@ def build_method(recipe, stage: str, input_dirs: dict[str, list[str]], device="c
         method = get_method(spec.method.name).Method(spec.method, ctx)
         if start is not None:
             method.nets["net"].load_state_dict(start.nets["net"].state_dict())
+            for n, sd in load_resume(input_dirs[WARM_START][0], device).items():
+                if n not in method.resume:
+                    continue
+                try:
+                    method.nets[n].load_state_dict(sd)
+                except RuntimeError:
+                    raise StageError(f"{recipe.path}: stages.{stage}.inputs.{WARM_START}: its {n!r} network "
+                                     f"(saved by {spec.inputs[WARM_START]!r}) does not fit this stage's") from None
         return method
 
 
@@ -284,6 +294,7 @@ def _fit(config: dict, t_fit: float, in_ray: bool, timings: dict) -> None:
                                                    "ema_decay": spec.train.ema_decay if decay is None else decay}}
                 save_model(where, config["method_name"], method.cfg, method.net_cfgs, sd,
                            method.ctx.data.shape, method.ctx.data.num_classes, method.ctx.noise, extra)
+            save_resume(Path(out), {n: method.nets[n].state_dict() for n in method.resume})
 
     if not in_ray:
         save(config["out"])

@@ -320,3 +320,39 @@ def test_step_schedules_through_the_loop(data, schedule):
     else:
         want = [(s, g) for s in range(12) for g in ("net", "critic")]
     assert calls == want
+
+
+def test_a_resumed_stage_starts_its_critic_from_the_warm_start_critic(tiny_recipe):
+    """DMD2's resume (its best ImageNet-64 model is a run resumed with the GAN head on) reloads the
+    fake critic with the generator: the `dmd2` stage saves its critic's live weights beside the
+    model (resume.safetensors), and a stage warm-started from it starts its critic from exactly
+    those, not from the teacher; a classifier head the saved model had not is new."""
+    from fastgen_core.models import load_model, load_resume
+    from stages.recipe import load_recipe
+    from stages.runtime import run_stage, stage_dir
+    from stages.train import build_method
+
+    train = {"steps": 12, "batch_size": 64, "lr": 1e-2, "ema_decay": 0.5, "optimizer": "adamw"}
+    path = tiny_recipe(only=["teacher", "dmd2", "res"], tracking={"enabled": False}, stages={
+        "teacher": {"train": {"steps": 20}},
+        "dmd2": {"kind": "distill", "inputs": {"teacher": "teacher"},
+                 "method": {"name": "dmd2", "ratio": 2}, "train": train},
+        "res": {"kind": "distill", "inputs": {"teacher": "teacher", "warm_start": "dmd2"},
+                "method": {"name": "dmd2", "ratio": 2, "gan": True}, "train": train}})
+    recipe = load_recipe(path)
+    run_stage(recipe, "teacher")
+    run_stage(recipe, "dmd2")
+    teacher_dir, dm_dir = stage_dir(recipe, "teacher"), stage_dir(recipe, "dmd2")
+    saved = load_resume(dm_dir)
+    assert set(saved) == {"critic"}
+    teacher = load_model(teacher_dir).nets["net"].state_dict()
+    assert saved["critic"].keys() == teacher.keys()
+    assert any(not torch.equal(v, teacher[k]) for k, v in saved["critic"].items())  # it trained
+    m = build_method(recipe, "res", {"teacher": [str(teacher_dir)], "warm_start": [str(dm_dir)]})
+    for k, v in saved["critic"].items():
+        assert torch.equal(m.nets["critic"].state_dict()[k], v)
+    for k, v in load_model(dm_dir).nets["net"].state_dict().items():
+        assert torch.equal(m.nets["net"].state_dict()[k], v)
+    assert "head" in m.nets
+    run_stage(recipe, "res")
+    assert set(load_resume(stage_dir(recipe, "res"))) == {"critic", "head"}

@@ -30,7 +30,7 @@ from fastgen_core.data import cached_data
 from fastgen_core.methods import get_method, register_method, unregister_method
 from fastgen_core.methods import router as R
 from fastgen_core.methods.base import Context, Method
-from fastgen_core.models import load_model, save_model
+from fastgen_core.models import load_model, save_model, save_resume
 from fastgen_core.noise import EDM
 from stages.recipe import RecipeError, parse_recipe
 
@@ -140,9 +140,11 @@ def const_method():
 
 
 def _save(method, states, out: Path):
+    """Save as a training stage does: the model, and its `resume` networks' live weights beside it."""
     out.mkdir(parents=True)
     save_model(out, method.cfg.name, method.cfg, method.net_cfgs, states, method.ctx.data.shape,
                method.ctx.data.num_classes, method.ctx.noise, method.meta())
+    save_resume(out, {n: method.nets[n].state_dict() for n in method.resume})
     return load_model(out)
 
 
@@ -281,7 +283,8 @@ def test_warm_start_loads_the_tsm_network(teacher_dir, tmp_path):
 def test_gan_phase_starts_each_student_from_its_dm_stage_with_the_gan_term(teacher_dir, tmp_path):
     """MSD's DM, then DM + GAN: msd_gan_k is the group's method with gan on (and the phase's
     changes), on group k's classes, its generator from msd_k's exported weights, its fake critic from
-    the teacher, its classifier head new; the router combines the DM + GAN students."""
+    msd_k's (live weights, as DMD2 resumes), its classifier head new; the router combines the DM + GAN
+    students."""
     from stages.train import build_method
 
     r = parse_recipe(recipe({"k": 2}, method={"name": "dmd2", "ratio": 3},
@@ -297,8 +300,9 @@ def test_gan_phase_starts_each_student_from_its_dm_stage_with_the_gan_term(teach
     teacher = load_model(teacher_dir).nets["net"].state_dict()
     for k, v in dm_model.nets["net"].state_dict().items():
         assert torch.equal(m.nets["net"].state_dict()[k], v)
-        assert torch.equal(m.nets["critic"].state_dict()[k], teacher[k])
+        assert torch.equal(m.nets["critic"].state_dict()[k], dm.nets["critic"].state_dict()[k])
     assert any(not torch.equal(v, teacher[k]) for k, v in dm_model.nets["net"].state_dict().items())
+    assert any(not torch.equal(v, teacher[k]) for k, v in dm.nets["critic"].state_dict().items())
     assert sorted(m.ctx.data.y.unique().tolist()) == [0, 1, 2, 3, 4]
     assert problems(recipe({"k": 2}, method={"name": "cd"}, gan={})) == [
         "r.yaml: stages.msd.gan: a DM + GAN phase needs a student method with a GAN term that can start from "

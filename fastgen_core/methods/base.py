@@ -38,6 +38,9 @@ convention, progressive rounds. The answer:
 - `tensors()`   — the training tensors the loop draws minibatches from (data, or ODE pairs).
 - `after_step`  — per-iteration bookkeeping (target-network EMA, schedules).
 - `export`      — the networks saved as the model (their evaluation-EMA weights).
+- `resume`      — networks saved beside the model with their live training weights
+                  (`resume.safetensors`), which a stage warm-started from it loads into its own
+                  networks of those names (DMD2's fake critic and GAN head, docs/methods.md §5).
 - `meta()`      — extra facts saved in model.json.
 
 Inputs. A method declares the inputs it takes in `roles` (role -> `Role`: one model, several
@@ -123,6 +126,7 @@ class Method:
     """Base class; see the module docstring."""
 
     export: tuple[str, ...] = ("net",)
+    resume: tuple[str, ...] = ()
     roles: ClassVar[dict[str, Role]] = {}
     processes: ClassVar[tuple[str, ...]] = ("edm",)
     generates: ClassVar[bool] = True  # False: its models do not sample (e.g. the classifier)

@@ -128,6 +128,7 @@ class DistributionMatching(_Base):
     """Generator "net" (exported) and fake critic "critic", both from the teacher; μ_real; the DM
     and critic losses. DMD (`Method` below) and DMD2 (`methods/dmd2.py`) build on it."""
 
+    resume = ("critic",)  # a stage warm-started from this model resumes its critic (DMD2's resume)
     roles = {
         "teacher": Role("model", method="edm", description="the EDM teacher: the real score μ_real"),
         "guide": Role("model", required=False, method="edm",

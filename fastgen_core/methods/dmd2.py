@@ -87,6 +87,7 @@ class Method(DistributionMatching):
                 y = torch.zeros(1, dtype=torch.long, device=ctx.device) if ctx.data.num_classes else None
                 shape = self.features(probe, self.levels[:1], **condition(y)).shape[1:]
             self.nets["head"] = FeatureHead(tuple(shape), cfg.head_width).to(ctx.device)
+            self.resume = ("critic", "head")
 
     def groups(self) -> list[Group]:
         cfg = self.cfg
