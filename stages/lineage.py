@@ -25,6 +25,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from fastgen_core import artifacts
+from fastgen_core.models import RESUME
 
 from . import storage
 from .tracking import MANIFEST_ARTIFACT
@@ -261,7 +262,7 @@ class MlflowLineage:
         raise LineageError(f"{path}: no manifest there, and no MLflow run in {self.uri} produced it")
 
 
-ARTIFACT_FILES = ("model.safetensors", "model.json", "pairs.npz", "metrics.json", artifacts.MANIFEST)
+ARTIFACT_FILES = ("model.safetensors", "model.json", RESUME, "pairs.npz", "metrics.json", artifacts.MANIFEST)
 
 
 def _artifact_of(target: str) -> str:
