@@ -93,8 +93,19 @@ def class_problems(spec, recipe, name: str) -> list[Problem]:
     return []
 
 
+def _network_of(recipe, name: str | None, seen: tuple = ()):
+    """The network a training stage trains: its own `network`, else its teacher's (None: unknown)."""
+    st = recipe.stages.get(name) if name else None
+    if st is None or name in seen:
+        return None
+    net = getattr(st, "network", None)
+    return net if net is not None else _network_of(recipe, one_input(st, "teacher"), (*seen, name))
+
+
 def warm_start_problems(spec, recipe, name: str) -> list[Problem]:
-    """A `warm_start` input that is not one model stage, or whose network differs from this stage's."""
+    """A `warm_start` input that is not one model stage, or whose networks cannot start this stage's:
+    its `net` (its network against this stage's) and, for a method that resumes networks, its fake
+    critic (a copy of its teacher's network) and GAN head."""
     up = spec.inputs.get(WARM_START)
     if up is None:
         return []
@@ -105,10 +116,19 @@ def warm_start_problems(spec, recipe, name: str) -> list[Problem]:
         return []  # reported by the graph checks
     if recipe.model_method(up) is None:
         return [(at, f"stage {up!r} ({recipe.stages[up].kind}) makes no model")]
-    theirs = getattr(recipe.stages[up], "network", None)
-    if spec.network is not None and theirs is not None and theirs != spec.network:
-        return [(at, f"stage {up!r} trains another network than this stage's `network`: its weights cannot "
-                 "start this one")]
+    mine, theirs = _network_of(recipe, name), _network_of(recipe, up)
+    if mine is not None and theirs is not None and mine != theirs:
+        return [(at, f"stage {up!r} trains another network than this stage: its weights cannot start this one")]
+    if getattr(get_method(spec.method.name).Method, "resume", ()):
+        a, b = one_input(spec, "teacher"), one_input(recipe.stages[up], "teacher")
+        nets = _network_of(recipe, a), _network_of(recipe, b)
+        if None not in nets and nets[0] != nets[1]:
+            return [(at, f"stage {up!r} has a teacher ({b!r}) with another network than this stage's ({a!r}): "
+                     "its fake critic cannot start this one's")]
+        theirs_m = getattr(recipe.stages[up], "method", None)
+        if getattr(spec.method, "gan", False) and getattr(theirs_m, "gan", False) \
+                and spec.method.head_width != theirs_m.head_width:
+            return [(at, f"stage {up!r} has another GAN head_width than this stage: its head cannot start this one's")]
     return []
 
 

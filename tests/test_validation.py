@@ -183,6 +183,23 @@ CASES = {
     "superres patch": (put("stages.superres.edit.k", 3, "digits_edit"), "stages.superres.edit.k", "do not tile"),
     "edit toy data": (put("stages.eval", {"kind": "edit", "inputs": {"model": "cd"}}), "stages.eval.kind",
                       "image data"),
+    # a warm start whose weights could not start this stage's networks (the DM family resumes its critic)
+    "warm start, other network": (put({"stages.cd.network": {"arch": "mlp", "width": 64, "depth": 3, "emb_dim": 64},
+                                       "stages.cd.inputs.warm_start": "teacher"}),
+                                  "stages.cd.inputs.warm_start", "another network"),
+    "resumed critic, other teacher": (put({
+        "stages.t2": {"kind": "teacher", "method": {"name": "edm"},
+                      "network": {"arch": "mlp", "width": 64, "depth": 3, "emb_dim": 64}},
+        "stages.d": {"kind": "distill", "inputs": {"teacher": "teacher"}, "method": {"name": "dmd2"}},
+        "stages.r": {"kind": "distill", "inputs": {"teacher": "t2", "warm_start": "d"}, "method": {"name": "dmd2"},
+                     "network": {"arch": "mlp", "width": 128, "depth": 3, "emb_dim": 64}}}),
+        "stages.r.inputs.warm_start", "fake critic"),
+    "resumed GAN head, other width": (put({
+        "stages.d": {"kind": "distill", "inputs": {"teacher": "teacher"},
+                     "method": {"name": "dmd2", "gan": True, "head_width": 32}},
+        "stages.r": {"kind": "distill", "inputs": {"teacher": "teacher", "warm_start": "d"},
+                     "method": {"name": "dmd2", "gan": True}}}),
+        "stages.r.inputs.warm_start", "head_width"),
 }
 
 
