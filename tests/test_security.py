@@ -70,6 +70,18 @@ def test_a_model_whose_weights_are_a_pickle_is_refused(teacher_only, tmp_path):
     assert not stage_dir(r, "pairs").exists()
 
 
+def test_resumed_weights_that_are_a_pickle_are_refused(tmp_path):
+    """resume.safetensors (a DM-family critic's live weights, read by a warm-started stage) is
+    loaded like the model: tensors only, a pickle in its place refused and never run."""
+    from fastgen_core.models import RESUME, load_resume
+
+    marker = tmp_path / "pwned"
+    _malicious_pickle(tmp_path / RESUME, marker)
+    with pytest.raises(ValueError, match=r"resume.safetensors: not a safetensors file, refusing to load it"):
+        load_resume(tmp_path)
+    assert not marker.exists()
+
+
 def test_scrub_removes_env_secrets_and_url_passwords(monkeypatch):
     monkeypatch.setenv("SOME_SERVICE_API_TOKEN", "tok-4f9a7c2e")
     monkeypatch.setenv("HARMLESS_SETTING", "visible-value")
