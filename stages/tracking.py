@@ -320,8 +320,10 @@ REDACTED = "***"
 
 
 def _secret_values() -> list[str]:
-    return sorted({v for k, v in os.environ.items() if _SECRET_NAME.search(k) and len(v) >= 6},
-                  key=len, reverse=True)
+    # names first, then each value if still set: another thread may unset a variable meanwhile
+    # (MLflow's telemetry thread does, while a run is logged), and environ.items() would raise KeyError
+    values = (os.environ.get(k) for k in list(os.environ) if _SECRET_NAME.search(k))
+    return sorted({v for v in values if v is not None and len(v) >= 6}, key=len, reverse=True)
 
 
 def scrub(value: str) -> str:

@@ -90,6 +90,31 @@ def test_scrub_removes_env_secrets_and_url_passwords(monkeypatch):
     assert tracking.scrub("s3://bucket/prefix") == "s3://bucket/prefix"
 
 
+class _Unsetting(dict):
+    """An environment in which a variable is unset by another thread between listing and reading it
+    (MLflow's telemetry thread unsets _MLFLOW_TELEMETRY_SESSION_ID while a run is logged)."""
+
+    def __getitem__(self, k):
+        if k == "GONE_API_TOKEN":
+            raise KeyError(k)
+        return super().__getitem__(k)
+
+    def items(self):
+        return ((k, self[k]) for k in list(self))
+
+    def get(self, k, default=None):
+        try:
+            return self[k]
+        except KeyError:
+            return default
+
+
+def test_scrub_survives_a_variable_unset_while_it_reads_the_environment(monkeypatch):
+    env = _Unsetting({"SOME_SERVICE_API_TOKEN": "tok-4f9a7c2e", "GONE_API_TOKEN": "gone-123456", "HOME": "/root"})
+    monkeypatch.setattr(tracking.os, "environ", env)
+    assert tracking.scrub("token tok-4f9a7c2e gone-123456") == "token *** gone-123456"
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
