@@ -1,0 +1,202 @@
+"""How often do the toy DMD / DMD2 students drop a mode? `toy_dmd` over many training seeds.
+
+Issue 11's mode-coverage rows ("DMD without regression drops or unbalances modes where λ_reg = 0.25
+covers all"; "DMD2 ratio 5 covers all 8 modes on every seed while ratio 1 is less stable") are
+claims about draws: with three training seeds, which seed drops a mode moves with the CPU
+(docs/results.md "toy_dmd as shipped, re-run on another machine"). This script counts them over N
+seeds instead.
+
+For each training seed s it writes a copy of the recipe with `seed: s` and its own storage root
+(`WORK/seed<s>`), copies in one teacher and runs the named stages (`python -m stages.run`, one
+process per stage, `--jobs` seeds at once; stages already done are reused by the runtime). The
+teacher is trained once, at the recipe's own seed, and shared: the study varies the students'
+seeds only, as docs/results.md's three-seed tables do. Each student is then evaluated with the
+evaluate stage's protocol (n samples × eval seeds 0-2: z from seed 10000 + e, the global generator
+at 20000 + e; `metrics.toy_metrics`), at 1 NFE unless `--nfe`.
+
+Prints one row per seed (sliced W2 / off support / modes covered / mode recall) and, per stage, how
+many seeds cover all 8 modes, how many collapse (off support > 0.5) and the mean, std and median of
+each figure, and the teacher's figures at `--teacher-nfe`; writes JSON (default
+bench/results/toy_dmd_seeds.json) and a strip plot next to it.
+
+    python bench/toy_dmd_seeds.py --seeds 0-19 [--stages dmd dmd_noreg dmd2] [--work /tmp/toy_dmd_seeds]
+                                  [--jobs 2] [--no-train]
+
+Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
+default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
+study in docs/results.md took 75 min, its evaluation 1.5 min.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from fastgen_core import metrics as M  # noqa: E402
+from fastgen_core.data import cached_data  # noqa: E402
+from fastgen_core.models import load_model  # noqa: E402
+from stages.recipe import load_recipe  # noqa: E402
+from stages.runtime import stage_dir  # noqa: E402
+
+
+def seed_list(text: str) -> list[int]:
+    """'0-19' or '0,3,5' or '0-2,7'."""
+    out = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        out += list(range(int(a), int(b or a) + 1))
+    return out
+
+
+def seed_recipe(base: Path, work: Path, seed: int) -> Path:
+    """The recipe with `seed: seed` and storage under WORK/seed<seed>; its YAML path."""
+    doc = yaml.safe_load(base.read_text())
+    doc["seed"] = seed
+    doc["storage"] = {**doc.get("storage", {}), "root": str(work / f"seed{seed}")}
+    path = work / f"recipe_seed{seed}.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+def run_stage(recipe: Path, stage: str, log: Path) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with open(log, "w") as f:
+        rc = subprocess.call([sys.executable, "-m", "stages.run", str(recipe), stage], cwd=ROOT, env=env,
+                             stdout=f, stderr=subprocess.STDOUT)
+    if rc != 0:
+        raise SystemExit(f"{recipe}: stage {stage} failed (exit {rc}); see {log}")
+
+
+def train_seed(recipe: Path, teacher: Path, stages: list[str], work: Path, seed: int) -> None:
+    r = load_recipe(recipe)
+    dst = stage_dir(r, "teacher")
+    if not dst.exists():
+        shutil.copytree(teacher, dst)
+    wanted: set[str] = set()
+    todo = list(stages)
+    while todo:  # the stages asked for and everything upstream of them
+        st = todo.pop()
+        if st not in wanted:
+            wanted.add(st)
+            todo += r.upstream(st)
+    for st in [s for s in r.order() if s in wanted and s != "teacher"]:
+        run_stage(recipe, st, work / f"seed{seed}.{st}.log")
+        print(f"seed {seed}: {st} done", flush=True)
+
+
+def evaluate(path: Path, data, n: int, nfe: int) -> dict:
+    """The evaluate stage's toy protocol: mean over eval seeds 0-2."""
+    model = load_model(path, "cpu")
+    acc: dict[str, list[float]] = {}
+    for e in range(3):
+        z = model.noise.draw(n, model.shape, torch.Generator().manual_seed(10_000 + e))
+        torch.manual_seed(20_000 + e)
+        with torch.no_grad():
+            x = model.sample(z, nfe, None).float()
+        for k, v in M.toy_metrics(x, data.density, data.x_test).items():
+            acc.setdefault(k, []).append(v)
+    out = {k: sum(v) / len(v) for k, v in acc.items()}
+    out["modes"] = round(out["mode_coverage"] * data.density.num_modes)
+    return out
+
+
+def summary(rows: dict, stage: str, k: int) -> dict:
+    fig = [rows[s][stage] for s in rows if stage in rows[s]]
+    if not fig:
+        return {}
+    stat = {key: {"mean": statistics.mean(f[key] for f in fig), "median": statistics.median(f[key] for f in fig),
+                  "std": statistics.stdev(f[key] for f in fig) if len(fig) > 1 else 0.0}
+            for key in ("swd", "off_support", "mode_recall", "nll")}
+    return {"n": len(fig), "all_modes": sum(f["modes"] == k for f in fig),
+            "collapsed": sum(f["off_support"] > 0.5 for f in fig), **stat}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", default=str(ROOT / "params" / "toy_dmd.yaml"))
+    ap.add_argument("--seeds", default="0-9", help="training seeds: 0-19, 0,3,5 or 0-2,7")
+    ap.add_argument("--stages", nargs="+", default=["dmd", "dmd_noreg", "dmd2"])
+    ap.add_argument("--work", default="/tmp/toy_dmd_seeds")
+    ap.add_argument("--jobs", type=int, default=2, help="seeds trained at once")
+    ap.add_argument("--no-train", action="store_true", help="evaluate what WORK already holds")
+    ap.add_argument("--n", type=int, default=5000)
+    ap.add_argument("--nfe", type=int, default=1)
+    ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
+    a = ap.parse_args()
+    torch.set_num_threads(1)
+    base, work, seeds = Path(a.recipe).resolve(), Path(a.work).resolve(), seed_list(a.seeds)
+    work.mkdir(parents=True, exist_ok=True)
+    recipes = {s: seed_recipe(base, work, s) for s in seeds}
+    home = seed_recipe(base, work, load_recipe(base).seed)  # the teacher's own seed
+    teacher = stage_dir(load_recipe(home), "teacher")
+    if not a.no_train:
+        if not teacher.exists():
+            run_stage(home, "teacher", work / "teacher.log")
+        with ThreadPoolExecutor(a.jobs) as pool:
+            list(pool.map(lambda s: train_seed(recipes[s], teacher, a.stages, work, s), seeds))
+
+    data = cached_data(load_recipe(base).data)
+    k = data.density.num_modes
+    ref = evaluate(teacher, data, a.n, a.teacher_nfe)
+    print(f"teacher at {a.teacher_nfe} NFE: sliced W2 {ref['swd']:.4f}, off support {ref['off_support']:.3f}, "
+          f"{ref['modes']} modes, mode recall {ref['mode_recall']:.3f}")
+    rows: dict[int, dict] = {}
+    print("| seed | " + " | ".join(a.stages) + " |  (sliced W2 / off support / modes / mode recall)")
+    for s in seeds:
+        r = load_recipe(recipes[s])
+        rows[s] = {st: evaluate(stage_dir(r, st), data, a.n, a.nfe) for st in a.stages if stage_dir(r, st).exists()}
+        cells = [f"{f['swd']:.4f} / {f['off_support']:.3f} / {f['modes']} / {f['mode_recall']:.3f}" if (f := rows[s].get(st))
+                 else "" for st in a.stages]
+        print(f"| {s} | " + " | ".join(cells) + " |", flush=True)
+    summ = {st: summary(rows, st, k) for st in a.stages}
+    for st, m in summ.items():
+        if m:
+            print(f"{st}: all {k} modes on {m['all_modes']}/{m['n']} seeds, collapsed {m['collapsed']}; "
+                  + "; ".join(f"{key} {m[key]['mean']:.4f} ± {m[key]['std']:.4f} (median {m[key]['median']:.4f})"
+                              for key in ("swd", "off_support", "mode_recall")))
+    out = {"recipe": str(base), "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref},
+           "per_seed": rows, "summary": summ}
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(out, indent=2))
+    plot(rows, ref, a.stages, k, Path(a.out).with_suffix(".png"))
+    print(f"wrote {a.out}")
+
+
+def plot(rows: dict, ref: dict, stages: list[str], k: int, path: Path) -> None:
+    """Mode recall, sliced W2 and off support per seed, one column per stage; dropped-mode seeds in
+    red; the teacher dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key, label in zip(axes, ("mode_recall", "swd", "off_support"), ("mode recall", "sliced W2", "off support")):
+        ax.axhline(ref[key], ls="--", c="gray", lw=1, label="teacher")
+        for i, st in enumerate(stages):
+            pts = [(rows[s][st][key], rows[s][st]["modes"] < k) for s in rows if st in rows[s]]
+            xs = [i + 0.3 * (j / max(len(pts) - 1, 1) - 0.5) for j in range(len(pts))]
+            ax.scatter(xs, [p for p, _ in pts], c=["tab:red" if d else "tab:blue" for _, d in pts], s=14)
+        ax.set_xticks(range(len(stages)), stages)
+        ax.set_ylabel(label)
+        if key != "mode_recall":
+            ax.set_yscale("log")
+    axes[0].set_title(f"blue: all {k} modes, red: a mode dropped", fontsize=9)
+    axes[0].legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    main()
