@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from fastgen_core import metrics as M  # noqa: E402
 from fastgen_core.data import cached_data  # noqa: E402
 from fastgen_core.models import load_model  # noqa: E402
+from stages.evaluate import _generate  # noqa: E402  (the evaluate stage's own seeds and sampling)
 from stages.recipe import load_recipe  # noqa: E402
 from stages.runtime import stage_dir  # noqa: E402
 
@@ -84,14 +85,7 @@ def train_seed(recipe: Path, teacher: Path, stages: list[str], work: Path, seed:
     dst = stage_dir(r, "teacher")
     if not dst.exists():
         shutil.copytree(teacher, dst)
-    wanted: set[str] = set()
-    todo = list(stages)
-    while todo:  # the stages asked for and everything upstream of them
-        st = todo.pop()
-        if st not in wanted:
-            wanted.add(st)
-            todo += r.upstream(st)
-    for st in [s for s in r.order() if s in wanted and s != "teacher"]:
+    for st in [s for s in r.order(stages) if s != "teacher"]:  # the stages asked for and their upstream
         run_stage(recipe, st, work / f"seed{seed}.{st}.log")
         print(f"seed {seed}: {st} done", flush=True)
 
@@ -101,10 +95,8 @@ def evaluate(path: Path, data, n: int, nfe: int) -> dict:
     model = load_model(path, "cpu")
     acc: dict[str, list[float]] = {}
     for e in range(3):
-        z = model.noise.draw(n, model.shape, torch.Generator().manual_seed(10_000 + e))
-        torch.manual_seed(20_000 + e)
         with torch.no_grad():
-            x = model.sample(z, nfe, None).float()
+            x = _generate(model, n, nfe, e, None, "cpu")
         for k, v in M.toy_metrics(x, data.density, data.x_test).items():
             acc.setdefault(k, []).append(v)
     out = {k: sum(v) / len(v) for k, v in acc.items()}
@@ -139,8 +131,9 @@ def main() -> None:
     torch.set_num_threads(1)
     base, work, seeds = Path(a.recipe).resolve(), Path(a.work).resolve(), seed_list(a.seeds)
     work.mkdir(parents=True, exist_ok=True)
+    recipe = load_recipe(base)
     recipes = {s: seed_recipe(base, work, s) for s in seeds}
-    home = seed_recipe(base, work, load_recipe(base).seed)  # the teacher's own seed
+    home = recipes.get(recipe.seed) or seed_recipe(base, work, recipe.seed)  # the teacher's own seed
     teacher = stage_dir(load_recipe(home), "teacher")
     if not a.no_train:
         if not teacher.exists():
@@ -148,7 +141,7 @@ def main() -> None:
         with ThreadPoolExecutor(a.jobs) as pool:
             list(pool.map(lambda s: train_seed(recipes[s], teacher, a.stages, work, s), seeds))
 
-    data = cached_data(load_recipe(base).data)
+    data = cached_data(recipe.data)
     k = data.density.num_modes
     ref = evaluate(teacher, data, a.n, a.teacher_nfe)
     print(f"teacher at {a.teacher_nfe} NFE: sliced W2 {ref['swd']:.4f}, off support {ref['off_support']:.3f}, "
@@ -157,7 +150,8 @@ def main() -> None:
     print("| seed | " + " | ".join(a.stages) + " |  (sliced W2 / off support / modes / mode recall)")
     for s in seeds:
         r = load_recipe(recipes[s])
-        rows[s] = {st: evaluate(stage_dir(r, st), data, a.n, a.nfe) for st in a.stages if stage_dir(r, st).exists()}
+        dirs = {st: stage_dir(r, st) for st in a.stages}
+        rows[s] = {st: evaluate(d, data, a.n, a.nfe) for st, d in dirs.items() if d.exists()}
         cells = [f"{f['swd']:.4f} / {f['off_support']:.3f} / {f['modes']} / {f['mode_recall']:.3f}" if (f := rows[s].get(st))
                  else "" for st in a.stages]
         print(f"| {s} | " + " | ".join(cells) + " |", flush=True)

@@ -188,8 +188,9 @@ class Recipe(Strict):
                     out.append(name)
         return out
 
-    def order(self) -> list[str]:
-        """Stages in a topological order (the recipe is validated acyclic)."""
+    def order(self, targets: list[str] | None = None) -> list[str]:
+        """Stages in a topological order (the recipe is validated acyclic): all of them, or `targets`
+        and every stage upstream of them."""
         done: list[str] = []
 
         def visit(s: str):
@@ -198,7 +199,7 @@ class Recipe(Strict):
                     visit(u)
                 done.append(s)
 
-        for s in self.stages:
+        for s in targets or self.stages:
             visit(s)
         return done
 

@@ -150,3 +150,11 @@ def test_group_member_name_clash_is_one_line(tmp_path, monkeypatch):
         load_recipe(path)
     assert e.value.problems == [f"{path}: stages.pairs: expands into a stage named 'pairs_first', which this "
                                 "recipe already has: rename one of them"]
+
+
+def test_order_of_targets_is_them_and_their_upstream():
+    # toy_dmd declares dmd <- {teacher, pairs}, pairs <- teacher, dmd2 <- teacher; eval reads them all
+    r = load_recipe(ROOT / "params/toy_dmd.yaml")
+    assert r.order(["dmd"]) == ["teacher", "pairs", "dmd"]
+    assert r.order(["dmd2", "dmd"]) == ["teacher", "dmd2", "pairs", "dmd"]
+    assert r.order() == r.order(list(r.stages))
