@@ -20,7 +20,11 @@ each figure, and the teacher's figures at `--teacher-nfe`; writes JSON (default
 bench/results/toy_dmd_seeds.json) and a strip plot next to it.
 
     python bench/toy_dmd_seeds.py --seeds 0-19 [--stages dmd dmd_noreg dmd2] [--work /tmp/toy_dmd_seeds]
-                                  [--jobs 2] [--no-train]
+                                  [--jobs 2] [--no-train] [--ema-decay D]
+
+`--ema-decay D` sets the named stages' `train.ema_decay` (0: the evaluated weights are the trained
+ones, as DMD2's EDM code keeps no EMA of its generator). The EMA does not change the training: the
+critics come out bit-identical, so the study pairs with one at the recipe's EMA.
 
 Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
 default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
@@ -61,10 +65,13 @@ def seed_list(text: str) -> list[int]:
     return out
 
 
-def seed_recipe(base: Path, work: Path, seed: int) -> Path:
-    """The recipe with `seed: seed` and storage under WORK/seed<seed>; its YAML path."""
+def seed_recipe(base: Path, work: Path, seed: int, ema: dict[str, float] | None = None) -> Path:
+    """The recipe with `seed: seed`, storage under WORK/seed<seed> and, for the stages in `ema`, that
+    `train.ema_decay`; its YAML path."""
     doc = yaml.safe_load(base.read_text())
     doc["seed"] = seed
+    for st, decay in (ema or {}).items():
+        doc["stages"][st].setdefault("train", {})["ema_decay"] = decay
     doc["storage"] = {**doc.get("storage", {}), "root": str(work / f"seed{seed}")}
     path = work / f"recipe_seed{seed}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -125,6 +132,7 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="evaluate what WORK already holds")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--nfe", type=int, default=1)
+    ap.add_argument("--ema-decay", type=float, help="the named stages' train.ema_decay (default: the recipe's)")
     ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
     a = ap.parse_args()
@@ -132,7 +140,8 @@ def main() -> None:
     base, work, seeds = Path(a.recipe).resolve(), Path(a.work).resolve(), seed_list(a.seeds)
     work.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(base)
-    recipes = {s: seed_recipe(base, work, s) for s in seeds}
+    ema = None if a.ema_decay is None else {st: a.ema_decay for st in a.stages}
+    recipes = {s: seed_recipe(base, work, s, ema) for s in seeds}
     home = recipes.get(recipe.seed) or seed_recipe(base, work, recipe.seed)  # the teacher's own seed
     teacher = stage_dir(load_recipe(home), "teacher")
     if not a.no_train:
@@ -161,7 +170,7 @@ def main() -> None:
             print(f"{st}: all {k} modes on {m['all_modes']}/{m['n']} seeds, collapsed {m['collapsed']}; "
                   + "; ".join(f"{key} {m[key]['mean']:.4f} ± {m[key]['std']:.4f} (median {m[key]['median']:.4f})"
                               for key in ("swd", "off_support", "mode_recall")))
-    out = {"recipe": str(base), "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref},
+    out = {"recipe": str(base), "ema_decay": a.ema_decay, "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref},
            "per_seed": rows, "summary": summ}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
