@@ -20,11 +20,12 @@ each figure, and the teacher's figures at `--teacher-nfe`; writes JSON (default
 bench/results/toy_dmd_seeds.json) and a strip plot next to it.
 
     python bench/toy_dmd_seeds.py --seeds 0-19 [--stages dmd dmd_noreg dmd2] [--work /tmp/toy_dmd_seeds]
-                                  [--jobs 2] [--no-train] [--ema-decay D]
+                                  [--jobs 2] [--no-train] [--train KEY=VALUE ...]
 
-`--ema-decay D` sets the named stages' `train.ema_decay` (0: the evaluated weights are the trained
-ones, as DMD2's EDM code keeps no EMA of its generator). The EMA does not change the training: the
-critics come out bit-identical, so the study pairs with one at the recipe's EMA.
+`--train KEY=VALUE` sets a `train` setting of the named stages (VALUE read as YAML), e.g.
+`--train ema_decay=0` (the evaluated weights are the trained ones, as DMD2's EDM code keeps no EMA of
+its generator; the EMA does not change the training, so the study pairs with one at the recipe's EMA)
+or `--train lr_warmup=500` (the code's warmup). Validation of the written recipes catches a bad key.
 
 Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
 default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
@@ -52,7 +53,7 @@ from fastgen_core import metrics as M  # noqa: E402
 from fastgen_core.data import cached_data  # noqa: E402
 from fastgen_core.models import load_model  # noqa: E402
 from stages.evaluate import _generate  # noqa: E402  (the evaluate stage's own seeds and sampling)
-from stages.recipe import load_recipe  # noqa: E402
+from stages.recipe import RecipeError, load_recipe  # noqa: E402
 from stages.runtime import stage_dir  # noqa: E402
 
 
@@ -65,13 +66,13 @@ def seed_list(text: str) -> list[int]:
     return out
 
 
-def seed_recipe(base: Path, work: Path, seed: int, ema: dict[str, float] | None = None) -> Path:
-    """The recipe with `seed: seed`, storage under WORK/seed<seed> and, for the stages in `ema`, that
-    `train.ema_decay`; its YAML path."""
+def seed_recipe(base: Path, work: Path, seed: int, train: dict[str, dict] | None = None) -> Path:
+    """The recipe with `seed: seed`, storage under WORK/seed<seed> and `train[stage]` merged into
+    those stages' `train` settings; its YAML path."""
     doc = yaml.safe_load(base.read_text())
     doc["seed"] = seed
-    for st, decay in (ema or {}).items():
-        doc["stages"][st].setdefault("train", {})["ema_decay"] = decay
+    for st, settings in (train or {}).items():
+        doc["stages"][st].setdefault("train", {}).update(settings)
     doc["storage"] = {**doc.get("storage", {}), "root": str(work / f"seed{seed}")}
     path = work / f"recipe_seed{seed}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -132,7 +133,8 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="evaluate what WORK already holds")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--nfe", type=int, default=1)
-    ap.add_argument("--ema-decay", type=float, help="the named stages' train.ema_decay (default: the recipe's)")
+    ap.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="train settings of the named stages, e.g. ema_decay=0 lr_warmup=500")
     ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
     a = ap.parse_args()
@@ -140,8 +142,15 @@ def main() -> None:
     base, work, seeds = Path(a.recipe).resolve(), Path(a.work).resolve(), seed_list(a.seeds)
     work.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(base)
-    ema = None if a.ema_decay is None else {st: a.ema_decay for st in a.stages}
-    recipes = {s: seed_recipe(base, work, s, ema) for s in seeds}
+    bad = [kv for kv in a.train if "=" not in kv]
+    if bad:
+        ap.error(f"--train takes KEY=VALUE, not {bad[0]!r}")
+    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.train)}
+    recipes = {s: seed_recipe(base, work, s, {st: overrides for st in a.stages}) for s in seeds}
+    try:  # a bad setting: one line naming the file and field, before any training
+        load_recipe(next(iter(recipes.values())))
+    except RecipeError as e:
+        raise SystemExit(str(e)) from None
     home = recipes.get(recipe.seed) or seed_recipe(base, work, recipe.seed)  # the teacher's own seed
     teacher = stage_dir(load_recipe(home), "teacher")
     if not a.no_train:
@@ -170,7 +179,7 @@ def main() -> None:
             print(f"{st}: all {k} modes on {m['all_modes']}/{m['n']} seeds, collapsed {m['collapsed']}; "
                   + "; ".join(f"{key} {m[key]['mean']:.4f} ± {m[key]['std']:.4f} (median {m[key]['median']:.4f})"
                               for key in ("swd", "off_support", "mode_recall")))
-    out = {"recipe": str(base), "ema_decay": a.ema_decay, "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref},
+    out = {"recipe": str(base), "train": overrides, "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref},
            "per_seed": rows, "summary": summ}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
