@@ -66,6 +66,14 @@ def seed_list(text: str) -> list[int]:
     return out
 
 
+def key_value(text: str) -> tuple[str, object]:
+    """`--train KEY=VALUE`: (KEY, VALUE read as YAML)."""
+    key, eq, value = text.partition("=")
+    if not eq:
+        raise argparse.ArgumentTypeError(f"takes KEY=VALUE, not {text!r}")
+    return key, yaml.safe_load(value)
+
+
 def seed_recipe(base: Path, work: Path, seed: int, train: dict[str, dict] | None = None) -> Path:
     """The recipe with `seed: seed`, storage under WORK/seed<seed> and `train[stage]` merged into
     those stages' `train` settings; its YAML path."""
@@ -88,8 +96,8 @@ def run_stage(recipe: Path, stage: str, log: Path) -> None:
         raise SystemExit(f"{recipe}: stage {stage} failed (exit {rc}); see {log}")
 
 
-def train_seed(recipe: Path, teacher: Path, stages: list[str], work: Path, seed: int) -> None:
-    r = load_recipe(recipe)
+def train_seed(recipe: Path, r, teacher: Path, stages: list[str], work: Path, seed: int) -> None:
+    """The named stages and their upstream for one seed's recipe (`recipe` its path, `r` it loaded)."""
     dst = stage_dir(r, "teacher")
     if not dst.exists():
         shutil.copytree(teacher, dst)
@@ -133,7 +141,7 @@ def main() -> None:
     ap.add_argument("--no-train", action="store_true", help="evaluate what WORK already holds")
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--nfe", type=int, default=1)
-    ap.add_argument("--train", nargs="+", default=[], metavar="KEY=VALUE",
+    ap.add_argument("--train", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
                     help="train settings of the named stages, e.g. ema_decay=0 lr_warmup=500")
     ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
@@ -142,13 +150,10 @@ def main() -> None:
     base, work, seeds = Path(a.recipe).resolve(), Path(a.work).resolve(), seed_list(a.seeds)
     work.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(base)
-    bad = [kv for kv in a.train if "=" not in kv]
-    if bad:
-        ap.error(f"--train takes KEY=VALUE, not {bad[0]!r}")
-    overrides = {k: yaml.safe_load(v) for k, v in (kv.split("=", 1) for kv in a.train)}
+    overrides = dict(a.train)
     recipes = {s: seed_recipe(base, work, s, {st: overrides for st in a.stages}) for s in seeds}
     try:  # a bad setting: one line naming the file and field, before any training
-        load_recipe(next(iter(recipes.values())))
+        loaded = {s: load_recipe(path) for s, path in recipes.items()}
     except RecipeError as e:
         raise SystemExit(str(e)) from None
     home = recipes.get(recipe.seed) or seed_recipe(base, work, recipe.seed)  # the teacher's own seed
@@ -157,7 +162,7 @@ def main() -> None:
         if not teacher.exists():
             run_stage(home, "teacher", work / "teacher.log")
         with ThreadPoolExecutor(a.jobs) as pool:
-            list(pool.map(lambda s: train_seed(recipes[s], teacher, a.stages, work, s), seeds))
+            list(pool.map(lambda s: train_seed(recipes[s], loaded[s], teacher, a.stages, work, s), seeds))
 
     data = cached_data(recipe.data)
     k = data.density.num_modes
@@ -167,8 +172,7 @@ def main() -> None:
     rows: dict[int, dict] = {}
     print("| seed | " + " | ".join(a.stages) + " |  (sliced W2 / off support / modes / mode recall)")
     for s in seeds:
-        r = load_recipe(recipes[s])
-        dirs = {st: stage_dir(r, st) for st in a.stages}
+        dirs = {st: stage_dir(loaded[s], st) for st in a.stages}
         rows[s] = {st: evaluate(d, data, a.n, a.nfe) for st, d in dirs.items() if d.exists()}
         cells = [f"{f['swd']:.4f} / {f['off_support']:.3f} / {f['modes']} / {f['mode_recall']:.3f}" if (f := rows[s].get(st))
                  else "" for st in a.stages]
