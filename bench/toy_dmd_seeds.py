@@ -25,7 +25,8 @@ bench/results/toy_dmd_seeds.json) and a strip plot next to it.
 `--train KEY=VALUE` sets a `train` setting of the named stages (VALUE read as YAML), e.g.
 `--train ema_decay=0` (the evaluated weights are the trained ones, as DMD2's EDM code keeps no EMA of
 its generator; the EMA does not change the training, so the study pairs with one at the recipe's EMA)
-or `--train lr_warmup=500` (the code's warmup). Validation of the written recipes catches a bad key.
+or `--train lr_warmup=0` (no warmup: `toy_dmd`'s DMD2 stages warm up over 500 iterations, as the code). Validation of
+the written recipes catches a bad key.
 
 Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
 default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
@@ -142,7 +143,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=5000)
     ap.add_argument("--nfe", type=int, default=1)
     ap.add_argument("--train", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
-                    help="train settings of the named stages, e.g. ema_decay=0 lr_warmup=500")
+                    help="train settings of the named stages, e.g. ema_decay=0 lr_warmup=0")
     ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
     a = ap.parse_args()
