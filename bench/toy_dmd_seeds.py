@@ -81,7 +81,8 @@ def seed_recipe(base: Path, work: Path, seed: int, train: dict[str, dict] | None
     doc = yaml.safe_load(base.read_text())
     doc["seed"] = seed
     for st, settings in (train or {}).items():
-        doc["stages"][st].setdefault("train", {}).update(settings)
+        # a new dict: a YAML anchor shares one `train` mapping between stages
+        doc["stages"][st]["train"] = {**doc["stages"][st].get("train", {}), **settings}
     doc["storage"] = {**doc.get("storage", {}), "root": str(work / f"seed{seed}")}
     path = work / f"recipe_seed{seed}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -158,7 +159,7 @@ def main() -> None:
     except RecipeError as e:
         raise SystemExit(str(e)) from None
     home = recipes.get(recipe.seed) or seed_recipe(base, work, recipe.seed)  # the teacher's own seed
-    teacher = stage_dir(load_recipe(home), "teacher")
+    teacher = stage_dir(loaded[recipe.seed] if recipe.seed in loaded else load_recipe(home), "teacher")
     if not a.no_train:
         if not teacher.exists():
             run_stage(home, "teacher", work / "teacher.log")
