@@ -20,13 +20,14 @@ each figure, and the teacher's figures at `--teacher-nfe`; writes JSON (default
 bench/results/toy_dmd_seeds.json) and a strip plot next to it.
 
     python bench/toy_dmd_seeds.py --seeds 0-19 [--stages dmd dmd_noreg dmd2] [--work /tmp/toy_dmd_seeds]
-                                  [--jobs 2] [--no-train] [--train KEY=VALUE ...]
+                                  [--jobs 2] [--no-train] [--train KEY=VALUE ...] [--method KEY=VALUE ...]
 
 `--train KEY=VALUE` sets a `train` setting of the named stages (VALUE read as YAML), e.g.
 `--train ema_decay=0` (the evaluated weights are the trained ones, as DMD2's EDM code keeps no EMA of
 its generator; the EMA does not change the training, so the study pairs with one at the recipe's EMA)
-or `--train lr_warmup=0` (no warmup: `toy_dmd`'s DMD2 stages warm up over 500 iterations, as the code). Validation of
-the written recipes catches a bad key.
+or `--train lr_warmup=0` (no warmup: `toy_dmd`'s DMD2 stages warm up over 500 iterations, as the code).
+`--method KEY=VALUE` sets a `method` setting the same way, e.g. `--method gan_noised=true`. Validation
+of the written recipes catches a bad key.
 
 Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
 default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
@@ -75,14 +76,15 @@ def key_value(text: str) -> tuple[str, object]:
     return key, yaml.safe_load(value)
 
 
-def seed_recipe(base: Path, work: Path, seed: int, train: dict[str, dict] | None = None) -> Path:
-    """The recipe with `seed: seed`, storage under WORK/seed<seed> and `train[stage]` merged into
-    those stages' `train` settings; its YAML path."""
+def seed_recipe(base: Path, work: Path, seed: int, settings: dict[str, dict[str, dict]] | None = None) -> Path:
+    """The recipe with `seed: seed`, storage under WORK/seed<seed> and `settings[stage][section]`
+    (section `train` or `method`) merged into those stages' settings; its YAML path."""
     doc = yaml.safe_load(base.read_text())
     doc["seed"] = seed
-    for st, settings in (train or {}).items():
-        # a new dict: a YAML anchor shares one `train` mapping between stages
-        doc["stages"][st]["train"] = {**doc["stages"][st].get("train", {}), **settings}
+    for st, sections in (settings or {}).items():
+        for section, values in sections.items():
+            # a new dict: a YAML anchor shares one `train` mapping between stages
+            doc["stages"][st][section] = {**doc["stages"][st].get(section, {}), **values}
     doc["storage"] = {**doc.get("storage", {}), "root": str(work / f"seed{seed}")}
     path = work / f"recipe_seed{seed}.yaml"
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
@@ -145,6 +147,8 @@ def main() -> None:
     ap.add_argument("--nfe", type=int, default=1)
     ap.add_argument("--train", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
                     help="train settings of the named stages, e.g. ema_decay=0 lr_warmup=0")
+    ap.add_argument("--method", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
+                    help="method settings of the named stages, e.g. gan_noised=true")
     ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
     a = ap.parse_args()
@@ -152,7 +156,7 @@ def main() -> None:
     base, work, seeds = Path(a.recipe).resolve(), Path(a.work).resolve(), seed_list(a.seeds)
     work.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(base)
-    overrides = dict(a.train)
+    overrides = {"train": dict(a.train), "method": dict(a.method)}
     recipes = {s: seed_recipe(base, work, s, {st: overrides for st in a.stages}) for s in seeds}
     try:  # a bad setting: one line naming the file and field, before any training
         loaded = {s: load_recipe(path) for s, path in recipes.items()}
@@ -185,7 +189,7 @@ def main() -> None:
             print(f"{st}: all {k} modes on {m['all_modes']}/{m['n']} seeds, collapsed {m['collapsed']}; "
                   + "; ".join(f"{key} {m[key]['mean']:.4f} ± {m[key]['std']:.4f} (median {m[key]['median']:.4f})"
                               for key in ("swd", "off_support", "mode_recall")))
-    out = {"recipe": str(base), "train": overrides, "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref},
+    out = {"recipe": str(base), "train": overrides["train"], "method": overrides["method"], "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref},
            "per_seed": rows, "summary": summ}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
