@@ -21,13 +21,15 @@ bench/results/toy_dmd_seeds.json) and a strip plot next to it.
 
     python bench/toy_dmd_seeds.py --seeds 0-19 [--stages dmd dmd_noreg dmd2] [--work /tmp/toy_dmd_seeds]
                                   [--jobs 2] [--no-train] [--train KEY=VALUE ...] [--method KEY=VALUE ...]
+                                  [--snapshots]
 
 `--train KEY=VALUE` sets a `train` setting of the named stages (VALUE read as YAML), e.g.
 `--train ema_decay=0` (the evaluated weights are the trained ones, as DMD2's EDM code keeps no EMA of
 its generator; the EMA does not change the training, so the study pairs with one at the recipe's EMA)
 or `--train lr_warmup=0` (no warmup: `toy_dmd`'s DMD2 stages warm up over 500 iterations, as the code).
 `--method KEY=VALUE` sets a `method` setting the same way, e.g. `--method gan_noised=true`. Validation
-of the written recipes catches a bad key.
+of the written recipes catches a bad key. `--snapshots` also evaluates each stage's snapshots, e.g. a
+second, longer EMA of the same run: `--train 'snapshots=[3000]' snapshot_ema_decay=0.999 --snapshots`.
 
 Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
 default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
@@ -110,6 +112,18 @@ def train_seed(recipe: Path, r, teacher: Path, stages: list[str], work: Path, se
         print(f"seed {seed}: {st} done", flush=True)
 
 
+def stage_dirs(r, stages: list[str], snapshots: bool) -> dict[str, Path]:
+    """Column name → model folder: each stage, and with `snapshots` its snapshots as STAGE@STEP
+    (the loop saves them as snapshots/step_NNNNNN/, with `train.snapshot_ema_decay` if set)."""
+    out = {}
+    for st in stages:
+        out[st] = stage_dir(r, st)
+        if snapshots:
+            for d in sorted((out[st] / "snapshots").glob("step_*")):
+                out[f"{st}@{int(d.name.removeprefix('step_'))}"] = d
+    return out
+
+
 def evaluate(path: Path, data, n: int, nfe: int) -> dict:
     """The evaluate stage's toy protocol: mean over eval seeds 0-2."""
     model = load_model(path, "cpu")
@@ -149,6 +163,8 @@ def main() -> None:
                     help="train settings of the named stages, e.g. ema_decay=0 lr_warmup=0")
     ap.add_argument("--method", nargs="+", default=[], type=key_value, metavar="KEY=VALUE",
                     help="method settings of the named stages, e.g. gan_noised=true")
+    ap.add_argument("--snapshots", action="store_true",
+                    help="also evaluate each stage's snapshots (train.snapshots; columns STAGE@STEP)")
     ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
     a = ap.parse_args()
@@ -176,14 +192,15 @@ def main() -> None:
     print(f"teacher at {a.teacher_nfe} NFE: sliced W2 {ref['swd']:.4f}, off support {ref['off_support']:.3f}, "
           f"{ref['modes']} modes, mode recall {ref['mode_recall']:.3f}")
     rows: dict[int, dict] = {}
-    print("| seed | " + " | ".join(a.stages) + " |  (sliced W2 / off support / modes / mode recall)")
+    dirs = {s: stage_dirs(loaded[s], a.stages, a.snapshots) for s in seeds}
+    columns = list(dict.fromkeys(c for s in seeds for c in dirs[s]))
+    print("| seed | " + " | ".join(columns) + " |  (sliced W2 / off support / modes / mode recall)")
     for s in seeds:
-        dirs = {st: stage_dir(loaded[s], st) for st in a.stages}
-        rows[s] = {st: evaluate(d, data, a.n, a.nfe) for st, d in dirs.items() if d.exists()}
+        rows[s] = {st: evaluate(d, data, a.n, a.nfe) for st, d in dirs[s].items() if d.exists()}
         cells = [f"{f['swd']:.4f} / {f['off_support']:.3f} / {f['modes']} / {f['mode_recall']:.3f}" if (f := rows[s].get(st))
-                 else "" for st in a.stages]
+                 else "" for st in columns]
         print(f"| {s} | " + " | ".join(cells) + " |", flush=True)
-    summ = {st: summary(rows, st, k) for st in a.stages}
+    summ = {st: summary(rows, st, k) for st in columns}
     for st, m in summ.items():
         if m:
             print(f"{st}: all {k} modes on {m['all_modes']}/{m['n']} seeds, collapsed {m['collapsed']}; "
@@ -193,7 +210,7 @@ def main() -> None:
            "per_seed": rows, "summary": summ}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
-    plot(rows, ref, a.stages, k, Path(a.out).with_suffix(".png"))
+    plot(rows, ref, columns, k, Path(a.out).with_suffix(".png"))
     print(f"wrote {a.out}")
 
 
