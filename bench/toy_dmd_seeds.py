@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastgen_core import metrics as M  # noqa: E402
 from fastgen_core.data import cached_data  # noqa: E402
-from fastgen_core.models import load_model  # noqa: E402
+from fastgen_core.models import load_model, snapshot_dir  # noqa: E402
 from stages.evaluate import _generate  # noqa: E402  (the evaluate stage's own seeds and sampling)
 from stages.recipe import RecipeError, load_recipe  # noqa: E402
 from stages.runtime import stage_dir  # noqa: E402
@@ -113,14 +113,13 @@ def train_seed(recipe: Path, r, teacher: Path, stages: list[str], work: Path, se
 
 
 def stage_dirs(r, stages: list[str], snapshots: bool) -> dict[str, Path]:
-    """Column name → model folder: each stage, and with `snapshots` its snapshots as STAGE@STEP
-    (the loop saves them as snapshots/step_NNNNNN/, with `train.snapshot_ema_decay` if set)."""
+    """Column name → model folder: each stage, and with `snapshots` its `train.snapshots` as
+    STAGE@STEP (with `train.snapshot_ema_decay` if set)."""
     out = {}
     for st in stages:
         out[st] = stage_dir(r, st)
-        if snapshots:
-            for d in sorted((out[st] / "snapshots").glob("step_*")):
-                out[f"{st}@{int(d.name.removeprefix('step_'))}"] = d
+        for step in r.stages[st].train.snapshots if snapshots else []:
+            out[f"{st}@{step}"] = snapshot_dir(out[st], step)
     return out
 
 
@@ -193,7 +192,7 @@ def main() -> None:
           f"{ref['modes']} modes, mode recall {ref['mode_recall']:.3f}")
     rows: dict[int, dict] = {}
     dirs = {s: stage_dirs(loaded[s], a.stages, a.snapshots) for s in seeds}
-    columns = list(dict.fromkeys(c for s in seeds for c in dirs[s]))
+    columns = list(dirs[seeds[0]])  # every seed's recipe has the same stages and snapshots
     print("| seed | " + " | ".join(columns) + " |  (sliced W2 / off support / modes / mode recall)")
     for s in seeds:
         rows[s] = {st: evaluate(d, data, a.n, a.nfe) for st, d in dirs[s].items() if d.exists()}
