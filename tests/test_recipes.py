@@ -400,3 +400,19 @@ def test_paper_scale_recipe_at_full_size(recipe, tmp_path):
     p = tmp_path / recipe.name
     p.write_text(yaml.safe_dump(with_test_data(small, tmp_path / "data"), sort_keys=False))
     load_recipe(p)
+
+
+def test_bench_study_recipe_shares_the_shipped_stages():
+    """bench/toy_dmd_autoguided.yaml (a study recipe for bench/toy_dmd_seeds.py) validates, and its
+    data, teacher and DMD2 student are params/toy_dmd.yaml's and its guide params/toy_ayf.yaml's, as
+    docs/results.md compares them ("Toy DMD2: the autoguided real score")."""
+    study = yaml.safe_load((ROOT / "bench/toy_dmd_autoguided.yaml").read_text())
+    dmd = yaml.safe_load((ROOT / "params/toy_dmd.yaml").read_text())
+    ayf = yaml.safe_load((ROOT / "params/toy_ayf.yaml").read_text())
+    load_recipe(ROOT / "bench/toy_dmd_autoguided.yaml")
+    assert (study["seed"], study["data"], study["noise"]) == (dmd["seed"], dmd["data"], dmd["noise"])
+    assert study["stages"]["teacher"] == dmd["stages"]["teacher"] and study["stages"]["dmd2"] == dmd["stages"]["dmd2"]
+    assert study["stages"]["guide"] == ayf["stages"]["guide"]
+    ag = study["stages"]["dmd2_ag"]
+    assert ag["train"] == dmd["stages"]["dmd2"]["train"]
+    assert {k: v for k, v in ag["method"].items() if k not in ("guidance", "real_guidance")} == dmd["stages"]["dmd2"]["method"]

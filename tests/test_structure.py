@@ -108,7 +108,8 @@ def test_no_comment_cites_a_file_outside_the_repository():
     cited = re.compile(r"\b(METHODS\.md|DESIGN\.md|docs/[\w/]+\.md)")
     bad = []
     files = [*ROOT.glob("fastgen_core/**/*.py"), *ROOT.glob("stages/*.py"), *ROOT.glob("flows/*.py"),
-             *ROOT.glob("bench/*.py"), *ROOT.glob("tests/*.py"), *ROOT.glob("params/*.yaml"), *ROOT.glob("infra/*")]
+             *ROOT.glob("bench/*.py"), *ROOT.glob("bench/*.yaml"), *ROOT.glob("tests/*.py"), *ROOT.glob("params/*.yaml"),
+             *ROOT.glob("infra/*")]
     for f in files:
         for n, line in enumerate(f.read_text().splitlines(), 1):
             for m in cited.findall(line):
