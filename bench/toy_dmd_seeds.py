@@ -21,7 +21,7 @@ bench/results/toy_dmd_seeds.json) and a strip plot next to it.
 
     python bench/toy_dmd_seeds.py --seeds 0-19 [--stages dmd dmd_noreg dmd2] [--work /tmp/toy_dmd_seeds]
                                   [--jobs 2] [--no-train] [--train KEY=VALUE ...] [--method KEY=VALUE ...]
-                                  [--snapshots]
+                                  [--snapshots] [--masses]
 
 `--train KEY=VALUE` sets a `train` setting of the named stages (VALUE read as YAML), e.g.
 `--train ema_decay=0` (the evaluated weights are the trained ones, as DMD2's EDM code keeps no EMA of
@@ -30,6 +30,9 @@ or `--train lr_warmup=0` (no warmup: `toy_dmd`'s DMD2 stages warm up over 500 it
 `--method KEY=VALUE` sets a `method` setting the same way, e.g. `--method gan_noised=true`. Validation
 of the written recipes catches a bad key. `--snapshots` also evaluates each stage's snapshots, e.g. a
 second, longer EMA of the same run: `--train 'snapshots=[3000]' snapshot_ema_decay=0.999 --snapshots`.
+`--masses` also reports how the samples split between the modes (total variation to the true weights),
+the spread within a mode, and sliced W2 with the samples redrawn in the true shares (`mass_figures`),
+for real data too: it separates a wrong split between the modes from wrong modes.
 
 Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
 default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
@@ -123,14 +126,47 @@ def stage_dirs(r, stages: list[str], snapshots: bool) -> dict[str, Path]:
     return out
 
 
-def evaluate(path: Path, data, n: int, nfe: int) -> dict:
-    """The evaluate stage's toy protocol: mean over eval seeds 0-2."""
-    model = load_model(path, "cpu")
+def mass_figures(x: torch.Tensor, data, n: int, seed: int) -> dict:
+    """How the on-support samples `x` split between the modes, and what sliced W2 they would have
+    with the true split. `mass_tv`: the total variation between the modes' sample shares and their
+    true weights. `mode_spread`: the per-axis std within a mode, averaged over modes (real data:
+    0.05 · 0.974 = 0.0487, a 2D Gaussian's std inside its 3-std support). `swd_true_masses`: sliced
+    W2 to the held-out set of n samples redrawn, with replacement, from each mode in its true share
+    (generator `seed`)."""
+    d = data.density
+    on, mode = d.on_support(x.double()), d.mode_of(x.double())
+    share = mode[on].bincount(minlength=d.num_modes).double()
+    w = d.weights.double()
+    g = torch.Generator().manual_seed(seed)
+    counts = torch.multinomial(w, n, replacement=True, generator=g).bincount(minlength=d.num_modes)
+    picks = []
+    for k in range(d.num_modes):
+        pool = (on & (mode == k)).nonzero()[:, 0]
+        if len(pool) and counts[k]:
+            picks.append(pool[torch.randint(len(pool), (int(counts[k]),), generator=g)])
+    spread = [x[on & (mode == k)].std(0).mean() for k in range(d.num_modes) if (on & (mode == k)).sum() > 1]
+    return {"mass_tv": 0.5 * float((share / share.sum() - w).abs().sum()),
+            "mode_spread": float(torch.stack(spread).mean()),
+            "swd_true_masses": M.toy_metrics(x[torch.cat(picks)], d, data.x_test)["swd"]}
+
+
+def evaluate(path: Path | None, data, n: int, nfe: int, masses: bool = False) -> dict:
+    """The evaluate stage's toy protocol: mean over eval seeds 0-2. With `masses`, also
+    `mass_figures` of 4n samples drawn the same way; `path` None: real data (draws of the true
+    density) instead of a model."""
+    model = load_model(path, "cpu") if path is not None else None
+
+    def draw(size: int, e: int) -> torch.Tensor:
+        with torch.no_grad():
+            return (_generate(model, size, nfe, e, None, "cpu") if model is not None
+                    else data.density.sample(size, torch.Generator().manual_seed(30_000 + e))[0])
+
     acc: dict[str, list[float]] = {}
     for e in range(3):
-        with torch.no_grad():
-            x = _generate(model, n, nfe, e, None, "cpu")
-        for k, v in M.toy_metrics(x, data.density, data.x_test).items():
+        figures = M.toy_metrics(draw(n, e), data.density, data.x_test)
+        if masses:
+            figures.update(mass_figures(draw(4 * n, e), data, n, e))
+        for k, v in figures.items():
             acc.setdefault(k, []).append(v)
     out = {k: sum(v) / len(v) for k, v in acc.items()}
     out["modes"] = round(out["mode_coverage"] * data.density.num_modes)
@@ -143,7 +179,8 @@ def summary(rows: dict, stage: str, k: int) -> dict:
         return {}
     stat = {key: {"mean": statistics.mean(f[key] for f in fig), "median": statistics.median(f[key] for f in fig),
                   "std": statistics.stdev(f[key] for f in fig) if len(fig) > 1 else 0.0}
-            for key in ("swd", "off_support", "mode_recall", "nll")}
+            for key in ("swd", "off_support", "mode_recall", "nll", "mass_tv", "mode_spread", "swd_true_masses")
+            if key in fig[0]}
     return {"n": len(fig), "all_modes": sum(f["modes"] == k for f in fig),
             "collapsed": sum(f["off_support"] > 0.5 for f in fig), **stat}
 
@@ -165,6 +202,8 @@ def main() -> None:
     ap.add_argument("--snapshots", action="store_true",
                     help="also evaluate each stage's snapshots (train.snapshots; columns STAGE@STEP)")
     ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
+    ap.add_argument("--masses", action="store_true",
+                    help="also the modes' masses and spread, and sliced W2 with the true masses (real data too)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -187,25 +226,30 @@ def main() -> None:
 
     data = cached_data(recipe.data)
     k = data.density.num_modes
-    ref = evaluate(teacher, data, a.n, a.teacher_nfe)
+    ref = evaluate(teacher, data, a.n, a.teacher_nfe, a.masses)
     print(f"teacher at {a.teacher_nfe} NFE: sliced W2 {ref['swd']:.4f}, off support {ref['off_support']:.3f}, "
           f"{ref['modes']} modes, mode recall {ref['mode_recall']:.3f}")
+    real = evaluate(None, data, a.n, 0, True) if a.masses else None
+    for name, f in (("teacher", ref), ("real data", real)) if a.masses else ():
+        print(f"{name}: mass TV {f['mass_tv']:.3f}, mode spread {f['mode_spread']:.4f}, "
+              f"sliced W2 with the true masses {f['swd_true_masses']:.4f}")
     rows: dict[int, dict] = {}
     dirs = {s: stage_dirs(loaded[s], a.stages, a.snapshots) for s in seeds}
     columns = list(dirs[seeds[0]])  # every seed's recipe has the same stages and snapshots
     print("| seed | " + " | ".join(columns) + " |  (sliced W2 / off support / modes / mode recall)")
     for s in seeds:
-        rows[s] = {st: evaluate(d, data, a.n, a.nfe) for st, d in dirs[s].items() if d.exists()}
+        rows[s] = {st: evaluate(d, data, a.n, a.nfe, a.masses) for st, d in dirs[s].items() if d.exists()}
         cells = [f"{f['swd']:.4f} / {f['off_support']:.3f} / {f['modes']} / {f['mode_recall']:.3f}" if (f := rows[s].get(st))
                  else "" for st in columns]
         print(f"| {s} | " + " | ".join(cells) + " |", flush=True)
     summ = {st: summary(rows, st, k) for st in columns}
+    extra = ("mass_tv", "mode_spread", "swd_true_masses") if a.masses else ()
     for st, m in summ.items():
         if m:
             print(f"{st}: all {k} modes on {m['all_modes']}/{m['n']} seeds, collapsed {m['collapsed']}; "
                   + "; ".join(f"{key} {m[key]['mean']:.4f} ± {m[key]['std']:.4f} (median {m[key]['median']:.4f})"
-                              for key in ("swd", "off_support", "mode_recall")))
-    out = {"recipe": str(base), "train": overrides["train"], "method": overrides["method"], "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref},
+                              for key in ("swd", "off_support", "mode_recall", *extra)))
+    out = {"recipe": str(base), "train": overrides["train"], "method": overrides["method"], "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref}, "real": real,
            "per_seed": rows, "summary": summ}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
