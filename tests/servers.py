@@ -51,9 +51,12 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> No
 
 def prefect_env(project: Path, api: str) -> dict:
     """The environment of a throwaway project copy's Prefect server, deploys and workers: its own
-    PREFECT_HOME, the API at `api`, the copy's code first on the path, analytics and UI off."""
+    PREFECT_HOME, the API at `api`, the copy's code first on the path, analytics and UI off, and
+    its own TMPDIR (a process worker's per-run temporary folders, which a killed worker leaves
+    behind, stay inside the copy, not in /tmp)."""
+    (project / ".tmp").mkdir(exist_ok=True)
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "PYTHONPATH": str(project), "OMP_NUM_THREADS": "1",
-           "PREFECT_HOME": str(project / ".prefect"), "PREFECT_API_URL": api,
+           "PREFECT_HOME": str(project / ".prefect"), "PREFECT_API_URL": api, "TMPDIR": str(project / ".tmp"),
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "1",
            "PREFECT_UI_ENABLED": "false"}
     for k in ("FASTGEN_INVOCATION", "MLFLOW_TRACKING_URI", "PREFECT_PROFILE"):
