@@ -126,28 +126,25 @@ def stage_dirs(r, stages: list[str], snapshots: bool) -> dict[str, Path]:
     return out
 
 
+MASS_KEYS = ("mass_tv", "mode_spread", "swd_true_masses")
+
+
 def mass_figures(x: torch.Tensor, data, n: int, seed: int) -> dict:
     """How the on-support samples `x` split between the modes, and what sliced W2 they would have
     with the true split. `mass_tv`: the total variation between the modes' sample shares and their
-    true weights. `mode_spread`: the per-axis std within a mode, averaged over modes (real data:
-    0.05 · 0.974 = 0.0487, a 2D Gaussian's std inside its 3-std support). `swd_true_masses`: sliced
-    W2 to the held-out set of n samples redrawn, with replacement, from each mode in its true share
-    (generator `seed`)."""
-    d = data.density
-    on, mode = d.on_support(x.double()), d.mode_of(x.double())
-    share = mode[on].bincount(minlength=d.num_modes).double()
-    w = d.weights.double()
+    true weights (1 − `metrics.mode_recall` of these samples). `mode_spread`: the per-axis std within
+    a mode, averaged over modes (real data: 0.05 · 0.974 = 0.0487, a 2D Gaussian's std inside its
+    3-std support). `swd_true_masses`: sliced W2 to the held-out set of n samples redrawn, with
+    replacement, from each mode in its true share (generator `seed`)."""
+    d, x = data.density, x.double()
+    on, mode = d.on_support(x), d.mode_of(x)
+    members = [(on & (mode == k)).nonzero()[:, 0] for k in range(d.num_modes)]
     g = torch.Generator().manual_seed(seed)
-    counts = torch.multinomial(w, n, replacement=True, generator=g).bincount(minlength=d.num_modes)
-    picks = []
-    for k in range(d.num_modes):
-        pool = (on & (mode == k)).nonzero()[:, 0]
-        if len(pool) and counts[k]:
-            picks.append(pool[torch.randint(len(pool), (int(counts[k]),), generator=g)])
-    spread = [x[on & (mode == k)].std(0).mean() for k in range(d.num_modes) if (on & (mode == k)).sum() > 1]
-    return {"mass_tv": 0.5 * float((share / share.sum() - w).abs().sum()),
-            "mode_spread": float(torch.stack(spread).mean()),
-            "swd_true_masses": M.toy_metrics(x[torch.cat(picks)], d, data.x_test)["swd"]}
+    counts = torch.multinomial(d.weights, n, replacement=True, generator=g).bincount(minlength=d.num_modes)
+    picks = [idx[torch.randint(len(idx), (int(c),), generator=g)] for idx, c in zip(members, counts) if len(idx) and c]
+    return {"mass_tv": 1 - M.mode_recall(torch.tensor([len(idx) for idx in members]), d.weights),
+            "mode_spread": float(torch.stack([x[idx].std(0).mean() for idx in members if len(idx) > 1]).mean()),
+            "swd_true_masses": M.sliced_wasserstein(x[torch.cat(picks)], data.x_test)}
 
 
 def evaluate(path: Path | None, data, n: int, nfe: int, masses: bool = False) -> dict:
@@ -179,8 +176,7 @@ def summary(rows: dict, stage: str, k: int) -> dict:
         return {}
     stat = {key: {"mean": statistics.mean(f[key] for f in fig), "median": statistics.median(f[key] for f in fig),
                   "std": statistics.stdev(f[key] for f in fig) if len(fig) > 1 else 0.0}
-            for key in ("swd", "off_support", "mode_recall", "nll", "mass_tv", "mode_spread", "swd_true_masses")
-            if key in fig[0]}
+            for key in ("swd", "off_support", "mode_recall", "nll", *MASS_KEYS) if key in fig[0]}
     return {"n": len(fig), "all_modes": sum(f["modes"] == k for f in fig),
             "collapsed": sum(f["off_support"] > 0.5 for f in fig), **stat}
 
@@ -243,7 +239,7 @@ def main() -> None:
                  else "" for st in columns]
         print(f"| {s} | " + " | ".join(cells) + " |", flush=True)
     summ = {st: summary(rows, st, k) for st in columns}
-    extra = ("mass_tv", "mode_spread", "swd_true_masses") if a.masses else ()
+    extra = MASS_KEYS if a.masses else ()
     for st, m in summ.items():
         if m:
             print(f"{st}: all {k} modes on {m['all_modes']}/{m['n']} seeds, collapsed {m['collapsed']}; "

@@ -72,8 +72,15 @@ def toy_metrics(samples: torch.Tensor, density: ToyDensity, reference: torch.Ten
         "mode_coverage": float((counts >= n / (4 * k)).double().mean()),
         "off_support": float(1 - on.double().mean()),
         "nn_dist": nearest_neighbour_distance(samples, reference),
-        "mode_recall": float(torch.minimum(counts.double() / max(int(counts.sum()), 1), density.weights).sum()),
+        "mode_recall": mode_recall(counts, density.weights),
     }
+
+
+def mode_recall(counts: torch.Tensor, weights: torch.Tensor) -> float:
+    """sum_k min(p_k, pi_k) for on-support sample counts per mode (p = counts / total) and the true
+    weights pi: `toy_metrics`' mode_recall. Both sum to 1, so 1 − mode_recall is the total variation
+    ½ sum_k |p_k − pi_k| between the samples' split over the modes and the true one."""
+    return float(torch.minimum(counts.double() / max(int(counts.sum()), 1), weights).sum())
 
 
 def _mean_cov(f: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
