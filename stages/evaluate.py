@@ -340,8 +340,6 @@ def _inception(cfg: EvalConfig, x_test: torch.Tensor, device, at: str):
 
 
 def run(ctx) -> None:
-    from fastgen_core import plots
-
     cfg, recipe = ctx.spec.evaluate, ctx.recipe
     data = cached_data(recipe.data)
     device = ctx.device
@@ -452,6 +450,8 @@ def run(ctx) -> None:
                       file=sys.stderr)
     (ctx.out / "metrics.json").write_text(json.dumps(results, indent=2))
     if cfg.plots:
+        from fastgen_core import plots  # matplotlib only where plots are drawn (~0.5 s per stage process)
+
         floor = float(np.mean([f[prim] for f in floor_per_seed]))
         plots.quality_vs_nfe(curves, floor, prim, ctx.out / "plots" / "quality_vs_nfe.png",
                              recipe=f"{recipe.name} / {ctx.name}")
