@@ -32,7 +32,10 @@ of the written recipes catches a bad key. `--snapshots` also evaluates each stag
 second, longer EMA of the same run: `--train 'snapshots=[3000]' snapshot_ema_decay=0.999 --snapshots`.
 `--masses` also reports how the samples split between the modes (total variation to the true weights),
 the spread within a mode, and sliced W2 with the samples redrawn in the true shares (`mass_figures`),
-for real data too: it separates a wrong split between the modes from wrong modes.
+for real data too: it separates a wrong split between the modes from wrong modes. `--per-step` also
+evaluates each multi-step student's output after every generator step j of its K-step rollout (the
+outputs its fake critic is trained on, one j per iteration) and their even mixture (n/K of each):
+DMD2's critic, and so the DM gradient, sees the mixture, not the last step alone.
 
 Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
 default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
@@ -58,7 +61,9 @@ sys.path.insert(0, str(ROOT))
 
 from fastgen_core import metrics as M  # noqa: E402
 from fastgen_core.data import cached_data  # noqa: E402
+from fastgen_core.methods.dmd import generator_sigmas  # noqa: E402
 from fastgen_core.models import load_model, snapshot_dir  # noqa: E402
+from fastgen_core.samplers import cm_multistep  # noqa: E402
 from stages.evaluate import _generate  # noqa: E402  (the evaluate stage's own seeds and sampling)
 from stages.recipe import RecipeError, load_recipe  # noqa: E402
 from stages.runtime import stage_dir  # noqa: E402
@@ -142,9 +147,43 @@ def mass_figures(x: torch.Tensor, data, n: int, seed: int) -> dict:
     g = torch.Generator().manual_seed(seed)
     counts = torch.multinomial(d.weights, n, replacement=True, generator=g).bincount(minlength=d.num_modes)
     picks = [idx[torch.randint(len(idx), (int(c),), generator=g)] for idx, c in zip(members, counts) if len(idx) and c]
+    spreads = [x[idx].std(0).mean() for idx in members if len(idx) > 1]
+    nan = float("nan")  # no sample on support (a collapsed student, or the teacher's own 1-step sample)
     return {"mass_tv": 1 - M.mode_recall(torch.tensor([len(idx) for idx in members]), d.weights),
-            "mode_spread": float(torch.stack([x[idx].std(0).mean() for idx in members if len(idx) > 1]).mean()),
-            "swd_true_masses": M.sliced_wasserstein(x[torch.cat(picks)], data.x_test)}
+            "mode_spread": float(torch.stack(spreads).mean()) if spreads else nan,
+            "swd_true_masses": M.sliced_wasserstein(x[torch.cat(picks)], data.x_test) if picks else nan}
+
+
+@torch.no_grad()
+def step_outputs(model, n: int, e: int) -> list[torch.Tensor]:
+    """A K-step DM student's outputs after each generator step j = 0 … K−1 of one rollout on its own
+    levels (methods/dmd2.py `backward_simulate`, then G at step j), seeded as `_generate`: the last one
+    is the student's K-NFE sample, bit for bit."""
+    sigmas = generator_sigmas(model.noise, model.cfg.grid, model.cfg.steps).tolist()
+    z = model.noise.draw(n, model.shape, torch.Generator().manual_seed(10_000 + e))
+    outs = []
+    for j in range(len(sigmas)):
+        torch.manual_seed(20_000 + e)  # the same ε draws: step j of the same rollout
+        outs.append(cm_multistep(model.denoiser(), z, sigmas[:j + 1], 0.0).float())
+    return outs
+
+
+def per_step(path: Path, data, n: int) -> dict[str, dict]:
+    """`evaluate`'s figures (masses included) of each generator step's outputs ("step0" …) and of
+    their even mixture ("mixture": the first n/K samples of each step), mean over eval seeds 0-2."""
+    model = load_model(path, "cpu")
+    K = model.cfg.steps
+    acc: dict[str, dict[str, list[float]]] = {}
+    for e in range(3):
+        small, big = step_outputs(model, n, e), step_outputs(model, 4 * n, e)
+        assert torch.equal(small[-1], _generate(model, n, K, e, None, "cpu")), "not the student's own sampler"
+        mix = lambda xs, m: torch.cat([x[j * m // K:(j + 1) * m // K] for j, x in enumerate(xs)])  # noqa: E731
+        for name, x, x4 in [*((f"step{j}", a, b) for j, (a, b) in enumerate(zip(small, big))),
+                            ("mixture", mix(small, n), mix(big, 4 * n))]:
+            figures = {**M.toy_metrics(x, data.density, data.x_test), **mass_figures(x4, data, n, e)}
+            for k, v in figures.items():
+                acc.setdefault(name, {}).setdefault(k, []).append(v)
+    return {name: {k: sum(v) / len(v) for k, v in f.items()} for name, f in acc.items()}
 
 
 def evaluate(path: Path | None, data, n: int, nfe: int, masses: bool = False) -> dict:
@@ -174,9 +213,12 @@ def summary(rows: dict, stage: str, k: int) -> dict:
     fig = [rows[s][stage] for s in rows if stage in rows[s]]
     if not fig:
         return {}
-    stat = {key: {"mean": statistics.mean(f[key] for f in fig), "median": statistics.median(f[key] for f in fig),
-                  "std": statistics.stdev(f[key] for f in fig) if len(fig) > 1 else 0.0}
-            for key in ("swd", "off_support", "mode_recall", "nll", *MASS_KEYS) if key in fig[0]}
+    def stats(v: list[float]) -> dict:  # NaN (`mass_figures` of a student with no sample on support) left out
+        v = [x for x in v if x == x] or [float("nan")]
+        return {"mean": statistics.mean(v), "median": statistics.median(v),
+                "std": statistics.stdev(v) if len(v) > 1 else 0.0}
+    stat = {key: stats([f[key] for f in fig]) for key in ("swd", "off_support", "mode_recall", "nll", *MASS_KEYS)
+            if key in fig[0]}
     return {"n": len(fig), "all_modes": sum(f["modes"] == k for f in fig),
             "collapsed": sum(f["off_support"] > 0.5 for f in fig), **stat}
 
@@ -200,6 +242,8 @@ def main() -> None:
     ap.add_argument("--teacher-nfe", type=int, default=35, help="the teacher's NFE (a line in the plot)")
     ap.add_argument("--masses", action="store_true",
                     help="also the modes' masses and spread, and sliced W2 with the true masses (real data too)")
+    ap.add_argument("--per-step", action="store_true",
+                    help="also each multi-step student's outputs after every generator step, and their mixture")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "toy_dmd_seeds.json"))
     a = ap.parse_args()
     torch.set_num_threads(1)
@@ -238,6 +282,19 @@ def main() -> None:
         cells = [f"{f['swd']:.4f} / {f['off_support']:.3f} / {f['modes']} / {f['mode_recall']:.3f}" if (f := rows[s].get(st))
                  else "" for st in columns]
         print(f"| {s} | " + " | ".join(cells) + " |", flush=True)
+    steps = {}
+    if a.per_step:  # multi-step students only: one table per column, rows seeds, cells per generator step
+        for st in [c for c in columns if load_model(dirs[seeds[0]][c]).meta["method_config"].get("steps", 1) > 1]:
+            steps[st] = {s: per_step(dirs[s][st], data, a.n) for s in seeds if dirs[s][st].exists()}
+            names = list(next(iter(steps[st].values())))
+            print(f"{st} per generator step: | seed | " + " | ".join(names)
+                  + " |  (sliced W2 / off support / mode spread / mass TV)")
+            for s, f in steps[st].items():
+                print(f"| {s} | " + " | ".join(f"{f[x]['swd']:.4f} / {f[x]['off_support']:.3f} / "
+                                                f"{f[x]['mode_spread']:.4f} / {f[x]['mass_tv']:.3f}" for x in names) + " |")
+            print("| mean | " + " | ".join(" / ".join(f"{statistics.mean(steps[st][s][x][key] for s in steps[st]):.4f}"
+                                                      for key in ("swd", "off_support", "mode_spread", "mass_tv"))
+                                           for x in names) + " |", flush=True)
     summ = {st: summary(rows, st, k) for st in columns}
     extra = MASS_KEYS if a.masses else ()
     for st, m in summ.items():
@@ -246,7 +303,7 @@ def main() -> None:
                   + "; ".join(f"{key} {m[key]['mean']:.4f} ± {m[key]['std']:.4f} (median {m[key]['median']:.4f})"
                               for key in ("swd", "off_support", "mode_recall", *extra)))
     out = {"recipe": str(base), "train": overrides["train"], "method": overrides["method"], "seeds": seeds, "nfe": a.nfe, "n": a.n, "teacher": {"nfe": a.teacher_nfe, **ref}, "real": real,
-           "per_seed": rows, "summary": summ}
+           "per_seed": rows, "summary": summ, "per_step": steps}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2))
     plot(rows, ref, columns, k, Path(a.out).with_suffix(".png"))
