@@ -35,7 +35,8 @@ the spread within a mode, and sliced W2 with the samples redrawn in the true sha
 for real data too: it separates a wrong split between the modes from wrong modes. `--per-step` also
 evaluates each multi-step student's output after every generator step j of its K-step rollout (the
 outputs its fake critic is trained on, one j per iteration) and their even mixture (n/K of each):
-DMD2's critic, and so the DM gradient, sees the mixture, not the last step alone.
+DMD2's critic, and so the DM gradient, sees the mixture, not the last step alone. It draws the first
+seed's steps and mixture next to the JSON (`<out>_<stage>_per_step.png`).
 
 Cost (2-core Xeon at 2.80 GHz, two seeds at once): 6-9 min of wall time per pair of seeds for the three
 default stages and their `pairs` (dmd ~3.5 min, dmd_noreg ~3 min, dmd2 ~2 min each); the 20-seed
@@ -168,12 +169,14 @@ def step_outputs(model, n: int, e: int) -> list[torch.Tensor]:
     return outs
 
 
-def per_step(path: Path, data, n: int) -> dict[str, dict]:
+def per_step(path: Path, data, n: int) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
     """`evaluate`'s figures (masses included) of each generator step's outputs ("step0" …) and of
-    their even mixture ("mixture": the first n/K samples of each step), mean over eval seeds 0-2."""
+    their even mixture ("mixture": the first n/K samples of each step), mean over eval seeds 0-2;
+    and eval seed 0's samples of each (for `plot_per_step`)."""
     model = load_model(path, "cpu")
     K = model.cfg.steps
     acc: dict[str, dict[str, list[float]]] = {}
+    panels = {}
     for e in range(3):
         small, big = step_outputs(model, n, e), step_outputs(model, 4 * n, e)
         assert torch.equal(small[-1], _generate(model, n, K, e, None, "cpu")), "not the student's own sampler"
@@ -183,7 +186,34 @@ def per_step(path: Path, data, n: int) -> dict[str, dict]:
             figures = {**M.toy_metrics(x, data.density, data.x_test), **mass_figures(x4, data, n, e)}
             for k, v in figures.items():
                 acc.setdefault(name, {}).setdefault(k, []).append(v)
-    return {name: {k: sum(v) / len(v) for k, v in f.items()} for name, f in acc.items()}
+            if e == 0:
+                panels[name] = x
+    return {name: {k: sum(v) / len(v) for k, v in f.items()} for name, f in acc.items()}, panels
+
+
+def plot_per_step(panels: dict[str, torch.Tensor], figures: dict[str, dict], data, title: str, path: Path) -> None:
+    """One column per step and the mixture: the samples over the data (grey), whole (top) and around
+    the first mode (bottom, ±5 of the data's within-mode std), titled with their mode spread."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    real = data.x_test.numpy()
+    c, w = data.density.means[0].numpy(), 5 * 0.05
+    lim = float(abs(real).max() * 1.25)
+    fig, axes = plt.subplots(2, len(panels), figsize=(2.6 * len(panels), 5.4), squeeze=False)
+    for j, (name, x) in enumerate(panels.items()):
+        x = x.numpy()
+        for ax, (lo, hi) in zip(axes[:, j], [((-lim, -lim), (lim, lim)), (c - w, c + w)]):
+            ax.scatter(real[:, 0], real[:, 1], s=1, c="0.75", rasterized=True)
+            ax.scatter(x[:, 0], x[:, 1], s=1, c="C0", alpha=0.5, rasterized=True)
+            ax.set(xlim=(lo[0], hi[0]), ylim=(lo[1], hi[1]), xticks=[], yticks=[], aspect="equal")
+        axes[0, j].set_title(f"{name}\nspread {figures[name]['mode_spread']:.3f}, off {figures[name]['off_support']:.2f}",
+                             fontsize=9)
+    spread = mass_figures(data.x_test, data, len(real), 0)["mode_spread"]
+    fig.suptitle(f"{title} (grey: held-out data, spread {spread:.3f}); bottom: around one mode", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def evaluate(path: Path | None, data, n: int, nfe: int, masses: bool = False) -> dict:
@@ -285,7 +315,11 @@ def main() -> None:
     steps = {}
     if a.per_step:  # multi-step students only: one table per column, rows seeds, cells per generator step
         for st in [c for c in columns if load_model(dirs[seeds[0]][c]).meta["method_config"].get("steps", 1) > 1]:
-            steps[st] = {s: per_step(dirs[s][st], data, a.n) for s in seeds if dirs[s][st].exists()}
+            done = {s: per_step(dirs[s][st], data, a.n) for s in seeds if dirs[s][st].exists()}
+            steps[st] = {s: f for s, (f, _) in done.items()}
+            first = next(iter(done))
+            plot_per_step(done[first][1], done[first][0], data, f"{st}, training seed {first}, eval seed 0",
+                          Path(a.out).with_name(f"{Path(a.out).stem}_{st.replace('@', '_')}_per_step.png"))
             names = list(next(iter(steps[st].values())))
             print(f"{st} per generator step: | seed | " + " | ".join(names)
                   + " |  (sliced W2 / off support / mode spread / mass TV)")
