@@ -169,12 +169,14 @@ def step_outputs(model, n: int, e: int) -> list[torch.Tensor]:
     return outs
 
 
-def per_step(path: Path, data, n: int) -> tuple[dict[str, dict], dict[str, torch.Tensor]]:
+def per_step(path: Path, data, n: int) -> tuple[dict[str, dict], dict[str, torch.Tensor]] | None:
     """`evaluate`'s figures (masses included) of each generator step's outputs ("step0" …) and of
     their even mixture ("mixture": the first n/K samples of each step), mean over eval seeds 0-2;
-    and eval seed 0's samples of each (for `plot_per_step`)."""
+    and eval seed 0's samples of each (for `plot_per_step`). None for a model with one step."""
     model = load_model(path, "cpu")
-    K = model.cfg.steps
+    K = model.meta["method_config"].get("steps", 1)
+    if K == 1:
+        return None
     acc: dict[str, dict[str, list[float]]] = {}
     panels = {}
     for e in range(3):
@@ -215,6 +217,17 @@ def plot_per_step(panels: dict[str, torch.Tensor], figures: dict[str, dict], dat
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def print_per_step(stage: str, rows: dict[int, dict[str, dict]]) -> None:
+    """`per_step`'s figures of one stage: a row per seed, a column per step and the mixture, and the means."""
+    keys = ("swd", "off_support", "mode_spread", "mass_tv")
+    names = list(next(iter(rows.values())))
+    print(f"{stage} per generator step: | seed | " + " | ".join(names) + " |  (sliced W2 / off support / mode spread / mass TV)")
+    for s, f in rows.items():
+        print(f"| {s} | " + " | ".join(" / ".join(f"{f[x][k]:.4f}" for k in keys) for x in names) + " |")
+    print("| mean | " + " | ".join(" / ".join(f"{statistics.mean(f[x][k] for f in rows.values()):.4f}" for k in keys)
+                                   for x in names) + " |", flush=True)
 
 
 def evaluate(path: Path | None, data, n: int, nfe: int, masses: bool = False) -> dict:
@@ -314,22 +327,15 @@ def main() -> None:
                  else "" for st in columns]
         print(f"| {s} | " + " | ".join(cells) + " |", flush=True)
     steps = {}
-    if a.per_step:  # multi-step students only: one table per column, rows seeds, cells per generator step
-        for st in [c for c in columns if load_model(dirs[seeds[0]][c]).meta["method_config"].get("steps", 1) > 1]:
-            done = {s: per_step(dirs[s][st], data, a.n) for s in seeds if dirs[s][st].exists()}
-            steps[st] = {s: f for s, (f, _) in done.items()}
-            first = next(iter(done))
-            plot_per_step(done[first][1], done[first][0], data, f"{st}, training seed {first}, eval seed 0",
-                          Path(a.out).with_name(f"{Path(a.out).stem}_{st.replace('@', '_')}_per_step.png"))
-            names = list(next(iter(steps[st].values())))
-            print(f"{st} per generator step: | seed | " + " | ".join(names)
-                  + " |  (sliced W2 / off support / mode spread / mass TV)")
-            for s, f in steps[st].items():
-                print(f"| {s} | " + " | ".join(f"{f[x]['swd']:.4f} / {f[x]['off_support']:.3f} / "
-                                                f"{f[x]['mode_spread']:.4f} / {f[x]['mass_tv']:.3f}" for x in names) + " |")
-            print("| mean | " + " | ".join(" / ".join(f"{statistics.mean(steps[st][s][x][key] for s in steps[st]):.4f}"
-                                                      for key in ("swd", "off_support", "mode_spread", "mass_tv"))
-                                           for x in names) + " |", flush=True)
+    for st in columns if a.per_step else ():  # multi-step students only
+        done = {s: r for s in seeds if dirs[s][st].exists() and (r := per_step(dirs[s][st], data, a.n))}
+        if not done:
+            continue
+        steps[st] = {s: f for s, (f, _) in done.items()}
+        first = next(iter(done))
+        plot_per_step(done[first][1], done[first][0], data, f"{st}, training seed {first}, eval seed 0",
+                      Path(a.out).with_name(f"{Path(a.out).stem}_{st.replace('@', '_')}_per_step.png"))
+        print_per_step(st, steps[st])
     summ = {st: summary(rows, st, k) for st in columns}
     extra = MASS_KEYS if a.masses else ()
     for st, m in summ.items():
