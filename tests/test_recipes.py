@@ -1,7 +1,6 @@
 """Every shipped recipe (params/*.yaml), shrunk to a tiny size, runs end to end through the Prefect
 flow (Prefect's test harness), and the small ones also through `dvc repro` (a real git + DVC
-repository in a temp dir), where the two give bit-identical artifacts stage by stage. The small
-recipes in FLOW_ONLY skip `dvc repro`: the others already run every stage kind and method through it.
+repository in a temp dir), where the two give bit-identical artifacts stage by stage.
 
 Shrinking keeps each recipe's stage graph, methods and method settings and cuts only sizes:
 training steps and batch sizes, pair counts, evaluation samples, seeds and NFEs, and the U-Nets
@@ -201,30 +200,11 @@ def write_shrunk(folder: Path, storage_root: str, tracking: dict, recipe: Path, 
 _FLOW: dict[str, tuple] = {}
 _DVC: dict[str, tuple] = {}
 PER_RECIPE = [pytest.param(f, id=f.stem, marks=pytest.mark.xdist_group(f"recipe-{f.stem}")) for f in RECIPES]
-PAPER_SCALE = ("cifar10_", "imagenet64_")  # GPU-sized recipes: shrunk through the flow only
-
-
-# `dvc repro` runs every small recipe except these, which run through the flow only: what separate
-# stage processes could change is per stage kind and per method (seeding, inputs read back from
-# disk), and the recipes left in cover every kind, group kind and method of the small recipes
-# (test_dvc_recipes_cover_every_kind_and_method). Each `dvc repro` costs 30-170 s of the suite.
-FLOW_ONLY = ("digits_cd", "digits_consistency", "shapes_cd")
+PAPER_SCALE = ("cifar10_", "imagenet64_")  # GPU-sized recipes: shrunk through the flow only; the rest also through DVC
 
 
 def paper_scale(recipe: Path) -> bool:
     return recipe.stem.startswith(PAPER_SCALE)
-
-
-def through_dvc(recipe: Path) -> bool:
-    return not paper_scale(recipe) and recipe.stem not in FLOW_ONLY
-
-
-def kinds_and_methods(recipe: Path) -> set[str]:
-    """The stage kinds (as declared, group kinds included) and the methods of a recipe's models."""
-    raw = yaml.safe_load(recipe.read_text())
-    r = load_recipe(recipe)
-    return ({f"kind {st['kind']}" for st in raw["stages"].values()}
-            | {f"method {r.model_method(s)}" for s in r.stages if r.model_method(s)})
 
 
 def flow_run(recipe: Path, tmp_path_factory, mlflow_template) -> tuple:
@@ -307,7 +287,7 @@ def test_recipe_runs_through_the_flow(recipe, prefect_harness, tmp_path_factory,
     assert all(x.info.status == "FINISHED" for x in runs)
 
 
-@pytest.mark.parametrize("recipe", [p for p in PER_RECIPE if through_dvc(p.values[0])])
+@pytest.mark.parametrize("recipe", [p for p in PER_RECIPE if not paper_scale(p.values[0])])
 def test_recipe_runs_through_dvc_repro_identically(recipe, prefect_harness, tmp_path_factory, mlflow_template):
     d, p, sh, first = dvc_repo(recipe, tmp_path_factory)
     _, _, results = flow_run(recipe, tmp_path_factory, mlflow_template)
@@ -324,15 +304,6 @@ def _tangent_users(d: Path) -> set[str]:
     """Method modules importing fastgen_core/tangents.py, read from their sources (not from dvc.yaml)."""
     return {f.stem for f in (d / "fastgen_core/methods").glob("*.py")
             if re.search(r"^\s*from \.\.tangents import|^\s*from \.\. import .*\btangents\b", f.read_text(), re.M)}
-
-
-def test_dvc_recipes_cover_every_kind_and_method():
-    """The recipes that run through `dvc repro` use every stage kind and method the small recipes use
-    (a recipe with a new kind or method must run through DVC, or replace one in FLOW_ONLY)."""
-    small = [f for f in sorted((ROOT / "params").glob("*.yaml")) if not paper_scale(f)]
-    covered = set().union(*(kinds_and_methods(f) for f in small if through_dvc(f)))
-    for f in small:
-        assert kinds_and_methods(f) <= covered, f"{f.name}: {sorted(kinds_and_methods(f) - covered)} never run by DVC"
 
 
 @pytest.mark.parametrize("recipe", [p for p in PER_RECIPE if p.id in ("toy_scd", "toy_cd")])
