@@ -159,14 +159,18 @@ def mass_figures(x: torch.Tensor, data, n: int, seed: int) -> dict:
 def step_outputs(model, n: int, e: int) -> list[torch.Tensor]:
     """A K-step DM student's outputs after each generator step j = 0 … K−1 of one rollout on its own
     levels (methods/dmd2.py `backward_simulate`, then G at step j), seeded as `_generate`: the last one
-    is the student's K-NFE sample, bit for bit."""
+    is the student's K-NFE sample, bit for bit. One `cm_multistep` rollout, each G output recorded."""
     sigmas = generator_sigmas(model.noise, model.cfg.grid, model.cfg.steps).tolist()
     z = model.noise.draw(n, model.shape, torch.Generator().manual_seed(10_000 + e))
-    outs = []
-    for j in range(len(sigmas)):
-        torch.manual_seed(20_000 + e)  # the same ε draws: step j of the same rollout
-        outs.append(cm_multistep(model.denoiser(), z, sigmas[:j + 1], 0.0).float())
-    return outs
+    G, outs = model.denoiser(), []
+
+    def recorded(x, sigma, **cond):
+        outs.append(G(x, sigma, **cond))
+        return outs[-1]
+
+    torch.manual_seed(20_000 + e)
+    cm_multistep(recorded, z, sigmas, 0.0)
+    return [x.float() for x in outs]
 
 
 def per_step(path: Path, data, n: int) -> tuple[dict[str, dict], dict[str, torch.Tensor]] | None:
