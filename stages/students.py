@@ -18,9 +18,9 @@ expands (`StageSpec.expand`) into ordinary stages:
   the regression set); a smaller student starts from its TSM stage (`warm_start` input) or, without
   `tsm`, from random weights;
 - `msd_gan_<k>` (with `gan`): MSD's last phase, DM + GAN: the student method with `gan: true` (and
-  the phase's other method settings), its generator started from `msd_<k>`'s (`warm_start`; the
-  fake critic starts again from the teacher, the classifier head from scratch: [ours], DMD2's code
-  resumes the critic too); the router then combines these;
+  the phase's other method settings), its generator started from `msd_<k>`'s exported weights
+  (`warm_start`), its fake critic from `msd_<k>`'s live critic (as DMD2's code resumes), the
+  classifier head from scratch; the router then combines these;
 - `msd`: the router (fastgen_core/methods/router.py), a zero-step `distill` stage that copies the
   K students into one model sending each class label to its student (1 NFE for one-step students),
   evaluated, sampled and registered like any model.

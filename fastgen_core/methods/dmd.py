@@ -9,7 +9,7 @@ Noise grid: the Karras grid of `grid` = 1000 levels, indexed as DMD2's code does
 Distribution-matching gradient (DMD Eq. 7–8; DMD2's `compute_distribution_matching_loss`):
     x = G_θ(z),  i ~ U{⌊0.02·grid⌋ … ⌊0.98·grid⌋},  x_t = x + σ_(i)·ε,
     p_real = x − μ_real(x_t, σ_(i)),   p_fake = x − μ_fake(x_t, σ_(i)),
-    g = (p_real − p_fake) / mean|p_real|      (per sample, over all non-batch dims; NaN/inf → 0)
+    g = (p_real − p_fake) / mean|p_real|      (per sample, over all non-batch dims; NaN → 0)
     L_DM = ½·mean (x − stopgrad(x − g))²       (so ∇_x L_DM = g / numel)
 μ_real is the frozen teacher, optionally guided (`real_guidance` w: classifier-free guidance of a
 class-conditional teacher trained with label dropout, or autoguidance with a weak `guide` input,
@@ -83,7 +83,7 @@ def dm_levels(n: int, grid: int, dm_range=(0.02, 0.98), device=None) -> torch.Te
 
 @torch.no_grad()
 def dm_gradient(x: torch.Tensor, x_t: torch.Tensor, sigma: torch.Tensor, mu_real, mu_fake, **cond) -> torch.Tensor:
-    """g = (p_real − p_fake)/mean|p_real| per sample with p = x − μ(x_t, σ); NaN/inf → 0 (DMD Eq. 7–8)."""
+    """g = (p_real − p_fake)/mean|p_real| per sample with p = x − μ(x_t, σ); NaN → 0, ±inf → ±max (DMD Eq. 7–8)."""
     p_real = x - mu_real(x_t, sigma, **cond)
     p_fake = x - mu_fake(x_t, sigma, **cond)
     scale = p_real.abs().flatten(1).mean(1)

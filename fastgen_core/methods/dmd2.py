@@ -103,7 +103,8 @@ class Method(DistributionMatching):
         return self.nets["critic"](col(c_in, x) * x, c_noise, return_features=True, **cond)
 
     def logits(self, x: torch.Tensor, **cond) -> torch.Tensor:
-        """C(x): the head on the critic's features, at σ_min (clean) or at a random low level (noised)."""
+        """C(x): the head on the critic's features, at σ_min (clean) or, noised, at a random
+        level of the grid's first `gan_noise_levels` (all of it by default)."""
         n = x.shape[0]
         if self.cfg.gan_noised:
             i = torch.randint(self.cfg.gan_noise_levels or self.cfg.grid, (n,), device=x.device)

@@ -11,7 +11,7 @@ facts, so that `sample` rebuilds each student's view and calls that student's me
     x[i] = sample_{k(y_i)}(z[i], nfe, y_i),    k(c) = the student whose group holds class c.
 
 Partition (`classes`, in the order of the `students` input): disjoint, non-empty groups of class
-labels that together cover 0 … C−1; None: `contiguous(C, K)`, consecutive runs of equal size.
+labels that together cover 0 … C−1; None: `contiguous(C, K)`, consecutive runs whose sizes differ by at most one.
 """
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ class Config(Strict):
     name: Literal["router"] = "router"
     classes: list[list[int]] | None = Field(
         None, description="the classes of each student, in the order of the `students` input (disjoint, covering "
-        "every class); None: consecutive runs of equal size")
+        "every class); None: consecutive runs whose sizes differ by at most one")
 
     @field_validator("classes")
     @classmethod
