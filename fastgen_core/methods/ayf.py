@@ -111,7 +111,8 @@ def velocity(D_fm, x_t: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
 
 def t_range(noise) -> tuple[float, float]:
     """[t_min, t_max]: σ_min and σ_max in FM time, t = σ/(1 + σ)."""
-    return noise.sigma_min / (1 + noise.sigma_min), noise.sigma_max / (1 + noise.sigma_max)
+    t_min, t_max = from_edm("fm", torch.tensor([noise.sigma_min, noise.sigma_max], dtype=torch.float64)).tolist()
+    return t_min, t_max
 
 
 def dF(net, noise, x_t, t, s, tangents, mode="func", eps=1e-3, seed=None, **cond):

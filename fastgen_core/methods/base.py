@@ -108,7 +108,7 @@ class Context:
     """What a method is built from: the data, the noise process, its network settings, its inputs."""
 
     data: Any                      # fastgen_core.data.Dataset
-    noise: Any                     # the noise process (fastgen_core.noise; EDM for every method so far)
+    noise: Any                     # the noise process (fastgen_core.noise; the method's `processes`)
     network: Any = None            # NetworkConfig of the trained network (None: copy the teacher's)
     inputs: dict[str, Any] = field(default_factory=dict)  # role -> LoadedModel | [LoadedModel] | pairs dict
     device: torch.device = torch.device("cpu")

@@ -46,7 +46,7 @@ from torch import nn
 
 from ..config import FieldError
 from ..nets import FourierFeatures
-from ..noise import denoiser_in, from_edm
+from ..noise import denoiser_in, from_edm, to_edm
 from ..tangents import jvp, normalise, warmup
 from .base import Group, Role
 from .base import Method as _Base
@@ -80,7 +80,7 @@ class Config(TangentSettings):
 
 def c_noise(t: torch.Tensor, kind: str, sigma_data: float) -> torch.Tensor:
     """Network time label: t, or ¼·ln σ with σ = σ_d·tan t (see module docstring)."""
-    return t if kind == "t" else torch.log(sigma_data * torch.tan(t)) / 4
+    return t if kind == "t" else to_edm("trigflow", t, sigma_data)[1].log() / 4
 
 
 def F_theta(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, sigma_data: float, kind: str, **cond) -> torch.Tensor:
@@ -97,8 +97,9 @@ def f_theta(net: nn.Module, x_t: torch.Tensor, t: torch.Tensor, sigma_data: floa
 
 def t_range(noise) -> tuple[float, float]:
     """[t_min, t_max] = arctan(σ_min/σ_d), arctan(σ_max/σ_d): t kept away from 0 and π/2."""
-    sd = noise.sigma_data
-    return math.atan(noise.sigma_min / sd), math.atan(noise.sigma_max / sd)
+    t_min, t_max = from_edm("trigflow", torch.tensor([noise.sigma_min, noise.sigma_max], dtype=torch.float64),
+                            noise.sigma_data).tolist()
+    return t_min, t_max
 
 
 def sample_t(n: int, P_mean: float, P_std: float, noise, device=None) -> torch.Tensor:
@@ -146,7 +147,7 @@ def normalise_tangent(g: torch.Tensor, c: float, norm: str = "l2") -> torch.Tens
 
 def prior_weight(t: torch.Tensor, sigma_data: float) -> torch.Tensor:
     """p(t) = 1/(σ_d·tan t), i.e. 1/σ at the matched EDM level."""
-    return 1 / (sigma_data * torch.tan(t))
+    return 1 / to_edm("trigflow", t, sigma_data)[1]
 
 
 class AdaptiveWeight(nn.Module):
