@@ -1,6 +1,6 @@
 """Adversarial pieces shared by the methods' optional GAN terms: CTM's GAN term on real data
-(docs/methods.md §10), Align Your Flow's short adversarial finetune (§3), and DMD2 (§5:
-`FeatureHead`, a classifier head on the fake critic's bottleneck features).
+(docs/methods.md §10), Align Your Flow's short adversarial finetune (§3), CAF's GAN stage (§2), and
+DMD2 (§5: `FeatureHead`, a classifier head on the fake critic's bottleneck features).
 
 Discriminator D(x, σ, y) -> one logit per sample. Vectors: an MLP; images (C, H, W): a small conv
 net (stride-2 convolutions, global average pool). The condition (the noise label ¼·ln σ of the

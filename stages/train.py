@@ -149,7 +149,8 @@ def class_subset(data, classes: list[int] | None, where: str = "classes"):
 def settings_problems(spec, recipe, name: str) -> list[Problem]:
     """A training stage's settings that could not run on this recipe's data and compute: its
     network (`stages.spec.network_problems`; the classifier builds its own from `method.width` and needs
-    labels), and a global batch the Ray workers cannot split evenly."""
+    labels), a 2D noise source on other than 2D toy data, and a global batch the Ray workers cannot split
+    evenly."""
     at, probs, data, method = f"stages.{name}", [], recipe.data, getattr(spec.method, "name", None)
     if method == "classifier":
         if spec.network is not None:
@@ -160,6 +161,10 @@ def settings_problems(spec, recipe, name: str) -> list[Problem]:
                           "data.conditional: true (or name labelled_mixture)"))
     elif spec.network is not None:
         probs += network_problems(spec.network, data, f"{at}.network")
+    source = getattr(recipe.noise_of(name), "source", None)
+    if source is not None and data.kind != "toy":
+        probs.append((f"{at}.noise.source" if spec.noise is not None else "noise.source",
+                      f"{source!r} draws 2D points: it needs 2D toy data, not data.kind {data.kind!r}"))
     workers = recipe.compute.num_workers
     if recipe.compute.backend == "ray" and spec.train.batch_size % workers:
         probs.append((f"{at}.train.batch_size", f"{spec.train.batch_size} does not split evenly over "
@@ -170,7 +175,8 @@ def settings_problems(spec, recipe, name: str) -> list[Problem]:
 def method_problems(spec, recipe, name: str) -> list[Problem]:
     """The stage's inputs against the roles its method declares (`Method.input_problems`: each role
     known, each required role given, input models trained with the right method), each input of
-    the right kind of stage, and a noise process the method trains in."""
+    the right kind of stage (and with an unconditional mode where the role needs one), and a noise
+    process the method trains in."""
     m = get_method(spec.method.name).Method
     at = f"stages.{name}"
     given = {r: v for r, v in spec.inputs.items()
@@ -188,6 +194,9 @@ def method_problems(spec, recipe, name: str) -> list[Problem]:
                               "this input needs an ode_pairs stage"))
             elif want.kind != "pairs" and recipe.model_method(up) is None:
                 probs.append((f"{at}.inputs.{role}", f"stage {up!r} ({st.kind}) makes no model"))
+            elif want.unconditional and not getattr(getattr(st, "method", None), "label_dropout", 0):
+                probs.append((f"{at}.inputs.{role}", f"stage {up!r} has no unconditional mode: train it with "
+                              "method.label_dropout > 0"))
             elif want.kind == "pairs" and (t := one_input(st, "teacher")) in recipe.stages:
                 mine, theirs = (getattr(recipe.noise_of(s), "source", None) for s in (name, t))
                 if mine != theirs:  # the pairs' noise is drawn from the teacher's source (noise.draw)

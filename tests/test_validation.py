@@ -183,6 +183,14 @@ CASES = {
     "superres patch": (put("stages.superres.edit.k", 3, "digits_edit"), "stages.superres.edit.k", "do not tile"),
     "edit toy data": (put("stages.eval", {"kind": "edit", "inputs": {"model": "cd"}}), "stages.eval.kind",
                       "image data"),
+    "2D noise source, image data": (put("stages.rf", {"kind": "teacher", "method": {"name": "rf"},
+                                                      "noise": {"process": "flow", "source": "triangle"},
+                                                      "network": {"arch": "unet", "layout": "lean", "width": 32,
+                                                                  "depth": 1, "channel_mult": [1, 2]}}, "digits_cd"),
+                                    "stages.rf.noise.source", "needs 2D toy data"),
+    "guided, no unconditional teacher": (put({"data.conditional": True, "stages.ws": {
+        "kind": "distill", "inputs": {"teacher": "teacher"}, "method": {"name": "guided"},
+        "noise": {"process": "vp_cosine"}}}, base="digits_cd"), "stages.ws.inputs.teacher", "label_dropout > 0"),
     # a warm start whose weights could not start this stage's networks (the DM family resumes its critic)
     "warm start, other network": (put({"stages.cd.network": {"arch": "mlp", "width": 64, "depth": 3, "emb_dim": 64},
                                        "stages.cd.inputs.warm_start": "teacher"}),

@@ -77,12 +77,14 @@ RoleKind = Literal["model", "models", "pairs"]
 @dataclass(frozen=True)
 class Role:
     """One input a method takes: `kind` "model" (one model), "models" (a list of models) or "pairs"
-    (an ODE pair set); `method`: the method the input model must have been trained with (None: any)."""
+    (an ODE pair set); `method`: the method the input model must have been trained with (None: any);
+    `unconditional`: the input model must have an unconditional mode (trained with label_dropout > 0)."""
 
     kind: RoleKind = "model"
     required: bool = True
     method: str | None = None
     description: str = ""
+    unconditional: bool = False
 
 
 @dataclass

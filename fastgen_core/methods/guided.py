@@ -153,7 +153,7 @@ def sigma_data_of(teacher) -> float:
 # ----------------------------------------------------------------------------- the method
 
 class Method(_Base):
-    roles = {"teacher": Role("model", method="edm",
+    roles = {"teacher": Role("model", method="edm", unconditional=True,
                              description="the class-conditional EDM teacher trained with label_dropout > 0")}
     processes = ("vp_cosine",)
 

@@ -12,7 +12,7 @@ block side f = H/r,
 
 so down_f(up_f(x)) = x exactly and P_f is the orthogonal projection onto images constant on f×f
 blocks. Vectors (N, D) are pooled over runs of f consecutive entries the same way. By default the
-pyramid is H/4, H/2, H (fewer where H is odd). Holding every level at full size lets one network
+pyramid is H/4, H/2, H (fewer where H or H/2 is odd). Holding every level at full size lets one network
 of fixed shape (an MLP, or a U-Net at H×H) serve all levels, at the price that a
 low-resolution evaluation costs as much as a full-resolution one here (a convolutional net at
 native sizes would make it ~(r/H)² as cheap).
