@@ -62,14 +62,19 @@ def tensors_digest(*tensors) -> str:
 
 
 def git_commit(cwd: str | Path | None = None) -> dict:
-    """The code version: commit hash and whether the work tree had uncommitted changes."""
+    """The code version: commit hash and whether the work tree had uncommitted changes. Outside a git
+    work tree (the project image, infra/Dockerfile), the build's `FASTGEN_GIT_COMMIT` and
+    `FASTGEN_GIT_DIRTY` ("0"/"1") variables; None where neither says."""
     try:
         run = lambda *a: subprocess.run(["git", *a], cwd=cwd, capture_output=True, text=True, timeout=10)
         commit = run("rev-parse", "HEAD").stdout.strip() or None
         dirty = bool(run("status", "--porcelain", "--untracked-files=no").stdout.strip()) if commit else None
-        return {"git_commit": commit, "dirty": dirty}
     except (OSError, subprocess.SubprocessError):
-        return {"git_commit": None, "dirty": None}
+        commit = dirty = None
+    if commit is None and os.environ.get("FASTGEN_GIT_COMMIT"):
+        commit, flag = os.environ["FASTGEN_GIT_COMMIT"], os.environ.get("FASTGEN_GIT_DIRTY")
+        dirty = {"0": False, "1": True}.get(flag)
+    return {"git_commit": commit, "dirty": dirty}
 
 
 def read_manifest(folder: str | Path) -> dict:

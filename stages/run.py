@@ -1,5 +1,5 @@
 """Run one stage of a recipe: `python -m stages.run RECIPE.yaml STAGE [--force] [--summary FILE]`
-(what `dvc repro` runs for each stage; the same as `fastgen stage`). Exit status 2 with one line
+(what `dvc repro` runs for each stage; `fastgen stage` runs the same stage, without `--summary`). Exit status 2 with one line
 per problem for a bad recipe or a stage that cannot run. `--summary FILE` (dvc.yaml's evaluate
 stages): then write the evaluation's flat summary, DVC's metrics file (stages/report.py)."""
 from __future__ import annotations

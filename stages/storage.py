@@ -208,7 +208,8 @@ def publish(folder: str | Path, uri: str) -> None:
 def output(uri: str):
     """Yield a fresh local folder for a stage's output. On success: a local `uri` is replaced by
     it atomically; a remote one receives it through `publish` and the folder becomes the cache
-    entry of its digest. On failure nothing is written at `uri`."""
+    entry of its digest. On failure before `publish`, nothing is written at `uri`; an upload cut
+    short leaves `uri` without its manifest (removed first), which every consumer refuses."""
     if not is_remote(uri):
         with artifacts.atomic_dir(uri) as tmp:
             yield tmp

@@ -110,3 +110,27 @@ def test_crosspaper_lineage_shows_guide_teacher_dmd2_and_every_msd_student(prefe
     from_mlflow = ml.tree(router["mlflow_run_id"])
     assert _edges(from_mlflow) == _edges(router)
     assert {(n["stage"], n["digest"]) for n in _nodes(from_mlflow)} == {(n["stage"], n["digest"]) for n in _nodes(router)}
+
+
+def test_code_version_outside_a_git_tree_comes_from_the_image_build(tmp_path, monkeypatch):
+    """In a git work tree the commit is git's; outside one (the project image has no .git) it is the
+    build's FASTGEN_GIT_COMMIT / FASTGEN_GIT_DIRTY, and unknown (None) where neither says."""
+    import subprocess
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above tmp_path counts
+    bare = tmp_path / "image"
+    bare.mkdir()
+    monkeypatch.delenv("FASTGEN_GIT_COMMIT", raising=False)
+    assert artifacts.git_commit(bare) == {"git_commit": None, "dirty": None}
+    monkeypatch.setenv("FASTGEN_GIT_COMMIT", "a" * 40)
+    monkeypatch.setenv("FASTGEN_GIT_DIRTY", "1")
+    assert artifacts.git_commit(bare) == {"git_commit": "a" * 40, "dirty": True}
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], check=True, capture_output=True, text=True)  # noqa: E731
+    git("init", "-q")
+    (repo / "f").write_text("x")
+    git("add", "f")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "c")
+    head = git("rev-parse", "HEAD").stdout.strip()
+    assert artifacts.git_commit(repo) == {"git_commit": head, "dirty": False}
