@@ -25,6 +25,7 @@ on the pool `fastgen-sweeps`.
 from __future__ import annotations
 
 import argparse
+import shlex
 import sys
 from pathlib import Path
 
@@ -75,7 +76,7 @@ def stage_entry(recipe, rel_path: str, name: str, present: set[str]) -> dict:
     out = f"{root}/{recipe.name}/{name}"
     code = code_deps(recipe, name)
     entry = {
-        "cmd": f"python -m stages.run {rel_path} {name}",
+        "cmd": f"python -m stages.run {shlex.quote(rel_path)} {name}",  # DVC runs cmd in a shell
         "deps": code + data_deps(recipe) + [f"{root}/{recipe.name}/{up}" for up in recipe.upstream(name)],
         # DVC requires listed keys to exist: defaults left out of the YAML are covered by the code deps
         "params": [{rel_path: [k for k in ("seed", "data", "noise") if k in present] + [f"stages.{recipe.declared_as(name)}"]}],

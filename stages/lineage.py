@@ -28,7 +28,7 @@ from fastgen_core import artifacts
 from fastgen_core.models import RESUME
 
 from . import storage
-from .tracking import MANIFEST_ARTIFACT
+from .tracking import MANIFEST_ARTIFACT, scrub
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 # the stage settings shown besides method and train, by kind (the others are defaults it ignores)
@@ -253,13 +253,15 @@ class MlflowLineage:
     def run_of_path(self, path: str) -> str:
         """The latest finished stage run whose output was `path` (an artifact folder or URI)."""
         want = path if "://" in path else str(Path(path).resolve())
+        if "'" in want:  # it goes into an MLflow filter string between single quotes
+            raise LineageError(f"{path}: a path with a quote (') cannot be looked up in MLflow")
         for key in ("fastgen.storage_uri", "fastgen.output"):
             exps = [e.experiment_id for e in self.client.search_experiments()]
             runs = self.client.search_runs(exps, f"tags.`{key}` = '{want}' and attributes.status = 'FINISHED'",
                                            order_by=["attributes.start_time DESC"], max_results=1)
             if runs:
                 return runs[0].info.run_id
-        raise LineageError(f"{path}: no manifest there, and no MLflow run in {self.uri} produced it")
+        raise LineageError(f"{path}: no manifest there, and no MLflow run in {scrub(self.uri)} produced it")
 
 
 ARTIFACT_FILES = ("model.safetensors", "model.json", RESUME, "pairs.npz", "metrics.json", artifacts.MANIFEST)

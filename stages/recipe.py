@@ -85,7 +85,9 @@ def tracking_uri_problem(uri: str) -> str | None:
     if scheme not in TRACKING_SCHEMES:
         return f"unsupported MLflow tracking URI scheme {scheme!r} (supported: {', '.join(TRACKING_SCHEMES)})"
     if scheme in ("http", "https") and not urlsplit(uri).netloc:
-        return f"{uri!r} names no server (http://host:port)"
+        from .tracking import scrub  # an http(s) URI may carry user:password@
+
+        return f"{scrub(uri)!r} names no server (http://host:port)"
     if scheme == "sqlite" and (not uri.startswith("sqlite:///") or uri == "sqlite:///"):
         return f"{uri!r}: a SQLite store is sqlite:///relative/path.db or sqlite:////absolute/path.db"
     return None
@@ -218,7 +220,8 @@ class Recipe(Strict):
 
 # --- validation -----------------------------------------------------------------------------------
 
-NAME = re.compile(r"^[A-Za-z0-9_]+$")  # stage names become folders, DVC stage names and MLflow run names
+# stage names become folders, DVC stage names and MLflow run names; fullmatch (`$` lets a final newline through)
+NAME = re.compile(r"[A-Za-z0-9_]+")
 MAX_NODES = 100_000  # a recipe is small; more nodes after expanding YAML aliases is an alias bomb
 
 
@@ -284,8 +287,9 @@ def _input_problems(r: Recipe) -> list[Problem]:
     """Stage names, and inputs naming existing stages (a list: some, none twice)."""
     probs: list[Problem] = []
     for name, st in r.stages.items():
-        if not NAME.match(name):
-            probs.append((f"stages.{name}", "a stage name is letters, digits and _ only (it names the "
+        if not NAME.fullmatch(name):
+            shown = name.encode("unicode_escape").decode()  # one line even for a name with a newline
+            probs.append((f"stages.{shown}", "a stage name is letters, digits and _ only (it names the "
                           "stage's output folder and its DVC stage)"))
         for role, v in st.inputs.items():
             at = f"stages.{name}.inputs.{role}"
@@ -363,7 +367,7 @@ def _data_problems(d: DataConfig) -> list[Problem]:
 def _place_problems(r: Recipe) -> list[Problem]:
     """Where outputs and runs go: a local storage root that is a file, an MLflow store (the
     recipe's, else $MLFLOW_TRACKING_URI's) that is unsupported or a SQLite file in a missing folder."""
-    from .tracking import tracking_uri
+    from .tracking import scrub, tracking_uri
 
     probs: list[Problem] = []
     root = local_folder(r.storage.root)
@@ -371,7 +375,7 @@ def _place_problems(r: Recipe) -> list[Problem]:
         probs.append(("storage.root", f"{r.storage.root} is a file, not a folder"))
     if r.tracking.enabled:
         uri = tracking_uri(r)
-        whence = "" if r.tracking.uri else f"$MLFLOW_TRACKING_URI {uri!r}: "
+        whence = "" if r.tracking.uri else f"$MLFLOW_TRACKING_URI {scrub(uri)!r}: "
         why = tracking_uri_problem(uri)
         if why:
             probs.append(("tracking.uri", whence + why))

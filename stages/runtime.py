@@ -142,7 +142,7 @@ def _acquire(path: Path, what: str) -> int:
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # it records the tracking URI
         except FileNotFoundError:  # the folder was removed by a releasing holder: again
             continue
         try:

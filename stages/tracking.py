@@ -114,10 +114,11 @@ def invocation_id() -> str:
     """Identify the pipeline invocation this process is part of (see module docstring)."""
     if _scoped.get():
         return _scoped.get()
+    # from the environment: a quote would break the MLflow filter strings the id goes into
     if os.environ.get("FASTGEN_INVOCATION"):
-        return os.environ["FASTGEN_INVOCATION"]
+        return os.environ["FASTGEN_INVOCATION"].replace("'", "_")
     if os.environ.get("DVC_EXP_NAME"):  # one experiment of `dvc exp run` (queued or not): its name and baseline
-        return f"dvc-exp-{os.environ['DVC_EXP_NAME']}-{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}"
+        return f"dvc-exp-{os.environ['DVC_EXP_NAME']}-{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}".replace("'", "_")
     pid = os.getppid()
     try:
         for _ in range(8):  # walk up to a `dvc repro` ancestor
@@ -315,7 +316,9 @@ def kill_stale_run(uri: str, run_id: str, reason: str) -> bool:
 # environment is never logged; on top, every logged string is scrubbed of (a) the values of
 # environment variables whose names say they are secrets and (b) the user:password part of URLs.
 _SECRET_NAME = re.compile(r"SECRET|PASSWORD|PASSWD|TOKEN|CREDENTIAL|PRIVATE|ACCESS_KEY|API_KEY|AUTH", re.I)
-_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^/@\s:]*:[^/@\s]*@", re.I)
+# everything between `scheme://` and the token's last `@`: a user:password (whose password may hold `/` or
+# `@`, as AWS secret keys and raw passwords do) or a bare token; an `@` later in a path over-redacts, harmlessly
+_URL_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)(?:[^\s@]*@)+", re.I)
 REDACTED = "***"
 
 
@@ -327,7 +330,7 @@ def _secret_values() -> list[str]:
 
 
 def scrub(value: str) -> str:
-    """`value` with secrets from the environment and URL passwords replaced by ***."""
+    """`value` with secrets from the environment and URL credentials (user:password@, token@) replaced by ***."""
     value = _URL_USERINFO.sub(rf"\g<1>{REDACTED}@", str(value))
     for s in _secret_values():
         value = value.replace(s, REDACTED)

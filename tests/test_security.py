@@ -88,6 +88,10 @@ def test_scrub_removes_env_secrets_and_url_passwords(monkeypatch):
     s = tracking.scrub("uri=https://alice:hunter2pw@mlflow.example:5000/x token tok-4f9a7c2e visible-value")
     assert s == "uri=https://***@mlflow.example:5000/x token *** visible-value"
     assert tracking.scrub("s3://bucket/prefix") == "s3://bucket/prefix"
+    # a secret key holding `/` and `+`, a raw `@` in a password, a bare token as the user part
+    assert tracking.scrub("s3://AKIAX:ab/cd+ef@bucket/p") == "s3://***@bucket/p"
+    assert tracking.scrub("see https://u:pa@ss@h/x now") == "see https://***@h/x now"
+    assert tracking.scrub("https://tok123456@h/api") == "https://***@h/api"
 
 
 class _Unsetting(dict):
@@ -154,3 +158,15 @@ def test_mlflow_server_script_binds_loopback_only(tmp_path, mlflow_template):
     finally:
         os.killpg(proc.pid, 9)  # the server's whole process group (its uvicorn workers too)
         proc.wait(timeout=30)
+
+
+def test_a_tracking_uri_in_an_error_message_is_scrubbed(tmp_path, monkeypatch, capsys):
+    from stages import cli
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "ftp://alice:s3cretpw@mlflow.example/x")
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params/toy_cd.yaml").write_text((PROJECT / "params/toy_cd.yaml").read_text())
+    assert cli.main(["validate", "params/toy_cd.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert "tracking.uri: $MLFLOW_TRACKING_URI 'ftp://***@mlflow.example/x'" in err and "s3cretpw" not in err, err

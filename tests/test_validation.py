@@ -75,6 +75,9 @@ CASES = {
     "bad recipe name": (put("name", "toy/cd"), "name", "pattern"),
     "bad stage name": (put("stages", {"../up": {"kind": "teacher", "method": {"name": "edm"},
                                                  "network": {"arch": "mlp"}}}), "stages.../up", "letters, digits"),
+    "stage name, final newline": (put("stages", {"teacher\n": {"kind": "teacher", "method": {"name": "edm"},
+                                                               "network": {"arch": "mlp"}}}),
+                                  "stages.teacher\\n", "letters, digits"),
     # numbers
     "nan lr": (put("stages.teacher.train.lr", NAN), "stages.teacher.train.lr", "finite"),
     "inf sigma_max": (put("noise.sigma_max", INF), "noise.sigma_max", "finite"),
