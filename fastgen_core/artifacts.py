@@ -77,8 +77,19 @@ def git_commit(cwd: str | Path | None = None) -> dict:
     return {"git_commit": commit, "dirty": dirty}
 
 
+def parse_manifest(text: str | bytes, where: str) -> dict:
+    """A manifest's JSON, or DigestMismatch naming `where` when it is not one (consumers refuse it)."""
+    try:
+        m = json.loads(text)
+    except ValueError:
+        raise DigestMismatch(f"{where}: {MANIFEST} is not valid JSON (incomplete or foreign artifact)") from None
+    if not (isinstance(m, dict) and isinstance(m.get("files"), dict) and isinstance(m.get("digest"), str)):
+        raise DigestMismatch(f"{where}: {MANIFEST} is not a fastgen manifest (no files and digest)")
+    return m
+
+
 def read_manifest(folder: str | Path) -> dict:
-    return json.loads((Path(folder) / MANIFEST).read_text())
+    return parse_manifest((Path(folder) / MANIFEST).read_text(), str(folder))
 
 
 def write_manifest(folder: str | Path, manifest: dict) -> dict:

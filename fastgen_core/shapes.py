@@ -89,6 +89,8 @@ def write_shapes_folder(root: str | Path, n_per_class: int = 200, size: int = 16
     root = Path(root)
     if n_per_class < 1 or size < 8:
         raise ValueError(f"need n_per_class >= 1 and size >= 8, got n_per_class={n_per_class}, size={size}")
+    if seed < 0:
+        raise ValueError(f"seed: need a number >= 0, got {seed}")
     settings = {"n_per_class": n_per_class, "size": size, "seed": seed, "classes": list(CLASSES)}
     if root.exists():
         return _check_existing(root, settings)

@@ -129,6 +129,8 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
     silent for `lost_after_s` seconds (more than the trials' heartbeat period) is lost: set
     Crashed and submitted again."""
     log = get_run_logger()
+    if max_parallel < 1:
+        return Failed(message=f"max_parallel: {max_parallel}: at least 1 trial must be in flight")
     if not lost_after_s > HEARTBEAT_S:
         return Failed(message=f"lost_after_s: {lost_after_s} s: must exceed the trials' heartbeat period "
                       f"({HEARTBEAT_S} s), or live trials would be taken as lost")
@@ -153,44 +155,50 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
     done: dict[str, dict] = {}
     from prefect import get_client
 
-    with get_client(sync_client=True) as pc:
-        while todo or flying:
-            while todo and len(flying) < max_parallel:
-                name, ov, t = todo.pop(0)
-                n = attempts.get(name, 0)
-                key = f"{sid}/{name}" + (f"/retry{n}" if n else "")
-                fr = _submit(deployment, ov, key, env)
-                st = fr.state.type.value if fr.state else "SCHEDULED"
-                if st in LIVE and (why := lost(pc, fr, lost_after_s)):  # left by a sweep killed with its worker
-                    mark_lost(pc, fr, why, log)
-                    st = "CRASHED"
-                if st in FINAL_BAD:  # an earlier attempt of this trial failed: the next key submits anew
-                    attempts[name] = n + 1
-                    todo.insert(0, (name, ov, t))
-                    continue
-                flying[name] = (fr.id, ov, t)
-            time.sleep(poll_s if flying else 0)
-            for name, (fid, ov, t) in list(flying.items()):
-                fr = pc.read_flow_run(fid)
-                st = fr.state.type.value if fr.state else "SCHEDULED"
-                why = None
-                if st in LIVE and time.time() - asked.get(name, 0) > LISTEN_S:
-                    asked[name] = time.time()
-                    why = lost(pc, fr, lost_after_s)
-                if why:
-                    mark_lost(pc, fr, why, log)
-                    lost_runs[name] = lost_runs.get(name, 0) + 1
-                    if lost_runs[name] <= MAX_LOST:  # its key now finds a Crashed run: the next key submits anew
-                        del flying[name]
+    try:
+        with get_client(sync_client=True) as pc:
+            while todo or flying:
+                while todo and len(flying) < max_parallel:
+                    name, ov, t = todo.pop(0)
+                    n = attempts.get(name, 0)
+                    key = f"{sid}/{name}" + (f"/retry{n}" if n else "")
+                    fr = _submit(deployment, ov, key, env)
+                    st = fr.state.type.value if fr.state else "SCHEDULED"
+                    if st in LIVE and (why := lost(pc, fr, lost_after_s)):  # left by a sweep killed with its worker
+                        mark_lost(pc, fr, why, log)
+                        st = "CRASHED"
+                    if st in FINAL_BAD:  # an earlier attempt of this trial failed: the next key submits anew
+                        attempts[name] = n + 1
                         todo.insert(0, (name, ov, t))
                         continue
-                    fr, st = pc.read_flow_run(fid), "CRASHED"
-                if st == "COMPLETED" or st in FINAL_BAD:
-                    if st != "COMPLETED":
-                        log.warning(f"trial {name} ended {st}: {fr.state.message or ''}")
-                    done[name] = {"state": st, "flow_run": str(fid), "overrides": t,
-                                  "message": (fr.state.message or "") if st != "COMPLETED" else ""}
-                    del flying[name]
+                    flying[name] = (fr.id, ov, t)
+                time.sleep(poll_s if flying else 0)
+                for name, (fid, ov, t) in list(flying.items()):
+                    fr = pc.read_flow_run(fid)
+                    st = fr.state.type.value if fr.state else "SCHEDULED"
+                    why = None
+                    if st in LIVE and time.time() - asked.get(name, 0) > LISTEN_S:
+                        asked[name] = time.time()
+                        why = lost(pc, fr, lost_after_s)
+                    if why:
+                        mark_lost(pc, fr, why, log)
+                        lost_runs[name] = lost_runs.get(name, 0) + 1
+                        if lost_runs[name] <= MAX_LOST:  # its key now finds a Crashed run: the next key submits anew
+                            del flying[name]
+                            todo.insert(0, (name, ov, t))
+                            continue
+                        fr, st = pc.read_flow_run(fid), "CRASHED"
+                    if st == "COMPLETED" or st in FINAL_BAD:
+                        if st != "COMPLETED":
+                            log.warning(f"trial {name} ended {st}: {fr.state.message or ''}")
+                        done[name] = {"state": st, "flow_run": str(fid), "overrides": t,
+                                      "message": (fr.state.message or "") if st != "COMPLETED" else ""}
+                        del flying[name]
+    except BaseException as e:  # the sweep's own MLflow run must not stay RUNNING
+        if client:
+            client.set_tag(run_id, tracking.FAILURE_TAG, tracking.scrub(f"{type(e).__name__}: {e}")[:5000])
+            client.set_terminated(run_id, "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED")
+        raise
     bad = {k: v for k, v in done.items() if v["state"] != "COMPLETED"}
     if client:
         client.set_tag(run_id, "fastgen.trials_completed", str(len(done) - len(bad)))
@@ -209,6 +217,16 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
 def run_cli(recipe: str, grid: dict, max_parallel: int, lost_after_s: float = LOST_AFTER_S) -> int:
     """`fastgen sweep` once its arguments are checked (stages.sweep.cli_args): run the sweep flow
     here against $PREFECT_API_URL; print each trial's state; exit 1 if any did not complete."""
+    from prefect import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as pc:  # before the flow: no run made for a sweep that cannot start
+        try:
+            pc.read_deployment_by_name(f"fastgen/{recipe}")
+        except ObjectNotFound:
+            print(f"fastgen sweep: no deployment fastgen/{recipe} on {os.environ.get('PREFECT_API_URL')}: "
+                  "run `prefect deploy --all` from the project root (infra/README.md)", file=sys.stderr)
+            return 2
     state = sweep(recipe, grid, max_parallel=max_parallel, lost_after_s=lost_after_s, return_state=True)
     if not state.is_completed():
         print(f"error: {state.message}", file=sys.stderr)

@@ -23,6 +23,7 @@
 """
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = __doc__
@@ -103,20 +104,52 @@ def shapes(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     try:
         root = write_shapes_folder(a.root, n_per_class=a.n_per_class, size=a.size, seed=a.seed)
-    except (FileExistsError, ValueError) as e:
+    except (OSError, ValueError) as e:  # FileExistsError, a folder that cannot be made, bad settings
         print(f"fastgen shapes: {e}", file=sys.stderr)
         return 2
     print(f"{root}: {4 * a.n_per_class} images ({a.size}x{a.size} RGB, 4 classes)")
     return 0
 
 
+def _first_positional(args: list[str]) -> int | None:
+    """The index of the first argument that is not an option or an option's value (-S KEY=VALUE)."""
+    skip = False
+    for i, a in enumerate(args):
+        if skip:
+            skip = False
+        elif a in ("-S", "--set"):
+            skip = True
+        elif not a.startswith("-"):
+            return i
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Dispatch; an unexpected error is one line (`FASTGEN_TRACEBACK=1` for Python's traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return _dispatch(argv)
+    except Exception as e:  # one line, as for a bad recipe; KeyboardInterrupt and SystemExit pass
+        if os.environ.get("FASTGEN_TRACEBACK"):
+            raise
+        from .tracking import scrub
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        what = f"{type(e).__name__}: {scrub(first)}" if first else type(e).__name__
+        print(f"fastgen {argv[0]}: {what} (FASTGEN_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
     cmd, rest = argv[0], argv[1:]
     if cmd == "validate":
+        if rest in (["-h"], ["--help"]):
+            print("usage: fastgen validate RECIPE.yaml [...]\n\nCheck recipe files: one line per problem "
+                  "(file, field path, what is wrong) and exit 2 on any; one line per good recipe with its stages.")
+            return 0
         if not rest:
             print(f"fastgen validate: name the recipe files\n{USAGE}", file=sys.stderr)
             return 2
@@ -125,10 +158,12 @@ def main(argv: list[str] | None = None) -> int:
         from .sweep import recipe_file
 
         # a bad recipe stops here, before MLflow or Prefect is imported (Prefect makes its home
-        # folder on import)
-        recipe = next((a for a in rest if not a.startswith("-")), None)
-        if recipe is not None and validate([recipe_file(recipe)], verbose=False):
-            return 2
+        # folder on import); a recipe name (toy_cd) is passed on as its file
+        i = _first_positional(rest)
+        if i is not None:
+            rest = [*rest[:i], recipe_file(rest[i]), *rest[i + 1:]]
+            if validate([rest[i]], verbose=False):
+                return 2
         if cmd == "stage":
             from .runtime import main as stage_main
 

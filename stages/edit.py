@@ -238,6 +238,8 @@ def cli(argv: list[str] | None = None) -> int:
     from fastgen_core.models import load_model
 
     try:
+        if a.from_test is not None and a.from_test <= 0:
+            raise StageError(f"--from-test: must be a positive number of images, got {a.from_test}")
         try:
             cfg = EditConfig(task=a.task, mask=a.mask, fraction=a.fraction, k=a.k, steps=a.steps, seed=a.seed,
                              samples=a.samples,
@@ -245,13 +247,17 @@ def cli(argv: list[str] | None = None) -> int:
         except ValidationError as e:
             err = e.errors()[0]
             raise StageError(f"--{err['loc'][0]}: {err['msg']}") from None
-        if a.from_test is not None and a.from_test <= 0:
-            raise StageError(f"--from-test: must be a positive number of images, got {a.from_test}")
-        if not Path(a.out).resolve().parent.is_dir() or (a.metrics and not Path(a.metrics).resolve().parent.is_dir()):
-            raise StageError(f"--out {a.out}: its folder does not exist")
+        for flag, out in (("--out", a.out), ("--metrics", a.metrics)):
+            if out and not Path(out).resolve().parent.is_dir():
+                raise StageError(f"{flag} {out}: its folder does not exist")
+            if out and Path(out).is_dir():
+                raise StageError(f"{flag} {out}: is a folder, not a file name")
         if not (Path(a.model) / "model.json").is_file():
             raise StageError(f"--model {a.model}: not a model folder (no model.json)")
-        model = load_model(a.model)
+        try:
+            model = load_model(a.model)
+        except (OSError, ValueError, KeyError) as e:
+            raise StageError(f"--model {a.model}: cannot load the model ({type(e).__name__}: {e})") from None
         consistency_of(model, f"--model {a.model}")
         truth, labels = _cli_images(a, model)
         if model.num_classes > 0 and labels is None:
@@ -261,17 +267,27 @@ def cli(argv: list[str] | None = None) -> int:
     except StageError as e:
         print(f"fastgen edit: error: {e}", file=sys.stderr)
         return 2
-    _write_atomic(Path(a.out), lambda f: np.savez_compressed(f, **arrays))
+    writes = [(Path(a.out), lambda f: np.savez_compressed(f, **arrays))]
     if a.metrics:
-        _write_atomic(Path(a.metrics), lambda f: f.write(json.dumps(metrics, indent=2).encode()))
+        writes.append((Path(a.metrics), lambda f: f.write(json.dumps(metrics, indent=2).encode())))
+    _write_atomic(writes)
     print(json.dumps(metrics))
     print(f"[edit] {summary(metrics)}; wrote {a.out}", file=sys.stderr)
     return 0
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.partial")
-    with open(tmp, "wb") as f:
-        write(f)
-    tmp.replace(path)
+def _write_atomic(writes: list[tuple[Path, object]]) -> None:
+    """Write every (path, write(file)) to a temporary file next to it, then rename them all: a
+    failure in any write leaves none of them (and no temporary file)."""
+    tmps = [path.with_name(f".{path.name}.partial") for path, _ in writes]
+    try:
+        for tmp, (_, write) in zip(tmps, writes):
+            with open(tmp, "wb") as f:
+                write(f)
+    except BaseException:
+        for tmp in tmps:
+            tmp.unlink(missing_ok=True)
+        raise
+    for tmp, (path, _) in zip(tmps, writes):
+        tmp.replace(path)
 

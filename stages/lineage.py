@@ -406,7 +406,7 @@ def main_lineage(argv=None) -> int:
     a = ap.parse_args(argv)
     try:
         tree = lineage(a.target, a.source, a.tracking_uri)
-    except LineageError as e:
+    except (LineageError, artifacts.DigestMismatch) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
@@ -420,7 +420,13 @@ def main_verify(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="fastgen verify", description="check artifacts against their manifests")
     ap.add_argument("target", help="artifact folder, or a recipe YAML to verify its whole pipeline")
     a = ap.parse_args(argv)
-    problems, n = verify_target(a.target)
+    from stages.recipe import RecipeError
+
+    try:
+        problems, n = verify_target(a.target)
+    except RecipeError as e:
+        print("\n".join(e.problems), file=sys.stderr)
+        return 2
     for p in problems:
         print(f"MISMATCH {p}")
     print(f"{n} artifact(s) checked, {len(problems)} problem(s)")

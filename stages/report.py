@@ -257,14 +257,16 @@ def sweep_report(folder: Path) -> str:
     body = []
     for trial in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for ev in sorted(trial.glob("*/*/manifest.json")):
-            m = json.loads(ev.read_text())
-            if m.get("kind") != "evaluate":
-                continue
             try:
+                m = artifacts.read_manifest(ev.parent)
+                if m.get("kind") != "evaluate":
+                    continue
                 r = load_recipe(m["recipe_path"])
-            except RecipeError:
+                results = json.loads((ev.parent / "metrics.json").read_text())
+            except (RecipeError, artifacts.DigestMismatch, KeyError, OSError, ValueError) as e:
+                print(f"{ev.parent}: skipped ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})",
+                      file=sys.stderr)
                 continue
-            results = json.loads((ev.parent / "metrics.json").read_text())
             prim, rs = rows(r, m, results)
             s = summary(prim, rs)
             body.append([trial.name.split("-", 1)[0], trial.name.split("-", 1)[-1], prim,
@@ -288,8 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="print nothing (write the files only)")
     a = ap.parse_args(argv)
     if Path(a.target).is_dir():
-        print(sweep_report(Path(a.target)))
-        return 0
+        text = sweep_report(Path(a.target))
+        print(text)
+        return 1 if text.endswith("no evaluated trial yet") else 0
     try:
         recipe = load_with_overrides(a.target, parse_sets(a.set))
     except RecipeError as e:

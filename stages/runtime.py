@@ -142,6 +142,9 @@ def _acquire(path: Path, what: str) -> int:
     while True:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # e.g. storage.root under a read-only or virtual file system
+            raise StageError(f"{what}: cannot create {path.parent}: {e.strerror or e}") from None
+        try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)  # it records the tracking URI
         except FileNotFoundError:  # the folder was removed by a releasing holder: again
             continue

@@ -71,12 +71,12 @@ def read_manifest(uri: str | Path) -> dict:
     if not is_remote(uri):
         return artifacts.read_manifest(uri)
     fs, path = _fs(str(uri))
-    return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
+    return artifacts.parse_manifest(fs.cat_file(f"{path}/{MANIFEST}"), str(uri))
 
 
 def _remote_manifest(uri: str, fs, path: str) -> dict:
     try:
-        return json.loads(fs.cat_file(f"{path}/{MANIFEST}"))
+        return artifacts.parse_manifest(fs.cat_file(f"{path}/{MANIFEST}"), uri)
     except FileNotFoundError:
         raise artifacts.DigestMismatch(f"{uri}: no {MANIFEST} (incomplete or foreign artifact)") from None
 

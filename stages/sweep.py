@@ -208,6 +208,13 @@ def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int, float] | in
                     f"{HEARTBEAT_S} s) is taken as lost with its worker: set Crashed and submitted again "
                     f"(default {LOST_AFTER_S})")
     a = ap.parse_args(argv)
+    if a.recipe not in recipe_names():
+        print(f"fastgen sweep: {a.recipe!r} is not a recipe in params/ (a sweep runs the deployment fastgen/<name>)",
+              file=sys.stderr)
+        return 2
+    if a.max_parallel < 1:
+        print(f"fastgen sweep: --max-parallel {a.max_parallel}: at least 1 trial must be in flight", file=sys.stderr)
+        return 2
     if not a.lost_after > HEARTBEAT_S:
         print(f"fastgen sweep: --lost-after {a.lost_after:g}: must exceed the trials' heartbeat period "
               f"({HEARTBEAT_S} s), or live trials would be taken as lost", file=sys.stderr)
@@ -219,10 +226,6 @@ def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int, float] | in
         validate_trials(a.recipe, grid)
     except RecipeError as e:
         print("\n".join(e.problems), file=sys.stderr)
-        return 2
-    if a.recipe not in recipe_names():
-        print(f"fastgen sweep: {a.recipe!r} is not a recipe in params/ (a sweep runs the deployment fastgen/<name>)",
-              file=sys.stderr)
         return 2
     if not os.environ.get("PREFECT_API_URL"):
         print("fastgen sweep: trials run as deployment runs on the work pool: set PREFECT_API_URL to the Prefect "
