@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fastgen_core import loop
@@ -107,10 +108,21 @@ def test_dm_gradient_matches_its_definition_and_is_nan_safe():
 def test_generator_loss_leaves_critic_and_head_unchanged(data):
     """With the critic equal to the teacher (DM gradient zero), the generator's gradient comes from
     the GAN term alone: it reaches the generator through the head, yet no critic or head parameter
-    gets a gradient; one generator step through the loop leaves both bit-for-bit unchanged."""
+    gets a gradient; one generator step through the loop leaves both bit-for-bit unchanged. The term
+    is checked against softplus(−C(G(z))).mean() written out here for the loss's own z (same seed),
+    and by its measured effect: that one GAN-only step raises C on fresh generator samples."""
     m = _method(dmd2, data, {"teacher": Teacher(data)}, gan=True, gan_gen_weight=1.0)
-    loss, logs = m.loss("net", _batch(data), 0)
-    assert logs["gan"] > 0
+    batch = _batch(data)
+    torch.manual_seed(11)
+    loss, logs = m.loss("net", batch, 0)
+    torch.manual_seed(11)
+    z = torch.randn_like(batch["x"])  # the loss's first draw: the generator's input noise
+    s = EDM().sigma_max
+    with torch.no_grad():
+        c = m.logits(m.G(s * z, torch.full((len(z),), s)))
+    assert abs(float(c.mean())) > 0.05  # a sign flip of C would change the value below
+    assert float(logs["gan"]) == pytest.approx(float(F.softplus(-c).mean()), rel=1e-5)
+    assert loss.item() == pytest.approx(float(logs["gan"]), rel=1e-6)  # DM term exactly zero
     loss.backward()
     assert sum(float(g.abs().sum()) for g in _grads(m.nets["net"]) if g is not None) > 0
     assert all(g is None for g in _grads(m.nets["critic"]) + _grads(m.nets["head"]))
@@ -118,11 +130,19 @@ def test_generator_loss_leaves_critic_and_head_unchanged(data):
 
     # the loop: exclusive alternation, step 0 is a generator-only step
     m = _method(dmd2, data, {"teacher": Teacher(data)}, gan=True, gan_gen_weight=1.0, schedule="alternate", ratio=5)
+    torch.manual_seed(12)
+    z = torch.randn(512, 2)
+    with torch.no_grad():
+        c_before = m.logits(m.one_step(z))
     before = copy.deepcopy(m.nets.state_dict())
     loop.train(m, TrainConfig(steps=1, batch_size=64, lr=1e-2), progress=False)
     after = m.nets.state_dict()
     moved = [k for k in before if not torch.equal(before[k], after[k])]
     assert moved and all(k.startswith("net.") for k in moved), moved
+    with torch.no_grad():
+        c_after = m.logits(m.one_step(z))
+    assert float(c_after.mean() - c_before.mean()) > 0.01
+    assert float(F.softplus(-c_after).mean()) < float(F.softplus(-c_before).mean())
 
 
 def test_gan_head_reads_the_fake_critics_bottleneck(data):
@@ -142,16 +162,43 @@ def test_gan_head_reads_the_fake_critics_bottleneck(data):
 
 
 def test_classifier_loss_updates_critic_backbone_and_head(data):
-    """The critic group's loss (denoising + classifier) gives gradients to the head and the backbone;
-    with the classifier weight 0 the head gets none."""
-    m = _method(dmd2, data, {"teacher": Teacher(data)}, gan=True)
-    loss, logs = m.loss("critic", _batch(data), 0)
+    """The classifier loss equals softplus(−C(x_real)).mean() + softplus(C(x_fake)).mean(), written
+    out here from C on the loss's own inputs (x_fake = G(σ_max·z), z rebuilt from the same seed),
+    and enters the critic group's loss with weight gan_cls_weight. Its gradient (the loss's minus
+    the same loss with weight 0, same seed) is that of the hand-written expression: non-zero on the
+    backbone below the bottleneck and on the head, zero on the critic's output layer."""
+    batch, w, s = _batch(data), 0.5, EDM().sigma_max
+    m = _method(dmd2, data, {"teacher": Teacher(data)}, gan=True, gan_cls_weight=w)
+    m0 = _method(dmd2, data, {"teacher": Teacher(data)}, gan=True, gan_cls_weight=0.0)
+    torch.manual_seed(21)
+    loss, logs = m.loss("critic", batch, 0)
     loss.backward()
-    assert all(g is not None for g in _grads(m.nets["head"]))
-    assert "cls" in logs
-    m = _method(dmd2, data, {"teacher": Teacher(data)}, gan=True, gan_cls_weight=0.0)
-    m.loss("critic", _batch(data), 0)[0].backward()
-    assert all(g is None or torch.count_nonzero(g) == 0 for g in _grads(m.nets["head"]))
+    torch.manual_seed(21)
+    m0.loss("critic", batch, 0)[0].backward()
+    assert all(g is None or torch.count_nonzero(g) == 0 for g in _grads(m0.nets["head"]))
+
+    torch.manual_seed(21)
+    z = torch.randn_like(batch["x"])  # the loss's first draw: the generator's input noise
+    with torch.no_grad():
+        x_fake = m.G(s * z, torch.full((len(z),), s))
+    real, fake = m.logits(batch["x"]), m.logits(x_fake)
+    want = F.softplus(-real).mean() + F.softplus(fake).mean()
+    assert float(logs["cls"]) == pytest.approx(want.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(float(logs["fake"]) + w * want.item(), rel=1e-5)
+
+    critic = dict(m.nets["critic"].named_parameters())
+    critic0 = dict(m0.nets["critic"].named_parameters())
+    g_want = torch.autograd.grad(w * want, list(critic.values()) + list(m.nets["head"].parameters()),
+                                 allow_unused=True)
+    for (name, p), g in zip(critic.items(), g_want):
+        diff = p.grad - critic0[name].grad
+        if name.startswith("out."):  # after the bottleneck: the head does not read it
+            assert g is None and torch.count_nonzero(diff) == 0, name
+            continue
+        assert torch.count_nonzero(g) > 0, name
+        assert torch.allclose(diff, g, rtol=1e-3, atol=1e-4 * float(g.abs().max())), name
+    for p, g in zip(m.nets["head"].parameters(), g_want[len(critic):]):
+        assert torch.count_nonzero(p.grad) > 0 and torch.allclose(p.grad, g, rtol=1e-4, atol=1e-8)
 
 
 def test_diffusion_gan_inputs_are_noised_over_the_grid(data):

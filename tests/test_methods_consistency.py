@@ -20,7 +20,7 @@ from fastgen_core.models import LoadedModel
 from fastgen_core.nets import build_network
 from fastgen_core.noise import EDM, EDMDenoiser, denoiser_in
 from fastgen_core.config import TrainConfig
-from fastgen_core.samplers import cm_multistep, heun_step
+from fastgen_core.samplers import cm_multistep
 from fastgen_core.tangents import jvp
 
 torch.set_default_dtype(torch.float32)
@@ -73,6 +73,19 @@ def _randomise_output(net, std=0.3):
             nn.init.normal_(net.embed.map_s.weight, std=0.3)
 
 
+def _flat_grad(net: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """∇ of `loss` over `net`'s parameters as one vector (zeros where a parameter gets none)."""
+    net.zero_grad(set_to_none=True)
+    loss.backward()
+    out = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in net.parameters()])
+    net.zero_grad(set_to_none=True)
+    return out
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=0).item()
+
+
 class Net64(nn.Module):
     """A small smooth float64 network with the repository's calling convention (the library's
     nets compute their time embedding in float32, so float64 checks use this one)."""
@@ -118,13 +131,32 @@ def test_ct_schedules_match_openai_consistency_models():
 
 
 def test_ct_target_ema_and_short_run(data):
+    """θ⁻ starts as θ, and after the optimiser step of iteration k of the loop the target is
+    μ(k)·θ⁻ + (1 − μ(k))·θ with μ(k) from the transcription of openai/consistency_models' schedule
+    (`_openai_ct_schedule`: 0.81 at k = 0, then rising with N(k)), at every one of 40 loop steps."""
     m = _method(ct, data, network=NCFG, K=40, s1=20)
     assert "teacher" not in m.ctx.inputs
-    before = [p.clone() for p in m.nets["target"].parameters()]
+    target, online = m.nets["target"], m.nets["net"]
+    assert all(torch.equal(a, b) for a, b in zip(target.parameters(), online.parameters()))
+    seen, after_step = [], m.after_step
+
+    def spy(step):  # (step, θ⁻ before, θ after the optimiser step, θ⁻ after) around the method's update
+        before = [p.clone() for p in target.parameters()]
+        after_step(step)
+        clone = lambda net: [p.clone() for p in net.parameters()]  # noqa: E731
+        seen.append((step, before, clone(online), clone(target)))
+
+    m.after_step = spy
     loop.train(m, TrainConfig(steps=40, batch_size=64, lr=1e-3), None, progress=False)
-    assert m.N(0) == 2 and m.N(40) == 21
-    moved = any(not torch.equal(b, p) for b, p in zip(before, m.nets["target"].parameters()))
-    assert moved and all(torch.isfinite(p).all() for p in m.nets.parameters())
+    assert m.N(0) == 2 and m.N(40) == 21 and [s[0] for s in seen] == list(range(40))
+    mus = [_openai_ct_schedule(k, 40, 2, 20, 0.9)[0] for k in range(40)]
+    assert mus[0] == pytest.approx(0.81) and mus[-1] > 0.98
+    for k, (_, before, theta, after) in enumerate(seen):
+        assert max((p - q).abs().max().item() for p, q in zip(theta, before)) > 1e-4, k   # θ and θ⁻ differ
+        for p_before, p_online, p_after in zip(before, theta, after):
+            want = mus[k] * p_before + (1 - mus[k]) * p_online
+            assert torch.allclose(p_after, want, rtol=0, atol=1e-6), k
+    assert all(torch.isfinite(p).all() for p in m.nets.parameters())
     x = ct.sample(_loaded(m), torch.randn(50, 2), 2)
     assert torch.isfinite(x).all()
 
@@ -189,7 +221,36 @@ def test_scm_student_starts_as_the_teacher(data):
 
 @pytest.mark.parametrize("variant", ["scd", "sct"])
 def test_scm_loss_backward_and_short_run(data, variant):
+    """The sCM gradient is the small-step limit of the discrete consistency gradient (Lu & Song 2024,
+    §4: L_Δ/Δ as Δ → 0): on data N(0, c²I) with the exact teacher, at one time t (P_std → 0) and with
+    a constant normalisation (c → ∞, w_φ = 0, r = 1), the loss's gradient on θ points as the gradient of
+    the discrete CM loss E‖f_θ(x_t, t) − stopgrad f_θ(x_{t−Δ}, t − Δ)‖², built here from f_θ alone:
+    x_{t−Δ} = (std_{t−Δ}/std_t)·x_t (sCD: the closed-form PF-ODE, std_t² = cos²t·c² + sin²t·σ_d²) or
+    cos(t−Δ)·x0 + sin(t−Δ)·z (sCT: the same x0 and noise), independent draws, cosine > 0.95.
+    Then a backward pass and a short run stay finite, and w_φ is trained jointly."""
     teacher = FakeTeacher(data, analytic=True)
+    c, sd, B, dt = 0.7, 0.5, 2048, 1e-3
+    std = lambda t: torch.sqrt(torch.cos(t) ** 2 * c * c + torch.sin(t) ** 2 * sd * sd)  # noqa: E731
+    for P_mean in (-1.2, 0.3):
+        m = _method(scm, data, teacher, variant=variant, init_from_teacher=False, weight_width=16,
+                    P_mean=P_mean, P_std=1e-7, tangent_c=1e3, warmup_steps=0)
+        m.D_trig = denoiser_in("trigflow", lambda x, s, **k: c**2 / (c**2 + s.reshape(-1, 1) ** 2) * x, sd)
+        net = m.nets["net"]
+        _randomise_output(net)
+        torch.manual_seed(0)
+        x0 = c * torch.randn(B, 2)
+        g_scm = _flat_grad(net, m.loss("net", {"x": x0}, 0)[0])
+        t = torch.full((B,), math.atan(math.exp(P_mean) / sd))
+        z = sd * torch.randn(B, 2)
+        x_t = torch.cos(t)[:, None] * x0 + torch.sin(t)[:, None] * z
+        if variant == "scd":
+            x_prev = (std(t - dt) / std(t))[:, None] * x_t
+        else:
+            x_prev = torch.cos(t - dt)[:, None] * x0 + torch.sin(t - dt)[:, None] * z
+        with torch.no_grad():
+            target = scm.f_theta(net, x_prev, t - dt, sd, "edm")
+        g_discrete = _flat_grad(net, (scm.f_theta(net, x_t, t, sd, "edm") - target).pow(2).sum(1).mean())
+        assert _cosine(g_scm, g_discrete) > 0.95, P_mean
     m = _method(scm, data, teacher, variant=variant, init_from_teacher=False, warmup_steps=20, weight_width=16)
     loss, logs = m.loss("net", {"x": data.x[:64]}, 3)
     loss.backward()
@@ -299,6 +360,9 @@ def _chi2(counts: np.ndarray, p: np.ndarray) -> float:
 
 
 def test_ctm_teacher_solve_and_loss(data):
+    """`teacher_solve` against EDM's deterministic Heun step written out here (Karras et al. 2022,
+    Alg. 1 with γ = 0), per sample over its own index range (Euler steps differ by > 1e-3); then the
+    (n_t, n_u, n_s) window, a finite loss with a DSM term and a short run."""
     teacher = FakeTeacher(data, analytic=True)
     m = _method(ctm, data, teacher, N=8, max_teacher_steps=3, mu=0.9)
     sig, D = m.sigmas, teacher.denoiser()
@@ -306,10 +370,16 @@ def test_ctm_teacher_solve_and_loss(data):
     n_from, n_to = torch.tensor([0, 2, 5]), torch.tensor([3, 3, 7])
     got = ctm.teacher_solve(D, x, sig, n_from, n_to, 3)
     for i in range(3):
-        xi = x[i:i + 1]
+        xi, x_euler = x[i:i + 1], x[i:i + 1]
         for n in range(int(n_from[i]), int(n_to[i])):
-            xi = heun_step(D, xi, sig[n], sig[n + 1])
+            t_cur, t_next = float(sig[n]), float(sig[n + 1])
+            d = (xi - D(xi, t_cur)) / t_cur                    # Karras et al. 2022, Alg. 1 (γ = 0)
+            x_next = xi + (t_next - t_cur) * d
+            d_prime = (x_next - D(x_next, t_next)) / t_next     # t_next > 0 on this grid: the 2nd-order correction
+            xi = xi + (t_next - t_cur) * (0.5 * d + 0.5 * d_prime)
+            x_euler = x_euler + (t_next - t_cur) * (x_euler - D(x_euler, t_cur)) / t_cur
         assert torch.allclose(got[i:i + 1], xi, atol=1e-5)
+        assert not torch.allclose(got[i:i + 1], x_euler, atol=1e-3)    # the check tells Heun from Euler
     n_t, n_u, n_s = m.indices(4096, 3, "cpu")
     assert bool(((n_u - n_t == 3) & (n_u <= n_s) & (n_s <= 7)).all())
     loss, logs = m.loss("net", {"x": data.x[:64]}, 0)
@@ -511,6 +581,34 @@ def test_ayf_tangents_vanish_at_the_exact_flow_map():
 
 @pytest.mark.parametrize("objective", ["emd", "lmd"])
 def test_ayf_loss_and_short_run(data, objective):
+    """The AYF gradient is the small-step limit of a discrete flow-map consistency gradient: on data
+    N(0, c²I) with the exact teacher, the exact PF-ODE x_s = (std_s/std_t)·x_t (std_t² = t² + (1 − t)²c²)
+    gives the discrete targets stopgrad f_θ(x_{t−Δ}, t − Δ, s) (EMD: the map is constant along the ODE) and
+    stopgrad (std_s/std_{s+Δ})·f_θ(x_t, t, s + Δ) (LMD: the map's end follows the ODE); at fixed (t, s)
+    and with a constant normalisation (c → ∞, r = r_max) the loss's gradient on θ points as the gradient
+    of E‖f_θ(x_t, t, s) − target‖² built from f_θ alone (independent draws, cosine > 0.95).
+    Then a backward pass, a short run and sampling stay finite."""
+    c, B, dt, noise = 0.7, 2048, 1e-3, EDM()
+    std = lambda t: torch.sqrt(t * t + (1 - t) ** 2 * c * c)  # noqa: E731
+    for t0, s0 in ((0.7, 0.2), (0.3, 0.1)):
+        m = _method(ayf, data, FakeTeacher(data, analytic=True), objective=objective, init_from_teacher=False,
+                    warmup_steps=0, tangent_c=1e3)
+        m.D_fm = denoiser_in("fm", lambda x, sig, **k: c**2 / (c**2 + sig.reshape(-1, 1) ** 2) * x)
+        t, s = torch.full((B,), t0), torch.full((B,), s0)
+        m.sample_ts = lambda n, device: (t, s)                          # every sample at (t0, s0)
+        net = m.nets["net"]
+        _randomise_output(net)
+        torch.manual_seed(0)
+        x0 = c * torch.randn(B, 2)
+        g_ayf = _flat_grad(net, m.loss("net", {"x": x0}, 0)[0])
+        x_t = (1 - t)[:, None] * x0 + t[:, None] * torch.randn(B, 2)
+        with torch.no_grad():
+            if objective == "emd":
+                target = ayf.flow_map(net, noise, (std(t - dt) / std(t))[:, None] * x_t, t - dt, s)
+            else:
+                target = (std(s) / std(s + dt))[:, None] * ayf.flow_map(net, noise, x_t, t, s + dt)
+        g_discrete = _flat_grad(net, (ayf.flow_map(net, noise, x_t, t, s) - target).pow(2).sum(1).mean())
+        assert _cosine(g_ayf, g_discrete) > 0.95, (t0, s0)
     m = _method(ayf, data, FakeTeacher(data, analytic=True), objective=objective, init_from_teacher=False,
                 warmup_steps=20)
     loss, _ = m.loss("net", {"x": data.x[:64]}, 1)
