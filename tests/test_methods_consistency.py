@@ -692,7 +692,10 @@ def test_gaussian_imperfect_cm_degrades_with_steps_flow_map_does_not():
 
 def test_real_teacher_save_load_and_sample_every_method(data, tmp_path):
     """With a saved-and-loaded EDM teacher (a real LoadedModel): each method builds, takes a few
-    loop steps, saves, loads back and samples through `LoadedModel.sample`."""
+    loop steps, saves and loads back bit-exactly; its 1-NFE sample is the consistency function at
+    (σ_max·z, σ_max) (docs/methods.md §1: one step of the multistep sampler is f(τ_0·z, τ_0)), and
+    that function meets the boundary condition f(x, σ_min) = x (exactly for CT and CTM, up to
+    O(σ_min) for sCM and AYF, whose own boundary is at σ = 0)."""
     from fastgen_core.methods import edm
     from fastgen_core.models import load_model, save_model
 
@@ -711,10 +714,19 @@ def test_real_teacher_save_load_and_sample_every_method(data, tmp_path):
              "ctm": (ctm, dict(gamma=0.5), teacher, None), "ayf": (ayf, dict(objective="lmd"), teacher, None)}
     for name, (mod, kw, teach, net) in cases.items():
         m = _method(mod, data, teach, network=net, **kw)
-        model = save_and_load(m, loop.train(m, cfg, None, progress=False), name)
+        states = loop.train(m, cfg, None, progress=False)
+        model = save_and_load(m, states, name)
         assert model.meta["method"] == mod.__name__.rsplit(".", 1)[-1]
-        for nfe in (1, 2):
-            x = model.sample(torch.randn(64, 2), nfe)
-            assert x.shape == (64, 2) and torch.isfinite(x).all(), (name, nfe)
+        for k, sd in states.items():
+            got = model.nets[k].state_dict()
+            assert sd.keys() == got.keys() and all(torch.equal(sd[p], got[p]) for p in sd), (name, k)
         f = mod.consistency_fn(model)                                   # for fastgen_core.editing
-        assert torch.isfinite(f(torch.randn(8, 2), torch.full((8,), 2.0))).all()
+        z, s_max, s_min = torch.randn(64, 2), EDM().sigma_max, EDM().sigma_min
+        with torch.no_grad():
+            x1 = model.sample(z, 1)
+            assert torch.allclose(x1, f(s_max * z, torch.full((64,), s_max)), atol=1e-4), name
+            x = torch.randn(64, 2)
+            tol = 1e-6 if name in ("ct", "ctm") else 1e-3  # measured 4-5e-5: σ_min·|F|
+            assert torch.allclose(f(x, torch.full((64,), s_min)), x, atol=tol), name
+            x2 = model.sample(z, 2)
+        assert x2.shape == (64, 2) and torch.isfinite(x2).all() and not torch.allclose(x1, x2), name
