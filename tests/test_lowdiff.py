@@ -161,8 +161,47 @@ def test_training_levels_are_the_projected_data_and_block_noise():
         assert torch.allclose(L.project(e_k, f), e_k, atol=1e-6)       # the noise lives on the level …
         assert abs(float(e_k.var()) - 1) < 0.05                        # … unit variance per pixel
         assert torch.all(w == math.log2(8 // f))
-    loss, _ = m.loss("net", {"x": x0[:64], "y": torch.zeros(64, dtype=torch.long)}, 0)
-    assert torch.isfinite(loss)
+    # the loss's value, EDM's preconditioning and weighting written out (docs/methods.md §0, §11):
+    # L = mean_i λ(σ_i)·mean‖P_{f_i}(c_skip·x_i + c_out·F(c_in·x_i, ¼·ln σ_i; w_i, c_i)) − x0_i^(k)‖² with
+    # x_i = x0_i^(k) + σ_i·ε_i^(k), c_skip = σ_d²/(σ² + σ_d²), c_out = σ·σ_d/√(σ² + σ_d²), c_in = 1/√(σ² + σ_d²),
+    # λ(σ) = (σ² + σ_d²)/(σ·σ_d)²; levels, conditions and level noise from the block means; the draws (level
+    # k, noise ε, ln σ ~ N(−1.2, 1.2²)) replayed from the same seed in the method's order. A fresh network
+    # outputs zero (zero-initialised output layer): F = 0, a closed form of the draws; a perturbed one: F is
+    # its raw output on the inputs above.
+    n, sd, y = 64, 0.5, torch.arange(64) % 10
+
+    def expected(seed: int, net=None) -> float:
+        torch.manual_seed(seed)
+        k, eps, ln_s = torch.randint(3, (n,)), torch.randn(n, 1, 8, 8), -1.2 + 1.2 * torch.randn(n)
+        assert len(set(k.tolist())) == 3  # every level in the batch
+        fs = [(4, 2, 1)[int(j)] for j in k]
+
+        def lv(v, mult=1):  # sample i held at block side mult·f_i
+            return torch.cat([_blocks(v[i:i + 1], mult * f).repeat_interleave(mult * f, -2)
+                              .repeat_interleave(mult * f, -1) for i, f in enumerate(fs)])
+        x, c = lv(x0), lv(x0, 2) * (torch.tensor(fs) < 4)[:, None, None, None]       # zeros at level 0
+        e = lv(eps) * torch.tensor(fs, dtype=torch.float)[:, None, None, None]        # ε^(k) = f·P_f ε
+        s = ln_s.exp()[:, None, None, None]
+        xn = x + s * e
+        F = 0.0
+        if net is not None:
+            with torch.no_grad():
+                F = net(xn / (s**2 + sd**2).sqrt(), ln_s / 4, class_labels=y,
+                        w=torch.tensor([math.log2(8 // f) for f in fs]), cond=c)
+        D = lv(sd**2 / (s**2 + sd**2) * xn + s * sd / (s**2 + sd**2).sqrt() * F)
+        lam = ((s**2 + sd**2) / (s * sd) ** 2).flatten()
+        return float((lam * ((D - x) ** 2).flatten(1).mean(1)).mean())
+
+    torch.manual_seed(11)
+    fresh, _ = m.loss("net", {"x": x0[:n], "y": y}, 0)
+    assert fresh.item() == pytest.approx(expected(11), rel=1e-5)
+    with torch.no_grad():
+        for i, p in enumerate(m.nets["net"].parameters()):
+            p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(i)))
+    torch.manual_seed(11)
+    perturbed, _ = m.loss("net", {"x": x0[:n], "y": y}, 0)
+    assert perturbed.item() == pytest.approx(expected(11, m.nets["net"]), rel=1e-5)
+    assert abs(perturbed.item() / fresh.item() - 1) > 0.05  # the network's output counts
 
 
 def test_settings_and_recipe_validate():

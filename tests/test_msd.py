@@ -7,15 +7,15 @@ Teacher Score Matching (fastgen_core/methods/tsm.py).
 - the router sends each class to its student: students that return a distinct constant each,
   combined, saved and loaded as a model folder; every sample of class c carries the constant of
   the student owning c (an explicit, non-contiguous partition too);
-- one declaration expands into K student stages in dvc.yaml (as generated from params/) and in the
-  Prefect flow's stage order (the flow body run with a recording task);
+- one declaration expands into K student stages in dvc.yaml (as generated from params/) and in a
+  real Prefect flow run (tests/test_recipes.py's run of the shrunk recipe, read back from Prefect's
+  task runs): each router waits on its K students and starts after they end;
 - a student trains only on its classes (the method's training tensors), with every input pair set
   unfiltered;
 - TSM moves a small random network towards the teacher's denoiser on noised real data.
 """
 from __future__ import annotations
 
-import copy
 import types
 from pathlib import Path
 from typing import Literal
@@ -192,39 +192,56 @@ def test_dvc_yaml_has_the_k_student_stages_of_each_group():
             assert stages[f"digits_msd-{group}_{i}"]["params"][0]["params/digits_msd.yaml"][-1] == f"stages.{group}"
 
 
-def test_the_flow_runs_the_k_student_stages_before_their_router(monkeypatch):
-    import flows.pipeline as P
+@pytest.mark.xdist_group("recipe-digits_msd")  # the flow run tests/test_recipes.py makes (and caches)
+def test_the_flow_runs_the_k_student_stages_before_their_router(prefect_harness, tmp_path_factory, mlflow_template):
+    """params/digits_msd.yaml, shrunk, through the Prefect flow (tests/test_recipes.py's run), read back
+    from Prefect's records of that flow run: one completed task run per stage; every student msd?_k
+    waited on the teacher (and on its TSM stage msd?s_tsm_k) and started after they ended; every
+    router waited on exactly its K students and started after the last of them ended; the evaluation
+    came after the routers. The router's manifest names its K students, with their digests."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowRunFilter
+    from test_recipes import flow_run
 
-    ran: list[str] = []
+    from fastgen_core import artifacts
+    from stages.recipe import load_recipe
+    from stages.runtime import stage_dir
 
-    class Done:
-        def __init__(self, name):
-            self.name, self.state = name, types.SimpleNamespace(is_failed=lambda: False)
+    _, p, results = flow_run(ROOT / "params" / "digits_msd.yaml", tmp_path_factory, mlflow_template)
+    r = load_recipe(p)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name={"any_": ["fastgen-recipe"]}),
+                                     flow_run_filter=FlowRunFilter(name={"any_": [r.name]}))
+        fr = min((f for f in runs if f.state.is_completed()), key=lambda f: f.start_time)  # the cached run
+        tasks = {t.name: t for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id={"any_": [fr.id]}))}
+    assert sorted(tasks) == sorted(results) and all(t.state.is_completed() for t in tasks.values())
+    name_of = {t.id: n for n, t in tasks.items()}
 
-        def wait(self):
-            return None
+    def waited_on(stage: str) -> list[str]:  # the task runs this one's `wait_for` named
+        return sorted(name_of[i.id] for i in tasks[stage].task_inputs.get("wait_for", []))
 
-        def result(self):
-            return {"stage": self.name}
+    def after(stage: str, ups: list[str]) -> None:
+        assert all(tasks[u].end_time <= tasks[stage].start_time for u in ups), (stage, ups)
 
-    class Task:
-        def with_options(self, name):
-            return self
-
-        def submit(self, recipe, name, *args, wait_for=()):
-            ran.append(name)
-            return Done(name)
-
-    monkeypatch.setattr(P, "stage_task", Task())
-    raw = yaml.safe_load((ROOT / "params" / "digits_msd.yaml").read_text())
-    out = P._run_stages(parse_recipe(copy.deepcopy(raw), "params/digits_msd.yaml"), False)
-    assert set(out) == set(ran)
-    for group, k in (("msd2", 2), ("msd4", 4), ("msd2s", 2), ("msd4s", 4)):
+    expected = set()  # every stage of the four groups
+    for group, k, tsm in (("msd2", 2, False), ("msd4", 4, False), ("msd2s", 2, True), ("msd4s", 4, True)):
         students = [f"{group}_{i}" for i in range(k)]
-        assert set(students) <= set(ran) and all(ran.index(s) < ran.index(group) for s in students)
-        assert all(ran.index("teacher") < ran.index(s) for s in students)
-        assert ran.index(group) < ran.index("eval")
-    assert sum(s.startswith("msd4s_tsm_") for s in ran) == 4 and sum(s.startswith("msd4_") for s in ran) == 4
+        expected |= {group, *students}
+        for i, s in enumerate(students):
+            ups = ["teacher"] + ([f"{group}_tsm_{i}"] if tsm else [])
+            assert waited_on(s) == sorted(ups), s
+            after(s, ups)
+            if tsm:
+                expected.add(f"{group}_tsm_{i}")
+                assert waited_on(f"{group}_tsm_{i}") == ["teacher"]
+                after(f"{group}_tsm_{i}", ["teacher"])
+        assert waited_on(group) == students
+        after(group, students)
+        after("eval", [group])
+        man = artifacts.read_manifest(stage_dir(r, group))
+        assert {s: (v["role"], v["digest"]) for s, v in man["inputs"].items()} == {
+            s: ("students", results[s]["digest"]) for s in students}
+    assert {s for s in tasks if s.startswith("msd")} == expected and len(expected) == 22
 
 
 # ----------------------------------------------------------------------------- a student's classes
