@@ -107,8 +107,8 @@ def run_recipe(recipe: RecipeName, overrides: dict[str, Any] = {}, force: bool =
     return _run_stages(r, force, tags)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str = "python -m flows.pipeline") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("recipe", help="recipe file, or the name of one in params/")
     ap.add_argument("--force", action="store_true")
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",

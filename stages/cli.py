@@ -167,10 +167,10 @@ def _dispatch(argv: list[str]) -> int:
         if cmd == "stage":
             from .runtime import main as stage_main
 
-            return stage_main(rest)
+            return stage_main(rest, prog="fastgen stage")
         from flows.pipeline import main as flow_main
 
-        return flow_main(rest)
+        return flow_main(rest, prog="fastgen flow")
     if cmd == "run":
         return run(rest)
     if cmd == "report":
@@ -189,7 +189,7 @@ def _dispatch(argv: list[str]) -> int:
     if cmd == "dvcgen":
         from .dvcgen import main as gen_main
 
-        return gen_main(rest)
+        return gen_main(rest, prog="fastgen dvcgen")
     if cmd in ("lineage", "verify"):
         from . import lineage
 

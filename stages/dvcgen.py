@@ -148,8 +148,8 @@ def deployments() -> str:
                                             "deployments": deps_}, sort_keys=False, width=120)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog: str = "python -m stages.dvcgen") -> int:
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="fail if dvc.yaml differs from the recipes")
     a = ap.parse_args(argv)
     try:

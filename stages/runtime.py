@@ -336,9 +336,9 @@ def _terminate(signum, frame):
     raise Terminated(128 + signum)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m stages.run") -> int:
     """CLI: python -m stages.run RECIPE.yaml STAGE [--force]."""
-    ap = argparse.ArgumentParser(prog="python -m stages.run", description=__doc__)
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__)
     ap.add_argument("recipe", help="recipe YAML file in params/")
     ap.add_argument("stage", help="stage name in the recipe")
     ap.add_argument("--force", action="store_true", help="run even if the output is up to date")
