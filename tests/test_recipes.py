@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import os
 import re
 import shutil
@@ -36,6 +37,7 @@ from fastgen_core import artifacts
 from image_data import write_cifar10
 from stages.recipe import load_recipe
 from stages.runtime import stage_dir
+from stages.spec import stage_names
 
 ROOT = Path(__file__).resolve().parent.parent
 # FASTGEN_TEST_RECIPES=toy_cd,toy_ayf narrows the run while developing a recipe
@@ -285,6 +287,26 @@ def test_recipe_runs_through_the_flow(recipe, prefect_harness, tmp_path_factory,
     assert sorted(x.data.tags.get("fastgen.stage", "") for x in runs if x.data.tags.get("fastgen.level") == "stage") \
         == sorted(r.stages)
     assert all(x.info.status == "FINISHED" for x in runs)
+    # every evaluation scored each of its rows (its `models` and its guidance rows), and its figures
+    # hang together: one floor per metric for the stage, above floor = mean − floor (6 decimals each)
+    for s, st in r.stages.items():
+        if st.kind != "evaluate":
+            continue
+        res = json.loads((stage_dir(r, s) / "metrics.json").read_text())
+        given = set(stage_names(st.inputs["models"])) | {g.row for g in st.evaluate.guidance}
+        scored = {k for k, v in res.items() if isinstance(v, dict) and any(n.startswith("nfe_") for n in v)}
+        assert given and given <= scored, (s, given, scored)
+        floors: dict[str, set] = {}
+        for model in scored:
+            for nfe, cells in res[model].items():
+                if not nfe.startswith("nfe_"):
+                    continue
+                for metric, c in cells.items():
+                    if isinstance(c, dict) and {"mean", "floor_mean", "above_floor"} <= set(c):
+                        floors.setdefault(metric, set()).add(c["floor_mean"])
+                        assert c["above_floor"] == pytest.approx(c["mean"] - c["floor_mean"], abs=2e-6), \
+                            (s, model, nfe, metric, c)
+        assert floors and all(len(f) == 1 for f in floors.values()), (s, floors)
 
 
 @pytest.mark.parametrize("recipe", [p for p in PER_RECIPE if not paper_scale(p.values[0])])
