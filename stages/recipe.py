@@ -29,6 +29,7 @@ from fastgen_core.noise import PROCESSES, NoiseProcess
 
 from . import edit, evaluate, ode_pairs, progressive, reflow, students, train, weak_snapshot
 from .spec import Problem, stage_names
+from .tracking import scrub, tracking_uri
 
 # the stage modules and the kinds each runs (a kind's settings are its module's `Spec`)
 MODULES = (train, weak_snapshot, ode_pairs, evaluate, edit, reflow, progressive, students)
@@ -85,9 +86,7 @@ def tracking_uri_problem(uri: str) -> str | None:
     if scheme not in TRACKING_SCHEMES:
         return f"unsupported MLflow tracking URI scheme {scheme!r} (supported: {', '.join(TRACKING_SCHEMES)})"
     if scheme in ("http", "https") and not urlsplit(uri).netloc:
-        from .tracking import scrub  # an http(s) URI may carry user:password@
-
-        return f"{scrub(uri)!r} names no server (http://host:port)"
+        return f"{scrub(uri)!r} names no server (http://host:port)"  # an http(s) URI may carry user:password@
     if scheme == "sqlite" and (not uri.startswith("sqlite:///") or uri == "sqlite:///"):
         return f"{uri!r}: a SQLite store is sqlite:///relative/path.db or sqlite:////absolute/path.db"
     return None
@@ -367,8 +366,6 @@ def _data_problems(d: DataConfig) -> list[Problem]:
 def _place_problems(r: Recipe) -> list[Problem]:
     """Where outputs and runs go: a local storage root that is a file, an MLflow store (the
     recipe's, else $MLFLOW_TRACKING_URI's) that is unsupported or a SQLite file in a missing folder."""
-    from .tracking import scrub, tracking_uri
-
     probs: list[Problem] = []
     root = local_folder(r.storage.root)
     if root is not None and root.exists() and not root.is_dir():

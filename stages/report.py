@@ -248,12 +248,14 @@ def write_markdown(recipe: Recipe, stage: str, md: str, page: str) -> str:
 
 # --- sweeps ----------------------------------------------------------------------------------------
 
-def sweep_report(folder: Path) -> str:
-    """One row per trial of a sweep folder (`<storage>/sweeps/<id>/`): its overrides and its best
-    1-NFE student against the teacher."""
+SWEEP_HEAD = ["trial", "overrides", "metric", "best 1-NFE", "above floor", "× teacher"]
+
+
+def sweep_rows(folder: Path) -> list[list[str]]:
+    """One row per evaluated trial of a sweep folder (`<storage>/sweeps/<id>/`): its overrides and
+    its best 1-NFE student against the teacher (an unreadable evaluation is skipped, said on stderr)."""
     from .recipe import load_recipe
 
-    head = ["trial", "overrides", "metric", "best 1-NFE", "above floor", "× teacher"]
     body = []
     for trial in sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")):
         for ev in sorted(trial.glob("*/*/manifest.json")):
@@ -272,9 +274,15 @@ def sweep_report(folder: Path) -> str:
             body.append([trial.name.split("-", 1)[0], trial.name.split("-", 1)[-1], prim,
                          s.get("best_1nfe", "–"), _fmt(s.get("best_1nfe_above_floor"), 3),
                          _fmt(s.get("best_1nfe_ratio"), 3)])
+    return body
+
+
+def sweep_report(folder: Path, body: list[list[str]] | None = None) -> str:
+    """`sweep_rows` (given, or read here) as a table."""
+    body = sweep_rows(folder) if body is None else body
     if not body:
         return f"{folder}: no evaluated trial yet"
-    return f"sweep {folder.name}: {len(body)} evaluated trial(s)\n\n{text_table(head, body)}"
+    return f"sweep {folder.name}: {len(body)} evaluated trial(s)\n\n{text_table(SWEEP_HEAD, body)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,9 +298,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="print nothing (write the files only)")
     a = ap.parse_args(argv)
     if Path(a.target).is_dir():
-        text = sweep_report(Path(a.target))
-        print(text)
-        return 1 if text.endswith("no evaluated trial yet") else 0
+        body = sweep_rows(Path(a.target))
+        print(sweep_report(Path(a.target), body))
+        return 0 if body else 1
     try:
         recipe = load_with_overrides(a.target, parse_sets(a.set))
     except RecipeError as e:

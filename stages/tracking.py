@@ -114,11 +114,11 @@ def invocation_id() -> str:
     """Identify the pipeline invocation this process is part of (see module docstring)."""
     if _scoped.get():
         return _scoped.get()
-    # from the environment: a quote would break the MLflow filter strings the id goes into
-    if os.environ.get("FASTGEN_INVOCATION"):
-        return os.environ["FASTGEN_INVOCATION"].replace("'", "_")
-    if os.environ.get("DVC_EXP_NAME"):  # one experiment of `dvc exp run` (queued or not): its name and baseline
-        return f"dvc-exp-{os.environ['DVC_EXP_NAME']}-{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}".replace("'", "_")
+    env = os.environ.get("FASTGEN_INVOCATION")
+    if not env and os.environ.get("DVC_EXP_NAME"):  # one experiment of `dvc exp run` (queued or not): name, baseline
+        env = f"dvc-exp-{os.environ['DVC_EXP_NAME']}-{os.environ.get('DVC_EXP_BASELINE_REV', '')[:12]}"
+    if env:  # a quote would break the MLflow filter strings the id goes into
+        return env.replace("'", "_")
     pid = os.getppid()
     try:
         for _ in range(8):  # walk up to a `dvc repro` ancestor
