@@ -183,10 +183,12 @@ def stage_lock(recipe: Recipe, stage: str):
     finally:
         os.unlink(path)  # still holding it: a waiter that wins the old file sees it is gone and retries
         os.close(fd)
-        try:
-            path.parent.rmdir()
-        except OSError:
-            pass
+        folders = [path.parent] + ([path.parent.parent] if storage.is_remote(recipe.storage.root) else [])
+        for folder in folders:  # the recipe's folder of locks; for a remote root the cache's `partial` too
+            try:
+                folder.rmdir()
+            except OSError:
+                break
 
 
 def _end_killed_attempt(lock: Lock, recipe: Recipe, stage: str) -> str | None:

@@ -12,7 +12,8 @@ folder; a cached copy is reused only while the stored objects are the ones it wa
 Endpoint and credentials come from the standard AWS variables or config files, read by botocore
 (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION, AWS_ENDPOINT_URL, ~/.aws/...);
 nothing here stores or prints them. Cache: $FASTGEN_CACHE_DIR, else $XDG_CACHE_HOME/fastgen,
-else ~/.cache/fastgen.
+else ~/.cache/fastgen. An object store that cannot be used (no credentials, access denied, endpoint
+unreachable) is a `StageError` of one line naming the URI and what to set, never the credentials.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from pathlib import Path
 from fastgen_core import artifacts
 from fastgen_core.data import cache_root
 
+from .spec import StageError
 from .timing import pause_point
 
 MANIFEST = artifacts.MANIFEST
@@ -57,6 +59,29 @@ def _fs(uri: str):
     return fs, path.rstrip("/")
 
 
+@contextmanager
+def _reaching(uri: str):
+    """Turn the object store's "cannot use it at all" errors into one line naming `uri`
+    (docs/remote.md lists the variables); missing objects pass through as FileNotFoundError."""
+    from botocore.exceptions import BotoCoreError, NoCredentialsError, PartialCredentialsError
+
+    from .tracking import scrub
+
+    try:
+        yield
+    except (NoCredentialsError, PartialCredentialsError):
+        raise StageError(f"{uri}: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                         "(or a profile in ~/.aws/credentials); see docs/remote.md") from None
+    except PermissionError as e:
+        if e.filename is not None:  # a local file (the cache), not the store
+            raise
+        raise StageError(f"{uri}: access denied by the object store ({scrub(str(e).splitlines()[0])}); "
+                         "check the credentials' rights on the bucket") from None
+    except BotoCoreError as e:
+        raise StageError(f"{uri}: cannot use the object store: {type(e).__name__}: "
+                         f"{scrub(str(e).splitlines()[0])} (AWS_ENDPOINT_URL?)") from None
+
+
 def _objects(fs, path: str) -> dict[str, dict]:
     """The stored objects of an artifact: relative POSIX path -> info (size, ETag)."""
     try:
@@ -70,8 +95,9 @@ def read_manifest(uri: str | Path) -> dict:
     """The manifest of a local or remote artifact (FileNotFoundError if it has none)."""
     if not is_remote(uri):
         return artifacts.read_manifest(uri)
-    fs, path = _fs(str(uri))
-    return artifacts.parse_manifest(fs.cat_file(f"{path}/{MANIFEST}"), str(uri))
+    with _reaching(str(uri)):
+        fs, path = _fs(str(uri))
+        return artifacts.parse_manifest(fs.cat_file(f"{path}/{MANIFEST}"), str(uri))
 
 
 def _remote_manifest(uri: str, fs, path: str) -> dict:
@@ -92,20 +118,21 @@ def verify(uri: str | Path) -> dict:
     by streaming its objects, nothing kept); return the manifest or raise DigestMismatch."""
     if not is_remote(uri):
         return artifacts.verify(uri)
-    uri = str(uri)
-    fs, path = _fs(uri)
-    m = _remote_manifest(uri, fs, path)
-    files = {}
-    for rel in _objects(fs, path):
-        if rel in artifacts.NOT_CONTENT:
-            continue
-        h = hashlib.sha256()
-        with fs.open(f"{path}/{rel}", "rb", block_size=1 << 22) as f:
-            while b := f.read(1 << 20):
-                h.update(b)
-        files[rel] = h.hexdigest()
-    _check(uri, m, files)
-    return m
+    with _reaching(str(uri)):
+        uri = str(uri)
+        fs, path = _fs(uri)
+        m = _remote_manifest(uri, fs, path)
+        files = {}
+        for rel in _objects(fs, path):
+            if rel in artifacts.NOT_CONTENT:
+                continue
+            h = hashlib.sha256()
+            with fs.open(f"{path}/{rel}", "rb", block_size=1 << 22) as f:
+                while b := f.read(1 << 20):
+                    h.update(b)
+            files[rel] = h.hexdigest()
+        _check(uri, m, files)
+        return m
 
 
 def _store() -> Path:
@@ -140,30 +167,31 @@ def fetch(uri: str | Path) -> tuple[Path, dict]:
     remote ones are downloaded into the cache (or reused from it, see the module docstring)."""
     if not is_remote(uri):
         return Path(uri), artifacts.verify(uri)
-    uri = str(uri)
-    fs, path = _fs(uri)
-    m = _remote_manifest(uri, fs, path)
-    objects = _objects(fs, path)
-    store = _store()
-    dest = local_copy(uri, m["digest"])
-    try:
-        if json.loads(_stamp_file(m["digest"], uri).read_text()) == _stamp(objects) and _valid(dest, m["digest"]):
-            return dest, m
-    except (OSError, ValueError):
-        pass
-    store.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=store))
-    try:
-        for rel in objects:
-            if rel not in artifacts.NOT_CONTENT:
-                (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
-                fs.get_file(f"{path}/{rel}", str(tmp / rel))
-        _check(uri, m, artifacts.digest_files(tmp))
-        (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
-        _install(tmp, m["digest"], uri, objects)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return dest, m
+    with _reaching(str(uri)):
+        uri = str(uri)
+        fs, path = _fs(uri)
+        m = _remote_manifest(uri, fs, path)
+        objects = _objects(fs, path)
+        store = _store()
+        dest = local_copy(uri, m["digest"])
+        try:
+            if json.loads(_stamp_file(m["digest"], uri).read_text()) == _stamp(objects) and _valid(dest, m["digest"]):
+                return dest, m
+        except (OSError, ValueError):
+            pass
+        store.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=store))
+        try:
+            for rel in objects:
+                if rel not in artifacts.NOT_CONTENT:
+                    (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+                    fs.get_file(f"{path}/{rel}", str(tmp / rel))
+            _check(uri, m, artifacts.digest_files(tmp))
+            (tmp / MANIFEST).write_text(json.dumps(m, indent=2, sort_keys=True))
+            _install(tmp, m["digest"], uri, objects)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest, m
 
 
 def _install(tmp: Path, digest: str, uri: str, objects: dict[str, dict]) -> None:
@@ -188,20 +216,21 @@ def _install(tmp: Path, digest: str, uri: str, objects: dict[str, dict]) -> None
 
 def publish(folder: str | Path, uri: str) -> None:
     """Upload a finished artifact folder (with its manifest) to `uri`, manifest last."""
-    folder = Path(folder)
-    fs, path = _fs(uri)
-    if fs.exists(f"{path}/{MANIFEST}"):
-        fs.rm_file(f"{path}/{MANIFEST}")  # from here on the old artifact is incomplete
-    old = set(_objects(fs, path))
-    new = sorted(artifacts.digest_files(folder))
-    for i, rel in enumerate(new):
-        fs.put_file(str(folder / rel), f"{path}/{rel}")
-        if i == 0:
-            pause_point("upload")  # tests only: an upload cut short (stages/timing.py)
-    stale = sorted(old - set(new) - {MANIFEST})
-    if stale:
-        fs.rm([f"{path}/{rel}" for rel in stale])
-    fs.put_file(str(folder / MANIFEST), f"{path}/{MANIFEST}")
+    with _reaching(str(uri)):
+        folder = Path(folder)
+        fs, path = _fs(uri)
+        if fs.exists(f"{path}/{MANIFEST}"):
+            fs.rm_file(f"{path}/{MANIFEST}")  # from here on the old artifact is incomplete
+        old = set(_objects(fs, path))
+        new = sorted(artifacts.digest_files(folder))
+        for i, rel in enumerate(new):
+            fs.put_file(str(folder / rel), f"{path}/{rel}")
+            if i == 0:
+                pause_point("upload")  # tests only: an upload cut short (stages/timing.py)
+        stale = sorted(old - set(new) - {MANIFEST})
+        if stale:
+            fs.rm([f"{path}/{rel}" for rel in stale])
+        fs.put_file(str(folder / MANIFEST), f"{path}/{MANIFEST}")
 
 
 @contextmanager
@@ -219,9 +248,10 @@ def output(uri: str):
     tmp = Path(tempfile.mkdtemp(prefix=".out-", dir=store))
     try:
         yield tmp
-        publish(tmp, uri)
-        fs, path = _fs(uri)
-        _install(tmp, artifacts.read_manifest(tmp)["digest"], uri, _objects(fs, path))
+        with _reaching(str(uri)):
+            publish(tmp, uri)
+            fs, path = _fs(uri)
+            _install(tmp, artifacts.read_manifest(tmp)["digest"], uri, _objects(fs, path))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -231,6 +261,7 @@ def remove(uri: str) -> None:
     if not is_remote(uri):
         shutil.rmtree(uri, ignore_errors=True)
         return
-    fs, path = _fs(uri)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
+    with _reaching(uri):
+        fs, path = _fs(uri)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import pytest
 
@@ -59,8 +60,8 @@ def test_verify_and_lineage_on_a_broken_manifest(here, capsys):
     assert one_line(capsys) == "params/nonexistent.yaml: <file>: no such recipe file"
 
 
-def test_an_unexpected_error_is_one_line(here, capsys, monkeypatch):
-    # no S3 credentials: botocore's error, as one line (FASTGEN_TRACEBACK=1 would raise it)
+def test_an_object_store_without_credentials_is_one_line_naming_it(here, capsys, monkeypatch):
+    # no S3 credentials: one line naming the artifact and what to set, nothing left in the cache
     import s3fs
 
     for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE", "AWS_ENDPOINT_URL"):
@@ -70,14 +71,34 @@ def test_an_unexpected_error_is_one_line(here, capsys, monkeypatch):
     monkeypatch.setenv("AWS_CONFIG_FILE", str(here / "none"))
     s3fs.S3FileSystem.clear_instance_cache()  # one made with the S3 test server's keys would answer
     try:
-        assert cli.main(["run", "toy_cd", "-S", "storage.root=s3://nobucket/x"]) == 1
+        assert cli.main(["run", "toy_cd", "-S", "storage.root=s3://nobucket/x"]) == 2
         line = one_line(capsys)
-        assert line.startswith("fastgen run: NoCredentialsError") and "FASTGEN_TRACEBACK=1" in line, line
-        monkeypatch.setenv("FASTGEN_TRACEBACK", "1")
-        with pytest.raises(Exception, match="credentials"):
-            cli.main(["run", "toy_cd", "-S", "storage.root=s3://nobucket/x"])
+        assert line.startswith("error: s3://nobucket/x/toy_cd/teacher: no AWS credentials found"), line
+        assert "AWS_ACCESS_KEY_ID" in line
+        # the stage command of `dvc repro` says the same
+        (here / "r.yaml").write_text((Path(cli.__file__).parents[1] / "params/toy_cd.yaml").read_text()
+                                     + "\nstorage:\n  root: s3://nobucket/x\n")
+        assert cli.main(["stage", "r.yaml", "teacher"]) == 2
+        assert "s3://nobucket/x/toy_cd/teacher: no AWS credentials found" in one_line(capsys)
+        assert [p.name for p in (here / "cache").iterdir()] == [], "left in the cache"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()  # nor may this one answer later tests
+
+
+def test_an_unexpected_error_is_one_line(here, capsys, monkeypatch):
+    # an error the stages do not expect: its type and first line (FASTGEN_TRACEBACK=1 raises it)
+    from stages import runtime
+
+    def broken(recipe, stage, force=False):
+        raise RuntimeError("the first line\nand a second line")
+
+    monkeypatch.setattr(runtime, "run_stage", broken)
+    assert cli.main(["stage", "toy_cd", "teacher"]) == 1
+    line = one_line(capsys)
+    assert line == "fastgen stage: RuntimeError: the first line (FASTGEN_TRACEBACK=1 shows where)", line
+    monkeypatch.setenv("FASTGEN_TRACEBACK", "1")
+    with pytest.raises(RuntimeError, match="the first line"):
+        cli.main(["stage", "toy_cd", "teacher"])
 
 
 def test_sweep_settings_that_could_never_finish(here, capsys, monkeypatch):
