@@ -47,8 +47,8 @@ from prefect.states import Crashed, Failed
 
 from stages import reuse, storage, tracking
 from stages.recipe import RecipeError
-from stages.sweep import (HEARTBEAT_S, LOST_AFTER_S, load_with_overrides, sweep_id, trial_name, trial_overrides,
-                          trials, validate_trials)
+from stages.sweep import (HEARTBEAT_S, LOST_AFTER_S, MAX_TRIALS, check_size, load_with_overrides, sweep_id,
+                          trial_name, trial_overrides, trials, validate_trials)
 
 FINAL_BAD = ("FAILED", "CRASHED", "CANCELLED")
 LIVE = ("PENDING", "RUNNING")  # states a run whose process died keeps
@@ -123,11 +123,12 @@ def _submit(deployment: str, overrides: dict, key: str, env: dict):
 
 @flow(name="fastgen-sweep", flow_run_name="{recipe}-sweep")
 def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, Any] = {},  # noqa: B006 (read only)
-          max_parallel: int = 4, poll_s: float = 2.0, lost_after_s: float = LOST_AFTER_S) -> dict[str, dict]:
+          max_parallel: int = 4, poll_s: float = 2.0, lost_after_s: float = LOST_AFTER_S,
+          max_trials: int = MAX_TRIALS) -> dict[str, dict]:
     """Run `recipe` for every combination of `grid` (dotted key -> values) on the work pool, with
     `overrides` applied to every trial; returns trial -> {state, flow_run, overrides}. A trial run
     silent for `lost_after_s` seconds (more than the trials' heartbeat period) is lost: set
-    Crashed and submitted again."""
+    Crashed and submitted again. A grid of more than `max_trials` trials is refused."""
     log = get_run_logger()
     if max_parallel < 1:
         return Failed(message=f"max_parallel: {max_parallel}: at least 1 trial must be in flight")
@@ -135,6 +136,7 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
         return Failed(message=f"lost_after_s: {lost_after_s} s: must exceed the trials' heartbeat period "
                       f"({HEARTBEAT_S} s), or live trials would be taken as lost")
     try:
+        check_size(grid, max_trials)
         base = load_with_overrides(recipe, overrides or {})
         sid = sweep_id(base, grid)
         root = sweep_root(base, sid)
@@ -214,7 +216,8 @@ def sweep(recipe: RecipeName, grid: dict[str, list[Any]], overrides: dict[str, A
     return done
 
 
-def run_cli(recipe: str, grid: dict, max_parallel: int, lost_after_s: float = LOST_AFTER_S) -> int:
+def run_cli(recipe: str, grid: dict, max_parallel: int, lost_after_s: float = LOST_AFTER_S,
+            max_trials: int = MAX_TRIALS) -> int:
     """`fastgen sweep` once its arguments are checked (stages.sweep.cli_args): run the sweep flow
     here against $PREFECT_API_URL; print each trial's state; exit 1 if any did not complete."""
     from prefect import get_client
@@ -227,7 +230,8 @@ def run_cli(recipe: str, grid: dict, max_parallel: int, lost_after_s: float = LO
             print(f"fastgen sweep: no deployment fastgen/{recipe} on {os.environ.get('PREFECT_API_URL')}: "
                   "run `prefect deploy --all` from the project root (infra/README.md)", file=sys.stderr)
             return 2
-    state = sweep(recipe, grid, max_parallel=max_parallel, lost_after_s=lost_after_s, return_state=True)
+    state = sweep(recipe, grid, max_parallel=max_parallel, lost_after_s=lost_after_s, max_trials=max_trials,
+                  return_state=True)
     if not state.is_completed():
         print(f"error: {state.message}", file=sys.stderr)
         return 1

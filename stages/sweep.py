@@ -16,6 +16,7 @@ import copy
 import hashlib
 import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,20 @@ def load_with_overrides(recipe: str, overrides: dict[str, Any] | None = None) ->
     return r.at(path)
 
 
+MAX_TRIALS = 1000  # a larger grid is refused unless asked for (`--max-trials`, the flow's `max_trials`)
+
+
+def check_size(grid: dict[str, list], max_trials: int = MAX_TRIALS) -> int:
+    """The number of trials of `grid`; RecipeError (one line) above `max_trials`, so that a typo
+    such as `range(1,10000)` does not submit thousands of deployment runs."""
+    n = math.prod(len(v) for v in grid.values())
+    if n > max_trials:
+        sizes = " x ".join(f"{len(v)} ({k})" for k, v in grid.items())
+        raise RecipeError([f"fastgen sweep: the grid has {n} trials ({sizes}), more than the limit of {max_trials}: "
+                           "narrow it, or raise the limit (--max-trials; the sweep flow's max_trials)"])
+    return n
+
+
 def trials(grid: dict[str, list]) -> list[dict[str, Any]]:
     """The trials of a grid: every combination, the first key varying slowest."""
     keys = list(grid)
@@ -189,9 +204,9 @@ def validate_trials(recipe: str, grid: dict[str, list], extra: dict[str, Any] | 
     return out
 
 
-def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int, float] | int:
-    """`fastgen sweep RECIPE -S KEY=V1,V2 [-S ...] [--max-parallel N] [--lost-after S]`: (recipe,
-    grid, max parallel, lost after) with every trial validated, or an exit status (2) after printing
+def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int, float, int] | int:
+    """`fastgen sweep RECIPE -S KEY=V1,V2 [-S ...] [--max-parallel N] [--max-trials N] [--lost-after S]`:
+    (recipe, grid, max parallel, lost after, max trials) with every trial validated, or an exit status (2) after printing
     the problems — before Prefect is imported or contacted."""
     import argparse
     import os
@@ -203,6 +218,8 @@ def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int, float] | in
     ap.add_argument("-S", "--set", action="append", default=[], metavar="KEY=V1,V2",
                     help="a grid axis (the grammar of `dvc exp run -S`: a,b / range(1,4) / choice(a,b)); repeatable")
     ap.add_argument("--max-parallel", type=int, default=4, help="trials in flight at once (default 4)")
+    ap.add_argument("--max-trials", type=int, default=MAX_TRIALS,
+                    help=f"refuse a grid of more trials than this (default {MAX_TRIALS})")
     ap.add_argument("--lost-after", type=float, default=LOST_AFTER_S, metavar="SECONDS",
                     help=f"a trial run silent this long (no heartbeat or other event; trials send a heartbeat every "
                     f"{HEARTBEAT_S} s) is taken as lost with its worker: set Crashed and submitted again "
@@ -223,6 +240,7 @@ def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int, float] | in
         grid = parse_grid(a.set)
         if not grid:
             raise RecipeError(["fastgen sweep: no grid: give at least one -S KEY=V1,V2"])
+        check_size(grid, a.max_trials)
         validate_trials(a.recipe, grid)
     except RecipeError as e:
         print("\n".join(e.problems), file=sys.stderr)
@@ -231,4 +249,4 @@ def cli_args(argv: list[str] | None = None) -> tuple[str, dict, int, float] | in
         print("fastgen sweep: trials run as deployment runs on the work pool: set PREFECT_API_URL to the Prefect "
               "server that holds the deployments (infra/README.md)", file=sys.stderr)
         return 2
-    return a.recipe, grid, a.max_parallel, a.lost_after
+    return a.recipe, grid, a.max_parallel, a.lost_after, a.max_trials

@@ -87,10 +87,35 @@ def test_sweep_cli_needs_the_server_that_holds_the_deployments(monkeypatch, caps
     assert "PREFECT_API_URL" in capsys.readouterr().err
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")
     assert cli_args(["toy_cd", "-S", "stages.cd.method.N=6,8", "--max-parallel", "3"]) == \
-        ("toy_cd", {"stages.cd.method.N": [6, 8]}, 3, 90.0)
+        ("toy_cd", {"stages.cd.method.N": [6, 8]}, 3, 90.0, 1000)
     # a limit within the trials' heartbeat period would take live trials as lost
     assert cli_args(["toy_cd", "-S", "stages.cd.method.N=6,8", "--lost-after", "30"]) == 2
     assert "heartbeat" in capsys.readouterr().err
+
+
+def test_a_grid_over_the_trial_limit_is_refused_at_once(monkeypatch, capsys):
+    """A typo such as range(1,100000) is one line before any trial is validated or submitted,
+    from the CLI and from the sweep flow (the UI's path) alike; a raised limit lets it through."""
+    import time
+
+    from prefect.logging import disable_run_logger
+
+    from flows.sweep import sweep
+    from stages.sweep import cli_args
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:1/api")  # never contacted
+    t0 = time.perf_counter()
+    assert cli_args(["toy_cd", "-S", "stages.cd.method.N=range(1,100001)", "-S", "seed=1,2"]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line]
+    assert err == ["fastgen sweep: the grid has 200000 trials (100000 (stages.cd.method.N) x 2 (seed)), more than "
+                   "the limit of 1000: narrow it, or raise the limit (--max-trials; the sweep flow's max_trials)"], err
+    assert time.perf_counter() - t0 < 5  # validating 200 000 trials would take minutes
+    assert cli_args(["toy_cd", "-S", "seed=range(0,5)", "--max-trials", "4"]) == 2
+    assert "5 trials" in capsys.readouterr().err
+    assert cli_args(["toy_cd", "-S", "seed=range(0,5)", "--max-trials", "5"])[4] == 5
+    with disable_run_logger():  # the flow's body alone: it fails before Prefect's API is used
+        state = sweep.fn("toy_cd", {"seed": list(range(1001))})
+    assert state.is_failed() and "1001 trials" in state.message
 
 
 def test_identical_stage_of_another_trial_is_reused_not_rerun(tmp_path, monkeypatch, capfd):
