@@ -125,7 +125,8 @@ def _first_positional(args: list[str]) -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Dispatch; an unexpected error is one line (`FASTGEN_TRACEBACK=1` for Python's traceback)."""
+    """Dispatch; a stage's error (`StageError`) is one line and exit 2, an unexpected error one line
+    and exit 1 (`FASTGEN_TRACEBACK=1` for Python's traceback)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return _dispatch(argv)
@@ -135,6 +136,10 @@ def main(argv: list[str] | None = None) -> int:
         from .tracking import scrub
 
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        spec = sys.modules.get("stages.spec")  # imported if a stage's error was raised
+        if spec is not None and isinstance(e, spec.StageError):  # expected: said as it is
+            print(f"fastgen {argv[0]}: {scrub(first)}", file=sys.stderr)
+            return 2
         what = f"{type(e).__name__}: {scrub(first)}" if first else type(e).__name__
         print(f"fastgen {argv[0]}: {what} (FASTGEN_TRACEBACK=1 shows where)", file=sys.stderr)
         return 1

@@ -80,6 +80,9 @@ def test_an_object_store_without_credentials_is_one_line_naming_it(here, capsys,
                                      + "\nstorage:\n  root: s3://nobucket/x\n")
         assert cli.main(["stage", "r.yaml", "teacher"]) == 2
         assert "s3://nobucket/x/toy_cd/teacher: no AWS credentials found" in one_line(capsys)
+        for cmd in ("verify", "lineage"):  # read from the bucket alone
+            assert cli.main([cmd, "s3://nobucket/x/toy_cd/teacher"]) == 2
+            assert one_line(capsys).startswith(f"fastgen {cmd}: s3://nobucket/x/toy_cd/teacher: no AWS credentials")
         assert [p.name for p in (here / "cache").iterdir()] == [], "left in the cache"
     finally:
         s3fs.S3FileSystem.clear_instance_cache()  # nor may this one answer later tests
