@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 import torch
 from pydantic import Field, field_validator
+from tqdm.auto import tqdm
 
 from fastgen_core import metrics as M
 from fastgen_core.config import Strict, distinct, seeds_in_range
@@ -83,6 +84,11 @@ class EvalConfig(Strict):
                                    "(distinct: 1, 2 or odd, as Heun spends 2·steps − 1)")
     plots: bool = Field(True, description="write sample plots and quality-vs-NFE plot")
     guidance: list[GuidanceSpec] = Field([], description="guided samplers of EDM models, evaluated at teacher_nfe")
+    sample_batch: int | None = Field(None, gt=0, description=(
+        "samples per network call when generating (and in the coupling, inversion and straightness maps); null: "
+        "all n_samples of a seed at once. Set it for large networks on a GPU. A deterministic sampler gives the "
+        "same samples whatever the batch; a stochastic one draws its noise batch after batch, so the same "
+        "distribution but other samples"))
     pass_factor: float = Field(2.0, ge=0, description=(
         "a student passes (and is registered in the MLflow model registry) when its primary metric's "
         "distance above the real-data floor at 1 NFE is at most this times the teacher's at its largest NFE"))
@@ -200,13 +206,25 @@ def _guidance_problems(r, name: str, i: int, g: GuidanceSpec) -> list[Problem]:
 PRIMARY = {"toy": "swd", "image": "fd"}
 
 
-def _generate(model, n: int, nfe: int, seed: int, labels, device) -> torch.Tensor:
-    """n samples for one seed; a conditional model gets `labels[seed]` (`metrics.eval_labels`)."""
+def _batched(fn, batch: int | None, x: torch.Tensor, y: torch.Tensor | None, device, dim: int = 0,
+             desc: str = "") -> torch.Tensor:
+    """fn(x_chunk, y_chunk) on `device` over chunks of `batch` rows of x (and y), all at once when
+    `batch` is None; the float32 results on the CPU, joined along `dim` (1 for paths)."""
+    step = batch or len(x)
+    starts = range(0, len(x), step)
+    out = [fn(x[i:i + step].to(device), None if y is None else y[i:i + step].to(device)).float().cpu()
+           for i in tqdm(starts, desc=desc, unit="batch", mininterval=2.0, disable=len(starts) < 2)]
+    return torch.cat(out, dim=dim)
+
+
+def _generate(model, n: int, nfe: int, seed: int, labels, device, batch: int | None = None) -> torch.Tensor:
+    """n samples for one seed, `batch` at a time (EvalConfig.sample_batch); a conditional model
+    gets `labels[seed]` (`metrics.eval_labels`)."""
     g = torch.Generator().manual_seed(10_000 + seed)
     z = model.noise.draw(n, model.shape, g)  # standard normal, or a flow's source mixture
-    y = labels[seed].to(device) if model.num_classes > 0 else None
+    y = labels[seed] if model.num_classes > 0 else None
     torch.manual_seed(20_000 + seed)  # stochastic multistep samplers
-    return model.sample(z.to(device), nfe, y).float().cpu()
+    return _batched(lambda zb, yb: model.sample(zb, nfe, yb), batch, z, y, device, desc=f"sampling {nfe} NFE")
 
 
 class Guided:
@@ -280,17 +298,18 @@ def _own_pairs(model, sets: list[tuple[str | None, dict]]) -> dict:
 
 
 @torch.no_grad()
-def _coupling(model, pairs: dict, nfes: list[int], is_teacher: bool, device) -> dict:
+def _coupling(model, pairs: dict, nfes: list[int], is_teacher: bool, device, batch: int | None = None) -> dict:
     """How well a model keeps a deterministic coupling: E‖G(z) − x‖² between its sample from a
     pair's noise z and the pair's sample x (students at 1 NFE, the teacher at its largest NFE as
     `mse`; models with a deterministic multistep sampler at every NFE as `nfe_K`)."""
-    noise, target = pairs["noise"].to(device), pairs["sample"]
-    y = pairs["label"].to(device) if model.num_classes > 0 else None
+    noise, target = pairs["noise"], pairs["sample"]
+    y = pairs["label"] if model.num_classes > 0 else None
     mse: dict[int, float] = {}  # NFE -> E‖G(z) − x‖², each computed once
 
     def at(k: int) -> float:
         if k not in mse:
-            mse[k] = round(M.mean_sq_distance(model.sample(noise, k, y).float().cpu(), target), 6)
+            mse[k] = round(M.mean_sq_distance(_batched(lambda zb, yb: model.sample(zb, k, yb), batch, noise, y,
+                                                       device), target), 6)
         return mse[k]
 
     nfe = max(nfes) if is_teacher else 1
@@ -301,25 +320,28 @@ def _coupling(model, pairs: dict, nfes: list[int], is_teacher: bool, device) -> 
 
 
 @torch.no_grad()
-def _inversion(model, x: torch.Tensor, y, nfes: list[int], device) -> dict:
+def _inversion(model, x: torch.Tensor, y, nfes: list[int], device, batch: int | None = None) -> dict:
     """E‖G(G⁻¹(x)) − x‖² on data x with K steps each way (the method's `invert`)."""
-    x = x.to(device)
-    y = None if y is None or model.num_classes == 0 else y.to(device)
+    y = None if y is None or model.num_classes == 0 else y
     rec = getattr(model.method, "reconstruct", None)  # a method's own G(G⁻¹(x)) (CAF keeps its v̂)
 
     def back(k):
-        return rec(model, x, k, y) if rec else model.sample(model.method.invert(model, x, k, y), k, y)
-    return {f"nfe_{k}": round(M.mean_sq_distance(back(k).float().cpu(), x.cpu()), 6) for k in nfes}
+        def one(xb, yb):
+            return rec(model, xb, k, yb) if rec else model.sample(model.method.invert(model, xb, k, yb), k, yb)
+        return _batched(one, batch, x, y, device)
+    return {f"nfe_{k}": round(M.mean_sq_distance(back(k), x.cpu()), 6) for k in nfes}
 
 
 @torch.no_grad()
-def _straightness(model, labels, nfes: list[int], device) -> tuple[dict, dict[int, torch.Tensor]]:
+def _straightness(model, labels, nfes: list[int], device,
+                  batch: int | None = None) -> tuple[dict, dict[int, torch.Tensor]]:
     """Straightness of the K-step sampled paths from fixed noise (the method's `trajectory`), and
     the paths themselves."""
     n = N_MAP if labels is None else min(N_MAP, len(labels))
-    z = model.noise.draw(n, model.shape, torch.Generator().manual_seed(40_000)).to(device)
-    y = labels[:n].to(device) if model.num_classes > 0 else None
-    paths = {k: model.method.trajectory(model, z, k, y).float().cpu() for k in nfes if k >= 2}
+    z = model.noise.draw(n, model.shape, torch.Generator().manual_seed(40_000))
+    y = labels[:n] if model.num_classes > 0 else None
+    paths = {k: _batched(lambda zb, yb, k=k: model.method.trajectory(model, zb, k, yb), batch, z, y, device, dim=1)
+             for k in nfes if k >= 2}
     return {f"nfe_{k}": round(M.straightness(p), 6) for k, p in paths.items()}, paths
 
 
@@ -411,7 +433,7 @@ def run(ctx) -> None:
 
             def samples_fn(seed, nfe=nfe, cache=cache, model=model, gen_s=gen_s):
                 t_gen = time.perf_counter()
-                cache[seed] = _generate(model, n, nfe, seed, labels, device)
+                cache[seed] = _generate(model, n, nfe, seed, labels, device, cfg.sample_batch)
                 gen_s[0] += time.perf_counter() - t_gen
                 return cache[seed]
 
@@ -436,12 +458,13 @@ def run(ctx) -> None:
         if isinstance(model, Guided):
             continue
         if pair_sets:
-            results[row]["coupling"] = _coupling(model, _own_pairs(model, pair_sets), nfes, is_teacher, device)
+            results[row]["coupling"] = _coupling(model, _own_pairs(model, pair_sets), nfes, is_teacher, device,
+                                                 cfg.sample_batch)
         if not is_teacher and hasattr(model.method, "invert"):
-            results[row]["inversion"] = _inversion(model, x_map, y_map, nfes, device)
+            results[row]["inversion"] = _inversion(model, x_map, y_map, nfes, device, cfg.sample_batch)
         if not is_teacher and hasattr(model.method, "trajectory"):
             y_traj = labels[cfg.seeds[0]] if labels is not None else None
-            results[row]["straightness"], traj = _straightness(model, y_traj, nfes, device)
+            results[row]["straightness"], traj = _straightness(model, y_traj, nfes, device, cfg.sample_batch)
             if traj and not data.is_image and data.shape == (2,):
                 paths_2d[f"{row} ({max(traj)} steps)"] = traj[max(traj)].numpy()
         for part in ("coupling", "inversion", "straightness"):

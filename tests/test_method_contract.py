@@ -23,6 +23,7 @@ from fastgen_core.methods.common import col, condition, network_settings
 from fastgen_core.models import load_model, save_model
 from fastgen_core.noise import EDM, PROCESSES, EDMDenoiser
 from fastgen_core.samplers import edm_sample, teacher_sample
+from stages.evaluate import _generate
 
 torch.set_default_dtype(torch.float32)
 NET = NetworkConfig(arch="mlp", width=16, depth=1, emb_dim=8)
@@ -215,6 +216,18 @@ def test_train_save_load_sample(name, inputs, data, tmp_path):
         out[nfe] = model.sample(z, nfe, class_labels=y)
         assert out[nfe].shape == z.shape and torch.isfinite(out[nfe]).all(), nfe
     assert not torch.equal(out[1], out[2])                                  # the budget is used
+    # the evaluate stage's sample_batch: a deterministic sampler gives the same samples 7 at a time as
+    # in one batch of 32 (nothing couples the samples of a batch); a stochastic one the same shape
+    labels = {0: data.y[:32]}
+    for nfe in (1, 2):
+        whole = _generate(model, 32, nfe, 0, labels, "cpu")
+        torch.manual_seed(1)
+        deterministic = torch.equal(model.sample(z, nfe, class_labels=y),
+                                    (torch.manual_seed(2), model.sample(z, nfe, class_labels=y))[1])
+        chunked = _generate(model, 32, nfe, 0, labels, "cpu", batch=7)
+        assert chunked.shape == whole.shape and torch.isfinite(chunked).all(), nfe
+        if deterministic:
+            assert torch.allclose(chunked, whole, rtol=1e-4, atol=1e-5), (name, nfe, (chunked - whole).abs().max())
     if hasattr(mod, "consistency_fn"):                                      # boundary: f(x, σ_min) = x
         f, eps = mod.consistency_fn(model), model.noise.sigma_min
         x = 2 * torch.randn(64, *data.shape)
