@@ -165,6 +165,23 @@ def test_unknown_method_and_config_union():
         union.validate_python({"name": "cd", "no_such_setting": 1})
 
 
+def test_a_package_method_is_named_after_its_file(monkeypatch):
+    """A module of fastgen_core/methods/ whose Config names another method is one clear error
+    naming the file (it used to surface as "unknown method" while listing it as known)."""
+    import sys
+
+    from fastgen_core import methods
+
+    module = types.ModuleType("fastgen_core.methods.zz_misnamed")
+    module.Config, module.Method, module.sample = get_method("cd").Config, get_method("cd").Method, get_method("cd").sample
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    names = (*methods._package_methods(), "zz_misnamed")
+    monkeypatch.setattr(methods, "_package_methods", lambda: names)
+    with pytest.raises(TypeError, match=r"methods/zz_misnamed.py: its Config must declare "
+                                        r"name: Literal\['zz_misnamed'\] = 'zz_misnamed'.*not 'cd'"):
+        get_method("zz_misnamed")
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_module_declares_the_contract(name):
     mod = get_method(name)

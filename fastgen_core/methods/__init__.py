@@ -34,7 +34,12 @@ def get_method(name: str) -> ModuleType:
         return _registered[name]
     if name not in _package_methods():
         raise KeyError(f"unknown method {name!r} (known: {', '.join(available_methods())})")
-    return importlib.import_module(f"{__name__}.{name}")
+    module = importlib.import_module(f"{__name__}.{name}")
+    field = getattr(getattr(module, "Config", None), "model_fields", {}).get("name")
+    if field is None or field.default != name:  # the recipe's `method.name` is the file's name
+        raise TypeError(f"fastgen_core/methods/{name}.py: its Config must declare name: Literal[{name!r}] = {name!r} "
+                        f"(a method is named after its file), not {getattr(field, 'default', None)!r}")
+    return module
 
 
 def register_method(module: ModuleType) -> str:
