@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fastgen_core.config import DataConfig
 
@@ -359,6 +360,7 @@ def local_root(root: str) -> Path:
     (s3://...) are copied once into the cache, keyed by the URI and its file listing (names,
     sizes, ETags), so changed remote data gets a fresh copy."""
     import fsspec
+    from fsspec.callbacks import TqdmCallback
     from fsspec.implementations.local import LocalFileSystem
 
     fs, path = fsspec.core.url_to_fs(root)
@@ -376,7 +378,9 @@ def local_root(root: str) -> Path:
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".partial-"))
         try:
-            fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True)
+            bar = TqdmCallback(tqdm_kwargs={"desc": f"copying {root}", "unit": "file", "mininterval": 2.0,
+                                            "disable": len(listing) < 1000})
+            fs.get(path.rstrip("/") + "/", str(tmp) + "/", recursive=True, callback=bar)
             tmp.rename(dest)  # atomic: a half-copied tree is never mistaken for a complete one
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -400,17 +404,43 @@ def _pil_to_tensor(img, channels: int, resolution: int | None) -> torch.Tensor:
     return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
 
-def _to_float(images, labels, cfg: DataConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack (PIL image, label) pairs into float32 (N, C, H, W) in [-1, 1] and int64 labels.
-    cfg.channels None keeps the source's: 1 if the first image is greyscale, else 3."""
-    images = list(images)
-    if not images:
-        raise ValueError("no images found")
-    channels = cfg.channels or (1 if images[0].mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
+def _to_float(images, labels, cfg: DataConfig, where: str = "",
+              names: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL images (an iterable, one per label) into float32 (N, C, H, W) in [-1, 1], and int64
+    labels. Each image is converted as it is read and written into the preallocated result, so only
+    one decoded image is held at a time (ImageNet: 1.28M JPEGs); a progress bar from 5 000 images.
+    cfg.channels None keeps the source's: 1 if the first image is greyscale, else 3. `names` (the
+    files) name an image of another size in the error."""
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    it = iter(images)
+    first = next(it, None)
+    if first is None or len(y) == 0:
+        raise ValueError(f"no images found{where}")
+    channels = cfg.channels or (1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
-    x = torch.stack([_pil_to_tensor(img, channels, cfg.resolution) for img in images])
-    return x.float().div(127.5).sub(1), torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    t = _pil_to_tensor(first, channels, cfg.resolution)
+    del first  # from here on only the image being converted is held
+    x = torch.empty((len(y), *t.shape), dtype=torch.float32)
+    x[0] = t.float().div(127.5).sub(1)
+    n = 1
+    with tqdm(total=len(y), initial=1, desc=f"reading images{where}", unit="img", mininterval=2.0,
+              disable=len(y) < 5000) as bar:
+        for img in it:
+            if n >= len(y):
+                raise ValueError(f"more images than labels ({len(y)}){where}")
+            t = _pil_to_tensor(img, channels, cfg.resolution)
+            if t.shape != x.shape[1:]:
+                what = names[n] if names is not None else f"image {n}{where}"
+                first_name = names[0] if names is not None else "the first"
+                raise ValueError(f"{what} is {tuple(t.shape[1:])} pixels, {first_name} {tuple(x.shape[2:])}: "
+                                 "set data.resolution to resize them all")
+            x[n] = t.float().div(127.5).sub(1)
+            n += 1
+            bar.update()
+    if n != len(y):
+        raise ValueError(f"{n} images for {len(y)} labels{where}")
+    return x, y
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -553,7 +583,7 @@ def _load_images(cfg: DataConfig) -> Dataset:
     root = local_root(cfg.root)
     if cfg.name == "folder":
         paths, labels, classes = scan_folder(root)
-        x, y = _to_float((_open_image(p) for p in paths), labels, cfg)
+        x, y = _to_float((_open_image(p) for p in paths), labels, cfg, f" under {cfg.root}", paths)
         return _split_dataset(x, y, cfg, num_classes=len(classes))
     cls_name, needed = IMAGE_SOURCES[cfg.name]
     if not (root / needed).exists():
