@@ -57,7 +57,7 @@ def tensors_digest(*tensors) -> str:
             continue
         t = t.detach().cpu().contiguous()
         h.update(f"{tuple(t.shape)}{t.dtype}".encode())
-        h.update(t.numpy().tobytes())
+        h.update(t.numpy())  # the buffer itself (contiguous), not a bytes copy of it
     return h.hexdigest()
 
 

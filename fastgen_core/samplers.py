@@ -14,16 +14,18 @@ def per_sample(v: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
 
 def heun_step(D, x: torch.Tensor, s_cur, s_next, **cond) -> torch.Tensor:
     """One step of EDM's 2nd-order Heun solver of dx/dσ = (x − D(x, σ))/σ from s_cur to s_next
-    (floats or per-sample tensors); samples whose s_next is 0 take the Euler step."""
+    (floats or per-sample tensors); samples whose s_next is 0 take the Euler step. A float s_next
+    of 0 skips the second evaluation; per-sample tensors always make it (deciding from their values
+    would read the device and stall a GPU every step)."""
     sc, sn = per_sample(s_cur, x), per_sample(s_next, x)
     d = (x - D(x, sc, **cond)) / col(sc, x)
     x_e = x + col(sn - sc, x) * d
-    if bool((sn > 0).any()):
-        sn_safe = torch.where(sn > 0, sn, torch.ones_like(sn))
-        d2 = (x_e - D(x_e, sn_safe, **cond)) / col(sn_safe, x)
-        x_h = x + col(sn - sc, x) * (d + d2) / 2
-        return torch.where(col(sn > 0, x), x_h, x_e)
-    return x_e
+    if not torch.is_tensor(s_next) and s_next <= 0:
+        return x_e
+    sn_safe = torch.where(sn > 0, sn, torch.ones_like(sn))
+    d2 = (x_e - D(x_e, sn_safe, **cond)) / col(sn_safe, x)
+    x_h = x + col(sn - sc, x) * (d + d2) / 2
+    return torch.where(col(sn > 0, x), x_h, x_e)
 
 
 def euler_step(D, x: torch.Tensor, s_cur, s_next, **cond) -> torch.Tensor:

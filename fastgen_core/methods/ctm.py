@@ -113,12 +113,12 @@ class TrajectoryFn(nn.Module):
 
 def teacher_solve(D, x: torch.Tensor, sigmas: torch.Tensor, n_from: torch.Tensor, n_to: torch.Tensor,
                   max_steps: int, **cond) -> torch.Tensor:
-    """Heun steps along the grid from σ_{n_from} to σ_{n_to} per sample (n_to − n_from ≤ max_steps)."""
+    """Heun steps along the grid from σ_{n_from} to σ_{n_to} per sample (n_to − n_from ≤ max_steps);
+    always max_steps steps, samples past their n_to held (no early stop: deciding it would read the
+    device every step; the training loss calls it with n_to − n_from = max_steps)."""
     last = len(sigmas) - 2
     for k in range(max_steps):
         active = (n_from + k) < n_to
-        if not bool(active.any()):
-            break
         idx = (n_from + k).clamp(max=last)
         x = torch.where(col(active, x), heun_step(D, x, sigmas[idx], sigmas[idx + 1], **cond), x)
     return x

@@ -164,7 +164,7 @@ class DistributionMatching(_Base):
         sigma = self.levels[dm_levels(x.shape[0], self.cfg.grid, self.cfg.dm_range, x.device)]
         x_t = x.detach() + col(sigma, x) * torch.randn_like(x)
         g = dm_gradient(x.detach(), x_t, sigma, self.mu_real, self.mu_fake, **cond)
-        return dm_loss(x, g), {"dm_grad_norm": float(g.flatten(1).norm(dim=1).mean())}
+        return dm_loss(x, g), {"dm_grad_norm": g.flatten(1).norm(dim=1).mean()}
 
     def critic_term(self, x: torch.Tensor, **cond) -> torch.Tensor:
         """L_fake on stop-grad samples x, σ uniform over the full grid."""

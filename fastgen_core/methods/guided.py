@@ -111,7 +111,7 @@ def ddim_sample(D: Callable, process, z: torch.Tensor, N: int, **cond) -> torch.
     """N DDIM steps down the process grid (t_i = 1 − i/N for vp_cosine) from z_1 = β_1·z; the last
     step returns the x-prediction (N network evaluations)."""
     grid = process.grid(N).tolist()
-    x = col(process.alpha_beta(torch.tensor(grid[:1], dtype=z.dtype))[1], z) * z
+    x = col(process.alpha_beta(torch.tensor(grid[:1], dtype=z.dtype, device=z.device))[1], z) * z
     for i, (t, s) in enumerate(zip(grid[:-1], grid[1:])):
         x = ddim_step(D, process, x, t, s, last=i == N - 1, **cond)
     return x

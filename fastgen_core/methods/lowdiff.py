@@ -189,6 +189,7 @@ class Method(_Base):
             raise ValueError(f"method lowdiff needs images (C, H, W) or vectors (D,), got shape {data.shape}")
         side, self.resolutions = side_of(data.shape), pyramid(cfg, data.shape)[0]
         self.f = factors(self.resolutions, side)
+        self.w_levels = torch.tensor([level_label(r) for r in self.resolutions], device=ctx.device)
         if self.resolutions[-1] != side or any(data.shape[-1] % f for f in self.f):
             raise ValueError(f"method.resolutions: the last must be the sample's side {side} and every block side "
                              f"must divide the width {data.shape[-1]}, got {self.resolutions}")
@@ -198,14 +199,14 @@ class Method(_Base):
 
     def level_batch(self, x0: torch.Tensor, k: torch.Tensor):
         """Per sample at level k[i]: (x0^(k), c^(k), ε^(k), w = log₂ r_k)."""
-        f, res = self.f, self.resolutions
+        f = self.f
         eps = torch.randn_like(x0)
-        pick = lambda vals: torch.stack(vals)[k, torch.arange(len(k))]  # noqa: E731  (level k[i] of sample i)
+        pick = lambda vals: torch.stack(vals)[k, torch.arange(len(k), device=k.device)]  # noqa: E731  (level k[i] of sample i)
         proj = [project(x0, fk) for fk in f]  # x0 at every level, once
         x_k = pick(proj)
         c_k = pick([torch.zeros_like(x0)] + proj[:-1])
         e_k = pick([fk * project(eps, fk) for fk in f])
-        w = torch.tensor([level_label(r) for r in res], device=x0.device)[k]
+        w = self.w_levels[k]
         return x_k, c_k, e_k, w
 
     def loss(self, group, batch, step):
@@ -216,7 +217,7 @@ class Method(_Base):
         cond = condition(y)
         out = self.D(x_k + col(sigma, x0) * e_k, sigma, w=w, cond=c_k, **cond)
         # P_{f_k} per sample: the level's projection of the output
-        Dk = torch.stack([project(out, fk) for fk in self.f])[k, torch.arange(len(k))]
+        Dk = torch.stack([project(out, fk) for fk in self.f])[k, torch.arange(len(k), device=k.device)]
         per = ((Dk - x_k) ** 2).flatten(1).mean(1)
         return (self.ctx.noise.loss_weight(sigma) * per).mean(), {}
 
