@@ -404,43 +404,88 @@ def _pil_to_tensor(img, channels: int, resolution: int | None) -> torch.Tensor:
     return torch.from_numpy(a.copy()).permute(2, 0, 1)
 
 
-def _to_float(images, labels, cfg: DataConfig, where: str = "",
-              names: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """PIL images (an iterable, one per label) into float32 (N, C, H, W) in [-1, 1], and int64
-    labels. Each image is converted as it is read and written into the preallocated result, so only
-    one decoded image is held at a time (ImageNet: 1.28M JPEGs); a progress bar from 5 000 images.
+def _decode(images, n: int, cfg: DataConfig, where: str = "", names: list | None = None,
+            out: Path | None = None) -> np.ndarray:
+    """n PIL images (an iterable) into uint8 (n, C, H, W), each converted as it is read and written
+    into the preallocated result, so only one decoded image is held at a time (ImageNet: 1.28M
+    JPEGs); into a memory-mapped .npy file at `out` when given; a progress bar from 5 000 images.
     cfg.channels None keeps the source's: 1 if the first image is greyscale, else 3. `names` (the
     files) name an image of another size in the error."""
-    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     it = iter(images)
     first = next(it, None)
-    if first is None or len(y) == 0:
+    if first is None or n == 0:
         raise ValueError(f"no images found{where}")
     channels = cfg.channels or (1 if first.mode in ("1", "L", "LA", "I", "I;16", "F") else 3)
     if channels not in (1, 3):
         raise ValueError(f"channels must be 1 or 3, got {channels}")
     t = _pil_to_tensor(first, channels, cfg.resolution)
     del first  # from here on only the image being converted is held
-    x = torch.empty((len(y), *t.shape), dtype=torch.float32)
-    x[0] = t.float().div(127.5).sub(1)
-    n = 1
-    with tqdm(total=len(y), initial=1, desc=f"reading images{where}", unit="img", mininterval=2.0,
-              disable=len(y) < 5000) as bar:
+    shape = (n, *t.shape)
+    u = np.empty(shape, np.uint8) if out is None else np.lib.format.open_memmap(out, "w+", np.uint8, shape)
+    u[0] = t.numpy()
+    i = 1
+    with tqdm(total=n, initial=1, desc=f"reading images{where}", unit="img", mininterval=2.0,
+              disable=n < 5000) as bar:
         for img in it:
-            if n >= len(y):
-                raise ValueError(f"more images than labels ({len(y)}){where}")
+            if i >= n:
+                raise ValueError(f"more images than labels ({n}){where}")
             t = _pil_to_tensor(img, channels, cfg.resolution)
-            if t.shape != x.shape[1:]:
-                what = names[n] if names is not None else f"image {n}{where}"
+            if t.shape != u.shape[1:]:
+                what = names[i] if names is not None else f"image {i}{where}"
                 first_name = names[0] if names is not None else "the first"
-                raise ValueError(f"{what} is {tuple(t.shape[1:])} pixels, {first_name} {tuple(x.shape[2:])}: "
+                raise ValueError(f"{what} is {tuple(t.shape[1:])} pixels, {first_name} {tuple(u.shape[2:])}: "
                                  "set data.resolution to resize them all")
-            x[n] = t.float().div(127.5).sub(1)
-            n += 1
+            u[i] = t.numpy()
+            i += 1
             bar.update()
-    if n != len(y):
-        raise ValueError(f"{n} images for {len(y)} labels{where}")
-    return x, y
+    if i != n:
+        raise ValueError(f"{i} images for {n} labels{where}")
+    return u
+
+
+def _as_float(u: np.ndarray, chunk: int = 4096) -> torch.Tensor:
+    """uint8 images -> float32 in [-1, 1] (x/127.5 − 1), a chunk at a time (u may be memory-mapped)."""
+    x = torch.empty(u.shape, dtype=torch.float32)
+    for i in range(0, len(u), chunk):
+        x[i:i + chunk] = torch.from_numpy(np.ascontiguousarray(u[i:i + chunk])).float().div(127.5).sub(1)
+    return x
+
+
+def _to_float(images, labels, cfg: DataConfig, where: str = "",
+              names: list | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PIL images (an iterable, one per label) into float32 (N, C, H, W) in [-1, 1], and int64
+    labels (`_decode`, then `_as_float`)."""
+    y = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    return _as_float(_decode(images, len(y), cfg, where, names)), y
+
+
+DECODE_CACHE_MIN = 5000  # image folders of at least this many images are decoded once into the cache
+
+
+def _decoded_folder(paths: list[Path], cfg: DataConfig, where: str) -> np.ndarray:
+    """The folder's images (in the order of `paths`) as uint8 (N, C, H, W). From DECODE_CACHE_MIN
+    images, decoded once into `cache_root()/decoded/<key>.npy` and memory-mapped from then on (every
+    stage, and every training worker, loads the data: decoding ImageNet's JPEGs takes hours); the key
+    is the files' paths, sizes and modification times and the decoding settings, so a changed file or
+    setting decodes afresh."""
+    if len(paths) < DECODE_CACHE_MIN:
+        return _decode((_open_image(p) for p in paths), len(paths), cfg, where, paths)
+    listing = [(str(p), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
+    key = hashlib.sha256(repr(("decoded-v1", cfg.channels, cfg.resolution, listing)).encode()).hexdigest()[:16]
+    dest = cache_root() / "decoded" / f"{key}.npy"
+    if not dest.exists():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{key}-", suffix=".npy")
+        os.close(fd)
+        try:
+            u = _decode((_open_image(p) for p in paths), len(paths), cfg, where, paths, out=Path(tmp))
+            u.flush()
+            del u
+            os.replace(tmp, dest)  # atomic: a half-written array is never taken for a whole one
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return np.load(dest, mmap_mode="c")  # copy-on-write: the file is never changed
 
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -583,8 +628,12 @@ def _load_images(cfg: DataConfig) -> Dataset:
     root = local_root(cfg.root)
     if cfg.name == "folder":
         paths, labels, classes = scan_folder(root)
-        x, y = _to_float((_open_image(p) for p in paths), labels, cfg, f" under {cfg.root}", paths)
-        return _split_dataset(x, y, cfg, num_classes=len(classes))
+        # decoded in split order, train first: the two splits are views of one array, not copies of it
+        train, test = stratified_split(np.asarray(labels), cfg.test_fraction, cfg.split_seed)
+        order = np.concatenate([train, test])
+        x = _as_float(_decoded_folder([paths[i] for i in order], cfg, f" under {cfg.root}"))
+        y, n = torch.as_tensor(np.asarray(labels)[order], dtype=torch.int64), len(train)
+        return Dataset(x[:n], y[:n], x[n:], y[n:], len(classes) if cfg.conditional else 0, None)
     cls_name, needed = IMAGE_SOURCES[cfg.name]
     if not (root / needed).exists():
         raise FileNotFoundError(f"{cfg.name} files not found: expected {needed} under {cfg.root}")

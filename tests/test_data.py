@@ -1,5 +1,7 @@
 """Tests for fastgen_core.data: toy densities, digits, image folders (local and s3://)."""
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -267,3 +269,50 @@ def test_missing_paths_raise(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="empty"):
         load_data(DataConfig(kind="images", name="cifar10", root=str(tmp_path / "empty")))
+
+
+def test_a_large_image_folder_is_decoded_once_into_the_cache(tmp_path, monkeypatch):
+    """From DECODE_CACHE_MIN images (5 000; lowered to 1 here) a folder is decoded once into the
+    cache and memory-mapped by every later load (each stage and each training worker loads the data):
+    the splits equal the former whole decode followed by `_split_dataset`, and share one array instead
+    of copying it; a later load opens no image; a rewritten image decodes afresh; a folder that fails
+    to decode leaves nothing in the cache."""
+    from PIL import Image
+
+    import fastgen_core.data as D
+
+    monkeypatch.setenv("FASTGEN_CACHE_DIR", str(tmp_path / "cache"))
+    root, rng = tmp_path / "imgs", np.random.default_rng(0)
+    for c in ("a", "b", "c"):
+        (root / c).mkdir(parents=True)
+        for i in range(9):
+            Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    cfg = DataConfig(kind="images", name="folder", root=str(root), conditional=True, test_fraction=0.3)
+    paths, labels, _ = D.scan_folder(root)
+    x, y = D._to_float((D._open_image(p) for p in paths), labels, cfg)           # the former way
+    want = D._split_dataset(x, y, cfg, num_classes=3)
+
+    monkeypatch.setattr(D, "DECODE_CACHE_MIN", 1)
+    ds = D.load_data(cfg)
+    for a, b in [(ds.x, want.x), (ds.y, want.y), (ds.x_test, want.x_test), (ds.y_test, want.y_test)]:
+        assert torch.equal(a, b)
+    assert ds.x.untyped_storage().data_ptr() == ds.x_test.untyped_storage().data_ptr()  # views, no copy
+    cached = list((tmp_path / "cache" / "decoded").iterdir())
+    assert len(cached) == 1 and cached[0].suffix == ".npy"
+
+    opened = []
+    real_open = D._open_image
+    monkeypatch.setattr(D, "_open_image", lambda p: (opened.append(p), real_open(p))[1])
+    again = D.load_data(cfg)
+    assert opened == [] and torch.equal(again.x, ds.x) and torch.equal(again.x_test, ds.x_test)
+
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(root / "b" / "4.png")       # changed on disk
+    os.utime(root / "b" / "4.png", ns=(1, 1))
+    changed = D.load_data(cfg)
+    assert len(opened) == 27 and not torch.equal(torch.cat([changed.x, changed.x_test]), torch.cat([ds.x, ds.x_test]))
+
+    Image.new("RGB", (5, 7)).save(root / "c" / "9.png")                              # fails to decode
+    shutil.rmtree(tmp_path / "cache")
+    with pytest.raises(ValueError, match="9.png is \\(7, 5\\) pixels"):
+        D.load_data(cfg)
+    assert list((tmp_path / "cache" / "decoded").iterdir()) == []

@@ -164,8 +164,9 @@ class Method(_Base):
     def draw_k(self, device) -> int:
         """One teacher step count per iteration, k ~ p(k), the same on every rank (sony/ctm broadcasts
         rank 0's)."""
-        k = torch.multinomial(self.p_k, 1).to(device) + 1
+        k = torch.multinomial(self.p_k, 1) + 1  # on the CPU: one process reads it without waiting on a GPU
         if dist.is_available() and dist.is_initialized():
+            k = k.to(device)
             dist.broadcast(k, src=0)
         return int(k)
 
