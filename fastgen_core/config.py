@@ -181,8 +181,12 @@ class TrainConfig(Strict):
         "optimiser state and EMA stay fp32; derivatives by jvp/fd stay fp32); fp32: full precision")
     compile: bool = Field(False, description="compile the trained networks with torch.compile (in place; "
                           "state dicts unchanged; the first steps pay the compilation)")
+    batch_gpu: int | None = Field(
+        None, gt=0, description="most samples a worker passes through the networks at once: each worker's share "
+        "of batch_size is split into chunks of this size whose gradients are accumulated before the optimiser "
+        "step (EDM's batch_gpu; the gradient of the whole share, less memory); None: the whole share at once")
 
-    omit_at_default = {"precision": "fp32", "compile": False, "lr_schedule": "constant"}  # (Strict)
+    omit_at_default = {"precision": "fp32", "compile": False, "lr_schedule": "constant", "batch_gpu": None}  # (Strict)
 
     @field_validator("betas")
     @classmethod

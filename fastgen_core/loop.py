@@ -3,7 +3,8 @@
 
 Per iteration: draw a minibatch from `method.tensors()`; for each optimiser group due this step
 (`Group.due`: `step % every == 0`, less the steps its `skip_every` skips) zero its gradients,
-compute `method.loss(group)`, backpropagate, average gradients over workers, clip and step (at
+compute `method.loss(group)`, backpropagate (`batch_gpu` rows at a time when set, the gradients
+accumulated), average gradients over workers, clip and step (at
 lr · `lr_multiplier`: linear warmup, then constant or, `lr_schedule: linear_decay`, down to 0); then
 update the evaluation EMA and call `method.after_step`. Checkpoints (`last.pt`, tensors only, loaded with `weights_only=True`) are
 written atomically every `ckpt_every` steps and training resumes from them exactly: they hold every
@@ -375,9 +376,7 @@ def _step(step: int, method: Method, cfg, st: _State, groups: list, watch: _Watc
         for pg in opt.param_groups:
             pg["lr"] = cfg.lr * g.lr_scale * mult
         opt.zero_grad(set_to_none=True)
-        with autocast:
-            loss, logs = method.loss(g.name, batch, step)
-        loss.backward()  # a non-finite loss too: the steps after it are discarded at the next check
+        loss, logs = _accumulate(method, g.name, batch, step, cfg.batch_gpu, autocast)
         _allreduce_grads(g.params, world)
         if cfg.grad_clip:
             torch.nn.utils.clip_grad_norm_(g.params, cfg.grad_clip)
@@ -388,6 +387,30 @@ def _step(step: int, method: Method, cfg, st: _State, groups: list, watch: _Watc
     if step + 1 in cfg.snapshots:
         st.taken[step + 1] = _state(st.snap_ema)
     method.after_step(step)
+
+
+def _accumulate(method: Method, group: str, batch: dict, step: int, chunk: int | None, autocast):
+    """Backpropagate `group`'s loss over `batch`, `chunk` rows at a time (`TrainConfig.batch_gpu`):
+    each chunk's loss weighted by its share of the rows, so the accumulated gradient is that of the
+    batch's mean loss; returns the loss and logs, weighted the same way (still on the device). A
+    non-finite loss is backpropagated too: the steps after it are discarded at the next check."""
+    n = next(iter(batch.values())).shape[0]
+    if chunk is None or chunk >= n:
+        with autocast:
+            loss, logs = method.loss(group, batch, step)
+        loss.backward()
+        return loss, logs
+    total, logs = 0.0, {}
+    for i in range(0, n, chunk):
+        part = {k: v[i:i + chunk] for k, v in batch.items()}
+        w = next(iter(part.values())).shape[0] / n
+        with autocast:
+            loss, part_logs = method.loss(group, part, step)
+        (loss * w).backward()
+        total = total + loss.detach() * w
+        for k, v in part_logs.items():
+            logs[k] = logs.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else v) * w
+    return total, logs
 
 
 def ema_decay_for_halflife(halflife_steps: float) -> float:

@@ -6,6 +6,7 @@ by its own step; the checkpoint's random states always carry
 `cuda` (empty without CUDA); and the Ray Train settings of a GPU job (NCCL, one GPU per worker)."""
 from __future__ import annotations
 
+import math
 import sys
 
 import pytest
@@ -162,3 +163,36 @@ def test_ray_train_settings_of_a_gpu_job():
     assert gpu["scaling_config"].num_workers == 2
     assert gpu["scaling_config"].resources_per_worker == {"CPU": 3, "GPU": 1}
     assert cpu["scaling_config"].resources_per_worker == {"CPU": 3}
+
+
+class FixedNoise(edm.Method):
+    """EDM's denoising loss at one noise level with noise fixed per sample (a deterministic
+    function of the batch), so the whole batch and its chunks have one true gradient to compare."""
+
+    def loss(self, group, batch, step):
+        x = batch["x"]
+        noise = torch.sin(1000 * x[:, :1] + x[:, 1:] + torch.arange(2.0)) * 0.8  # per sample, no draw
+        per = ((self.D(x + noise, torch.full((len(x),), 0.3)) - x) ** 2).sum(1)
+        return per.mean(), {"first_coord": x[:, 0].mean()}
+
+
+@pytest.mark.parametrize("chunk", [5, 8])
+def test_batch_gpu_accumulates_the_gradient_of_the_whole_batch(chunk):
+    """`train.batch_gpu`: a worker's batch of 16 passed 5 (5, 5, 5, 1) or 8 rows at a time gives the
+    parameters and logged values of the whole batch at once (EDM's batch_gpu): each chunk's loss is
+    weighted by its share of the rows, so the accumulated gradient is the mean loss's."""
+    data = load_data(DataConfig(kind="toy", name="8gaussians", n_train=500, n_test=100))
+    out, logs = {}, {}
+    for bg in (None, chunk):
+        torch.manual_seed(0)
+        m = FixedNoise(edm.Config(), Context(data, EDM(), NetworkConfig(arch="mlp", width=32, depth=1, emb_dim=16),
+                                             device=torch.device("cpu")))
+        seen = []
+        loop.train(m, TrainConfig(steps=6, batch_size=16, lr=1e-2, ema_decay=0.5, log_every=3, batch_gpu=bg),
+                   None, callback=lambda s, lg: seen.append(lg), progress=False)
+        out[bg], logs[bg] = torch.cat([p.detach().reshape(-1) for p in m.nets.parameters()]), seen
+    assert torch.allclose(out[chunk], out[None], rtol=1e-4, atol=1e-6), (out[chunk] - out[None]).abs().max()
+    assert len(logs[None]) == len(logs[chunk]) == 2
+    for a, b in zip(logs[None], logs[chunk]):                      # the whole batch's means, not a chunk's
+        for k in ("net/loss", "net/first_coord"):
+            assert math.isclose(a[k], b[k], rel_tol=1e-5), (k, a[k], b[k])
