@@ -72,7 +72,7 @@ def run(ctx) -> None:
     teacher = load_model(ctx.input("teacher").path, ctx.device)
     data = cached_data(recipe.data)
     gen = torch.Generator().manual_seed(recipe.seed + 1)
-    zs, xs, ys, nfes = [], [], [], []
+    pairs, nfes = {}, []  # filled in place: a list of batches then their concatenation would hold both
     for start in tqdm(range(0, cfg.n_pairs, cfg.batch_size), desc="ode_pairs", mininterval=2.0):
         n = min(cfg.batch_size, cfg.n_pairs - start)
         z = teacher.noise.draw(n, data.shape, gen)  # standard normal, or a flow's source mixture
@@ -81,8 +81,12 @@ def run(ctx) -> None:
             y = data.y[torch.randint(len(data.y), (n,), generator=gen)]
         with torch.no_grad():
             x, nfe = _solve(teacher, z.to(ctx.device), None if y is None else y.to(ctx.device), cfg)
-        zs.append(z), xs.append(x.cpu()), ys.append(y if y is not None else torch.full((n,), -1)), nfes.append(nfe)
-    pairs = {"noise": torch.cat(zs).numpy(), "sample": torch.cat(xs).numpy(), "label": torch.cat(ys).numpy()}
+        got = {"noise": z, "sample": x.cpu(), "label": y if y is not None else torch.full((n,), -1)}
+        for k, v in got.items():
+            if k not in pairs:
+                pairs[k] = np.empty((cfg.n_pairs, *v.shape[1:]), dtype=v.numpy().dtype)
+            pairs[k][start:start + n] = v.numpy()
+        nfes.append(nfe)
     np.savez(ctx.out / "pairs.npz", **pairs)
     numbers = {"n_pairs": cfg.n_pairs, "teacher_nfe": nfes[0] if len(set(nfes)) == 1 else float(np.mean(nfes))}
     ctx.tracker.log_metrics(0, numbers)
