@@ -447,7 +447,8 @@ def _as_float(u: np.ndarray, chunk: int = 4096) -> torch.Tensor:
     """uint8 images -> float32 in [-1, 1] (x/127.5 − 1), a chunk at a time (u may be memory-mapped)."""
     x = torch.empty(u.shape, dtype=torch.float32)
     for i in range(0, len(u), chunk):
-        x[i:i + chunk] = torch.from_numpy(np.ascontiguousarray(u[i:i + chunk])).float().div(127.5).sub(1)
+        part = x[i:i + chunk]
+        part.copy_(torch.from_numpy(np.ascontiguousarray(u[i:i + chunk]))).div_(127.5).sub_(1)  # in place
     return x
 
 
