@@ -286,8 +286,8 @@ def _fit(config: dict, t_fit: float, in_ray: bool, timings: dict) -> None:
         import ray.train.torch
 
         device = ray.train.torch.get_device()
-        # the worker's own GPU as the current device: NCCL's object collectives (all_gather_object)
-        # use the current device, and every worker would otherwise use cuda:0
+        # the worker's own GPU as the current device, which NCCL's object collectives (all_gather_object)
+        # use; Ray Train's TorchConfig sets it around this function too: said here, not relied on
         torch.cuda.set_device(device)
     torch.manual_seed(recipe.seed)  # network initialisation: the same in every run and on every worker
     method = build_method(recipe, stage, config["input_dirs"], device)
