@@ -469,8 +469,9 @@ def _decoded_folder(paths: list[Path], cfg: DataConfig, where: str) -> np.ndarra
     stage, and every training worker, loads the data: decoding ImageNet's JPEGs takes hours); the key
     is the files' paths, sizes and modification times and the decoding settings, so a changed file or
     setting decodes afresh."""
+    images = (_open_image(p) for p in paths)  # opened one at a time, as _decode reads them
     if len(paths) < DECODE_CACHE_MIN:
-        return _decode((_open_image(p) for p in paths), len(paths), cfg, where, paths)
+        return _decode(images, len(paths), cfg, where, paths)
     listing = [(str(p), st.st_size, st.st_mtime_ns) for p in paths for st in [os.stat(p)]]
     key = hashlib.sha256(repr(("decoded-v1", cfg.channels, cfg.resolution, listing)).encode()).hexdigest()[:16]
     dest = cache_root() / "decoded" / f"{key}.npy"
@@ -479,7 +480,7 @@ def _decoded_folder(paths: list[Path], cfg: DataConfig, where: str) -> np.ndarra
         fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{key}-", suffix=".npy")
         os.close(fd)
         try:
-            u = _decode((_open_image(p) for p in paths), len(paths), cfg, where, paths, out=Path(tmp))
+            u = _decode(images, len(paths), cfg, where, paths, out=Path(tmp))
             u.flush()
             del u
             os.replace(tmp, dest)  # atomic: a half-written array is never taken for a whole one
@@ -629,11 +630,12 @@ def _load_images(cfg: DataConfig) -> Dataset:
     root = local_root(cfg.root)
     if cfg.name == "folder":
         paths, labels, classes = scan_folder(root)
+        labels = np.asarray(labels, dtype=np.int64)
         # decoded in split order, train first: the two splits are views of one array, not copies of it
-        train, test = stratified_split(np.asarray(labels), cfg.test_fraction, cfg.split_seed)
+        train, test = stratified_split(labels, cfg.test_fraction, cfg.split_seed)
         order = np.concatenate([train, test])
         x = _as_float(_decoded_folder([paths[i] for i in order], cfg, f" under {cfg.root}"))
-        y, n = torch.as_tensor(np.asarray(labels)[order], dtype=torch.int64), len(train)
+        y, n = torch.from_numpy(labels[order]), len(train)
         return Dataset(x[:n], y[:n], x[n:], y[n:], len(classes) if cfg.conditional else 0, None)
     cls_name, needed = IMAGE_SOURCES[cfg.name]
     if not (root / needed).exists():

@@ -248,8 +248,8 @@ def output(uri: str):
     tmp = Path(tempfile.mkdtemp(prefix=".out-", dir=store))
     try:
         yield tmp
+        publish(tmp, uri)
         with _reaching(str(uri)):
-            publish(tmp, uri)
             fs, path = _fs(uri)
             _install(tmp, artifacts.read_manifest(tmp)["digest"], uri, _objects(fs, path))
     finally:

@@ -257,8 +257,8 @@ def _dist_check(method) -> dict[str, float]:
     import torch.distributed as dist
 
     world = dist.get_world_size()
-    flat = torch.cat([p.detach().reshape(-1) for p in method.nets.parameters()])
-    hi, lo = flat.clone(), flat.clone()  # the elementwise max and min over the workers: 2 copies, not `world`
+    hi = torch.cat([p.detach().reshape(-1) for p in method.nets.parameters()])  # a fresh copy already
+    lo = hi.clone()  # the elementwise max and min over the workers: 2 copies, not `world`
     dist.all_reduce(hi, op=dist.ReduceOp.MAX)
     dist.all_reduce(lo, op=dist.ReduceOp.MIN)
     pids: list = [None] * world
