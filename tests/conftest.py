@@ -183,6 +183,19 @@ def stagewise_run(tiny_recipe_session):
 
 
 @pytest.fixture(scope="session")
+def stage_forkserver(tmp_path_factory):
+    """A warm interpreter for `dvc repro`'s stage processes (tests/forkserver.py): the folder to put
+    first on PATH and the variables to add to the environment. Once per test process."""
+    import forkserver
+
+    folder = tmp_path_factory.mktemp("fs")
+    proc, env = forkserver.start(folder)
+    yield folder, env
+    proc.kill()
+    proc.wait()
+
+
+@pytest.fixture(scope="session")
 def prefect_harness():
     """Prefect's test harness (a throwaway API server and database), once per session."""
     from prefect.testing.utilities import prefect_test_harness
