@@ -35,7 +35,7 @@ TINY = {
 }
 
 
-def test_queued_experiments_carry_metrics_and_one_mlflow_run_each(tmp_path, mlflow_template):
+def test_queued_experiments_carry_metrics_and_one_mlflow_run_each(tmp_path, mlflow_template, stage_forkserver):
     from mlflow import MlflowClient
 
     d = tmp_path / "repo"
@@ -50,6 +50,9 @@ def test_queued_experiments_carry_metrics_and_one_mlflow_run_each(tmp_path, mlfl
            "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
     for k in ("FASTGEN_INVOCATION", "MLFLOW_TRACKING_URI"):
         env.pop(k, None)
+    # the stage commands in children of a warm interpreter (tests/forkserver.py): tests/test_dvc.py
+    # and tests/test_faults.py run them as plain processes
+    env.update(stage_forkserver[1], PATH=f"{stage_forkserver[0]}:{env['PATH']}")
 
     def sh(*cmd):
         r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
