@@ -45,7 +45,6 @@ def _run_stage(req: dict, fds: list[int]) -> None:
     """In the grandchild: become `python -m stages.run <args>` started in req's cwd with req's env."""
     import importlib
     import runpy
-    import tempfile
 
     for target, fd in enumerate(fds):
         os.dup2(fd, target)
@@ -86,6 +85,9 @@ def _handle(conn: socket.socket) -> None:
 
             traceback.print_exc()
         finally:
+            import atexit
+
+            atexit._run_exitfuncs()  # as an interpreter's exit would (stages.run's own exit runs them too)
             for f in (sys.stdout, sys.stderr):
                 try:
                     f.flush()
