@@ -184,13 +184,12 @@ def stagewise_run(tiny_recipe_session):
 
 @pytest.fixture(scope="session")
 def stage_forkserver(tmp_path_factory):
-    """A warm interpreter for `dvc repro`'s stage processes (tests/forkserver.py): the folder to put
-    first on PATH and the variables to add to the environment. Once per test process."""
+    """A warm interpreter for `dvc repro`'s stage processes (tests/forkserver.py), once per test
+    process: `route(env)` is `env` with the stage commands sent to it."""
     import forkserver
 
-    folder = tmp_path_factory.mktemp("fs")
-    proc, env = forkserver.start(folder)
-    yield folder, env
+    proc, route = forkserver.start(tmp_path_factory.mktemp("fs"))
+    yield route
     proc.kill()
     proc.wait()
 

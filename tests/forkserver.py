@@ -26,8 +26,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
-PRELOAD = ("torch", "torch._dynamo", "torch.optim", "numpy", "pydantic", "yaml", "tqdm", "safetensors.torch")
+PRELOAD = ("torch", "torch._dynamo", "numpy", "pydantic", "yaml", "tqdm", "safetensors.torch")
 ENV = "FASTGEN_TEST_FORKSERVER"
 
 
@@ -58,7 +59,7 @@ def _run_stage(req: dict, fds: list[int]) -> None:
     extra = [p for p in req["env"].get("PYTHONPATH", "").split(os.pathsep) if p]
     sys.path[:] = [req["cwd"], *extra, *BASE_PATH]
     importlib.invalidate_caches()
-    sys.argv = ["-m", *req["argv"][3:]]
+    sys.argv = ["-m", *req["args"]]  # runpy puts the module's path first, as `python -m` does
     runpy.run_module("stages.run", run_name="__main__", alter_sys=True)
 
 
@@ -76,10 +77,11 @@ def _handle(conn: socket.socket) -> None:
         try:
             _run_stage(req, fds)
             code = 0
-        except SystemExit as e:
-            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-            if not isinstance(e.code, int) and e.code is not None:
-                print(e.code, file=sys.stderr)
+        except SystemExit as e:  # as the interpreter reads it: None is 0, anything but an int is printed, 1
+            code = e.code or 0
+            if not isinstance(code, int):
+                print(code, file=sys.stderr)
+                code = 1
         except BaseException:  # noqa: BLE001 - a fresh interpreter prints the traceback and exits 1
             import traceback
 
@@ -139,7 +141,7 @@ def shim(args: list[str]) -> None:
         os.execv(REAL, [REAL, *args])
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(path)
-    msg = json.dumps({"argv": ["python", *args], "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    msg = json.dumps({"args": args[2:], "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     conn.sendall(struct.pack("!I", len(msg)))
     socket.send_fds(conn, [msg], [0, 1, 2])
     code = struct.unpack("!i", _recv_exactly(conn, 4))[0]
@@ -149,10 +151,11 @@ def shim(args: list[str]) -> None:
 REAL = sys.executable
 BASE_PATH = [p for p in sys.path[1:] if p]  # stdlib and site-packages, not this file's folder
 
-def start(folder: Path) -> tuple[subprocess.Popen, dict[str, str]]:
+
+def start(folder: Path) -> tuple[subprocess.Popen, Callable[[dict], dict]]:
     """Start a server in `folder` (its socket and the `python` shim live there); returns the process
-    and the variable naming its socket. A `dvc repro` with both that variable and `folder` first on
-    its PATH runs its stage commands in the server's children."""
+    and `route(env)`: `env` with the shim first on its PATH and the socket named, so that a
+    `dvc repro` run with it runs its stage commands in the server's children."""
     folder.mkdir(parents=True, exist_ok=True)
     sock = folder / "s"
     if len(str(sock)) > 100:  # AF_UNIX paths are limited to 108 bytes
@@ -167,7 +170,7 @@ def start(folder: Path) -> tuple[subprocess.Popen, dict[str, str]]:
     exe = folder / "python"
     exe.write_text(f'#!/bin/sh\nexec "{REAL}" -S "{Path(__file__).resolve()}" --shim "$@"\n')
     exe.chmod(0o755)
-    return proc, {ENV: str(sock)}
+    return proc, lambda env: {**env, ENV: str(sock), "PATH": f"{folder}:{env['PATH']}"}
 
 
 if __name__ == "__main__":

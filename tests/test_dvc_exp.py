@@ -52,7 +52,7 @@ def test_queued_experiments_carry_metrics_and_one_mlflow_run_each(tmp_path, mlfl
         env.pop(k, None)
     # the stage commands in children of a warm interpreter (tests/forkserver.py): tests/test_dvc.py
     # and tests/test_faults.py run them as plain processes
-    env.update(stage_forkserver[1], PATH=f"{stage_forkserver[0]}:{env['PATH']}")
+    env = stage_forkserver(env)
 
     def sh(*cmd):
         r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)

@@ -13,11 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_stage_command_through_the_forkserver_is_a_fresh_process(stage_forkserver, tmp_path):
-    folder, extra = stage_forkserver
     base = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     base.pop("FASTGEN_INVOCATION", None)
     plain = {**base, "PATH": f"{Path(sys.executable).parent}:{base['PATH']}"}
-    forked = {**plain, **extra, "PATH": f"{folder}:{plain['PATH']}"}
+    forked = stage_forkserver(plain)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nstages: {}\nnoise: {sigma_max: -1}\n")
     for cmd in (["python", "-m", "stages.run", str(bad), "teacher"],  # a recipe that fails validation
