@@ -28,17 +28,37 @@ PROJECT = Path(__file__).resolve().parent.parent
 # real servers (moto S3, `mlflow server`) as session fixtures: s3_server, mlflow_server
 pytest_plugins = ["servers"]
 
-# The modules with the longest tests (recipes through DVC, the sweep, DVC remotes, faults, Ray)
-# first: pytest-xdist hands tests out in collection order, so the long ones start early and the many
-# short ones fill the gaps at the end instead of one process finishing a long test alone. Order
-# within a module is kept.
-LONG_FIRST = ("test_recipes.py", "test_deploy.py", "test_dvc.py", "test_faults.py", "test_dvc_exp.py",
-              "test_s3_storage.py", "test_ray_train.py")
+# How pytest-xdist (`--dist loadgroup`) shares the tests between its two processes. It hands out
+# units of work: the tests of one `xdist_group` together, any other test alone. A module-scoped
+# fixture (a Prefect server with a worker, an MLflow server, a model trained once for a module's
+# checks) is made once in every process that runs one of its module's tests, so the tests of a module
+# without a group of their own go as one unit, named after the file: each such fixture is made once.
+# Units go out in collection order (xdist's reordering by test count is switched off), the longest
+# first (LONG_FIRST, from a measured run): the long ones start early and the many short ones fill the
+# gaps at the end, instead of one process finishing a long unit alone.
+LONG_FIRST = ("test_deploy.py", "ray", "recipe-digits_msd", "recipe-digits_crosspaper", "test_dvc.py",
+              "test_faults.py", "test_dvc_exp.py", "test_s3_storage.py", "recipe-digits_guided", "test_gan.py",
+              "recipe-imagenet64_msd", "recipe-toy_dmd", "recipe-digits_bits", "recipe-digits_consistency",
+              "recipe-toy_reflow", "recipe-toy_ayf", "recipe-toy_caf", "recipe-toy_cd")
 
 
+def _unit(item) -> str:
+    mark = item.get_closest_marker("xdist_group")
+    return str(mark.args[0]) if mark else item.path.name
+
+
+def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if not item.get_closest_marker("xdist_group"):
+            item.add_marker(pytest.mark.xdist_group(item.path.name))
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FIRST)))
+    items.sort(key=lambda item: rank.get(_unit(item), len(LONG_FIRST)))
 
 # Same stages as params/toy_cd.yaml: teacher -> pairs -> cd -> eval, scaled down.
 TINY = {
