@@ -42,11 +42,6 @@ LONG_FIRST = ("test_deploy.py", "ray", "recipe-digits_msd", "recipe-digits_cross
               "recipe-toy_reflow", "recipe-toy_ayf", "recipe-toy_caf", "recipe-toy_cd")
 
 
-def _unit(item) -> str:
-    mark = item.get_closest_marker("xdist_group")
-    return str(mark.args[0]) if mark else item.path.name
-
-
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
@@ -58,7 +53,7 @@ def pytest_collection_modifyitems(config, items):
         if not item.get_closest_marker("xdist_group"):
             item.add_marker(pytest.mark.xdist_group(item.path.name))
     rank = {name: i for i, name in enumerate(LONG_FIRST)}
-    items.sort(key=lambda item: rank.get(_unit(item), len(LONG_FIRST)))
+    items.sort(key=lambda item: rank.get(item.get_closest_marker("xdist_group").args[0], len(LONG_FIRST)))
 
 # Same stages as params/toy_cd.yaml: teacher -> pairs -> cd -> eval, scaled down.
 TINY = {
