@@ -228,10 +228,10 @@ def flow_run(recipe: Path, tmp_path_factory, mlflow_template) -> tuple:
     return _FLOW[recipe.stem]
 
 
-def dvc_repo(recipe: Path, tmp_path_factory, route=None) -> tuple:
+def dvc_repo(recipe: Path, tmp_path_factory, route) -> tuple:
     """The shrunk recipe in its own git + DVC repository, `dvc repro` once (tracking off: MLflow is
-    tested elsewhere and costs seconds per stage process). With `route` (the `stage_forkserver`
-    fixture), its stage commands run in a warm interpreter's children instead of fresh processes:
+    tested elsewhere and costs seconds per stage process). Through `route` (the `stage_forkserver`
+    fixture) its stage commands run in a warm interpreter's children instead of fresh processes:
     the same commands, 3× faster (tests/forkserver.py)."""
     if recipe.stem not in _DVC:
         d = tmp_path_factory.mktemp(f"dvc-{recipe.stem}")
@@ -243,8 +243,7 @@ def dvc_repo(recipe: Path, tmp_path_factory, route=None) -> tuple:
                "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
                "GIT_COMMITTER_EMAIL": "t@t", "DVC_NO_ANALYTICS": "1", "OMP_NUM_THREADS": "1"}
         env.pop("FASTGEN_INVOCATION", None)
-        if route:
-            env = route(env)
+        env = route(env)
 
         def sh(*cmd):
             r = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True)
