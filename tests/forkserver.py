@@ -13,7 +13,7 @@ goes to the real interpreter. This is a test harness, not part of fastgen: users
 plain processes.
 
 The preloaded objects are frozen (`gc.freeze()`) before the first fork, as the `gc` docs advise for a
-process that forks without exec: a child's collector then never walks the parent's millions of
+process that forks without exec: a child's collector then never walks the parent's
 library objects (~330 000 after these imports; a full collection of them takes ~0.2 s of CPU, and in a
 profile of `toy_dmd`'s repro each stage child ran one).
 
