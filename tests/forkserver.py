@@ -4,8 +4,9 @@ Each DVC stage is a fresh `python -m stages.run …` process, and on a 2-core CP
 imports: torch (3–4 s of CPU) and, at a training stage's first optimiser step, `torch._dynamo` (2 s
 more) — about half the suite's time went there (docs/results.md, "The test suite"). Here one server
 process imports those libraries once, and the `python` that `dvc repro` finds first on its PATH
-(`shim()`) hands each `-m stages.run` command to it: the server forks, the child takes the command's
-stdin/stdout/stderr, working directory, environment and arguments, and runs `stages.run` as
+(`shim()`) hands each `-m stages.run` command to it (and `-m stages.dvcgen`, which writes the test
+repository's `dvc.yaml`, also a torch import): the server forks, the child takes the command's
+stdin/stdout/stderr, working directory, environment and arguments, and runs the module as
 `__main__`, exactly as a fresh interpreter would from there on. Only third-party modules are
 preloaded: the project's own code (`fastgen_core`, `stages`) is imported in the child, from the
 repository the command runs in, so a test that edits it sees the edit. Any other `python` command
@@ -35,6 +36,7 @@ from typing import Callable
 
 PRELOAD = ("torch", "torch._dynamo", "numpy", "pydantic", "yaml", "tqdm", "safetensors.torch")
 ENV = "FASTGEN_TEST_FORKSERVER"
+ROUTED = ("stages.run", "stages.dvcgen")  # the `python -m` commands the server runs
 
 
 def _recv_exactly(conn: socket.socket, n: int) -> bytes:
@@ -47,8 +49,8 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes:
     return buf
 
 
-def _run_stage(req: dict, fds: list[int]) -> None:
-    """In the grandchild: become `python -m stages.run <args>` started in req's cwd with req's env."""
+def _run_module(req: dict, fds: list[int]) -> None:
+    """In the grandchild: become `python -m <module> <args>` started in req's cwd with req's env."""
     import importlib
     import runpy
 
@@ -65,7 +67,7 @@ def _run_stage(req: dict, fds: list[int]) -> None:
     sys.path[:] = [req["cwd"], *extra, *BASE_PATH]
     importlib.invalidate_caches()
     sys.argv = ["-m", *req["args"]]  # runpy puts the module's path first, as `python -m` does
-    runpy.run_module("stages.run", run_name="__main__", alter_sys=True)
+    runpy.run_module(req["module"], run_name="__main__", alter_sys=True)
 
 
 def _handle(conn: socket.socket) -> None:
@@ -80,7 +82,7 @@ def _handle(conn: socket.socket) -> None:
         conn.close()
         code = 1
         try:
-            _run_stage(req, fds)
+            _run_module(req, fds)
             code = 0
         except SystemExit as e:  # as the interpreter reads it: None is 0, anything but an int is printed, 1
             code = e.code or 0
@@ -143,13 +145,14 @@ def serve(path: str) -> None:
 
 
 def shim(args: list[str]) -> None:
-    """The `python` on the tests' PATH: `-m stages.run` to the server, anything else to the real one."""
+    """The `python` on the tests' PATH: `-m stages.run` and `-m stages.dvcgen` to the server, anything
+    else to the real one."""
     path = os.environ.get(ENV)
-    if not (path and args[:2] == ["-m", "stages.run"]):
+    if not (path and len(args) >= 2 and args[0] == "-m" and args[1] in ROUTED):
         os.execv(REAL, [REAL, *args])
     conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     conn.connect(path)
-    msg = json.dumps({"args": args[2:], "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
+    msg = json.dumps({"module": args[1], "args": args[2:], "cwd": os.getcwd(), "env": dict(os.environ)}).encode()
     conn.sendall(struct.pack("!I", len(msg)))
     socket.send_fds(conn, [msg], [0, 1, 2])
     code = struct.unpack("!i", _recv_exactly(conn, 4))[0]

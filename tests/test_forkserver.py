@@ -1,6 +1,6 @@
 """The tests' warm interpreter for `dvc repro`'s stage commands (tests/forkserver.py) behaves as a
-fresh `python -m stages.run`: same output streams, same exit status, the project's code read from
-the command's own PYTHONPATH; any other `python` command goes to the real interpreter. (That its
+fresh `python -m stages.run` (or `-m stages.dvcgen`): same output streams, same exit status, the
+project's code read from the command's own PYTHONPATH; any other `python` command goes to the real interpreter. (That its
 stages' outputs equal the flow's, bit for bit, is tests/test_recipes.py's DVC check.)"""
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ def test_a_stage_command_through_the_forkserver_is_a_fresh_process(stage_forkser
     bad.write_text("name: bad\nstages: {}\nnoise: {sigma_max: -1}\n")
     for cmd in (["python", "-m", "stages.run", str(bad), "teacher"],  # a recipe that fails validation
                 ["python", "-m", "stages.run", str(ROOT / "params/toy_cd.yaml"), "nope"],  # no such stage
+                ["python", "-m", "stages.dvcgen", "--no-such-option"],  # dvc.yaml's generator: a usage error
                 ["python", "-c", "import sys; print(sys.argv); sys.exit(3)", "x"]):  # not a stage: the real one
         want = subprocess.run(cmd, env=plain, cwd=tmp_path, capture_output=True, text=True)
         got = subprocess.run(cmd, env=forked, cwd=tmp_path, capture_output=True, text=True)

@@ -250,7 +250,7 @@ def dvc_repo(recipe: Path, tmp_path_factory, route) -> tuple:
             assert r.returncode == 0, f"{' '.join(cmd)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
             return r.stdout + r.stderr
 
-        sh(sys.executable, "-m", "stages.dvcgen")
+        sh("python", "-m", "stages.dvcgen")  # `python` on env's PATH: through the warm interpreter too
         sh("git", "init", "-q")
         sh("dvc", "init", "-q")
         sh("git", "add", "-A")
