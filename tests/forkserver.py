@@ -145,8 +145,7 @@ def serve(path: str) -> None:
 
 
 def shim(args: list[str]) -> None:
-    """The `python` on the tests' PATH: `-m stages.run` and `-m stages.dvcgen` to the server, anything
-    else to the real one."""
+    """The `python` on the tests' PATH: `-m <one of ROUTED>` to the server, anything else to the real one."""
     path = os.environ.get(ENV)
     if not (path and len(args) >= 2 and args[0] == "-m" and args[1] in ROUTED):
         os.execv(REAL, [REAL, *args])

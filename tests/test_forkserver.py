@@ -1,7 +1,8 @@
 """The tests' warm interpreter for `dvc repro`'s stage commands (tests/forkserver.py) behaves as a
 fresh `python -m stages.run` (or `-m stages.dvcgen`): same output streams, same exit status, the
-project's code read from the command's own PYTHONPATH; any other `python` command goes to the real interpreter. (That its
-stages' outputs equal the flow's, bit for bit, is tests/test_recipes.py's DVC check.)"""
+project's code read from the command's own PYTHONPATH; any other `python` command goes to the real
+interpreter. (That its stages' outputs equal the flow's, bit for bit, is tests/test_recipes.py's DVC
+check.)"""
 from __future__ import annotations
 
 import os
