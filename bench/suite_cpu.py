@@ -55,39 +55,42 @@ def machine_busy() -> tuple[float, float]:
     return sum(ticks[:3]) / HZ, sum(ticks) / HZ
 
 
+def read_stat(pid: str) -> tuple[tuple[int, int], float] | None:
+    """((pid, start time), CPU seconds: utime + stime) of one process, or None if it has ended. The
+    start time tells a reused pid from the process that had it before."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        fields = stat[stat.rfind(")") + 2:].split()  # fields 3… of proc(5): state is fields[0]
+        return (int(pid), int(fields[19])), (int(fields[11]) + int(fields[12])) / HZ
+    except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+        return None  # ended between the listing and the read
+
+
+def pids() -> list[str]:
+    return [p for p in os.listdir("/proc") if p.isdigit()]
+
+
 def sample(seen: dict, before: set, now: float) -> None:
     """Read every process once: seen[(pid, start)] = [cpu_s, cmdline, first_seen, last_seen]."""
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
+    for pid in pids():
+        if (st := read_stat(pid)) is None or st[0] in before:
+            continue
+        key, cpu = st
+        if key in seen:
+            seen[key][0], seen[key][3] = cpu, now
             continue
         try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            fields = stat[stat.rfind(")") + 2:].split()  # fields 3… of proc(5): state is fields[0]
-            key = (int(pid), int(fields[19]))            # pid and start time: a reused pid is a new process
-            if key in before:
-                continue
-            cpu = (int(fields[11]) + int(fields[12])) / HZ  # utime + stime
-            if key not in seen:
-                with open(f"/proc/{pid}/cmdline", "rb") as f:
-                    cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
-                seen[key] = [cpu, cmd, now, now]
-            else:
-                seen[key][0], seen[key][3] = cpu, now
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            pass  # ended between the listing and the read
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmd = f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        seen[key] = [cpu, cmd, now, now]
 
 
 def existing() -> set:
-    keys = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                stat = f.read()
-            keys.add((int(pid), int(stat[stat.rfind(")") + 2:].split()[19])))
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            pass
-    return keys
+    """The processes alive now (left out of the count)."""
+    return {st[0] for pid in pids() if (st := read_stat(pid)) is not None}
 
 
 def cpu_model() -> str:
