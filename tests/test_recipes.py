@@ -12,6 +12,10 @@ Paper-scale recipes (params/cifar10_*.yaml, params/imagenet64_*.yaml: GPU-sized,
 run shrunk through the Prefect flow only (the same stage code `dvc repro` runs; the flow/dvc
 identity is checked on the small recipes) and validate at full size. Shrinking also cuts a
 progressive group's rounds to those other stages name (cifar10_guided's 1024 -> 1 to 16 -> 1),
+trains in fp32 what a recipe trains under bf16 autocast except in `imagenet64_dmd2` (BF16_KEPT: this
+CPU has no native bf16 convolution, so autocast made shrunk `imagenet64_msd` 3.4x slower; the kept
+recipe runs DMD2's losses and GAN head under bf16 through the flow, tests/test_gpu_path.py the loop's
+bf16 path itself),
 explicit class groups of a students group to two students on the test data's classes
 (imagenet64_msd), scales LowDiff's cascade of resolutions with the image side (cifar10_lowdiff's
 8, 16, 32 -> 4, 8, 16), and, for these recipes, the evaluation's deterministic-map metrics to 64 paths
@@ -78,22 +82,28 @@ def _shrink_network(n: dict, sides: tuple[int, int] | None) -> None:
             n["attn_resolutions"] = kept
 
 
-def _shrink_settings(node: dict, sides: tuple[int, int] | None = None) -> None:
+BF16_KEPT = "imagenet64_dmd2"  # the one recipe whose shrunk stages keep `train.precision: bf16`
+
+
+def _shrink_settings(node: dict, sides: tuple[int, int] | None = None, bf16: bool = False) -> None:
     """Training and pair-solving settings and networks anywhere in a stage's settings: a group kind
-    (rounds, students) nests them (e.g. a students group's `tsm.train`)."""
+    (rounds, students) nests them (e.g. a students group's `tsm.train`). `bf16`: keep bf16 autocast
+    (else a bf16 `train.precision` becomes fp32)."""
     paper_images = bool(sides and (sides[0] or 0) >= 32)  # images written at 32 px or more (paper-scale recipes)
     for key, v in node.items():
         if not isinstance(v, dict):
             continue
         if key == "train":  # paper-scale images: 4 steps at batch 8 (CPU time of the shrunk paper-scale recipes)
             _shrink_train(v, *((8, 4) if paper_images else (64, 8)))
+            if v.get("precision") == "bf16" and not bf16:
+                v["precision"] = "fp32"
         elif key == "pairs":  # paper-scale images: 16 pairs (RK45 on a U-Net costs ~100 evaluations a batch)
             v.update(n_pairs=16 if paper_images else 64, steps=min(v.get("steps", 18), 4))
         elif key == "network":  # a copy: YAML anchors (`network: *net`) share one dict between stages
             node[key] = dict(v)
             _shrink_network(node[key], sides)
         else:
-            _shrink_settings(v, sides)
+            _shrink_settings(v, sides, bf16)
 
 
 # Test-written image datasets (one per test process): CIFAR-10's on-disk format, and an image folder
@@ -165,7 +175,7 @@ def shrink(raw: dict) -> dict:
             students.update(k=2, partition=contiguous(10 if r["data"].get("name") == "cifar10" else len(CLASSES), 2))
         if spec.get("kind") in ("teacher", "distill", "feature_net", "weak_snapshot"):
             spec.setdefault("train", {})  # only training kinds take `train`
-        _shrink_settings(spec, sides)
+        _shrink_settings(spec, sides, bf16=r.get("name") == BF16_KEPT)
         if spec.get("kind") == "evaluate":
             ev = spec.setdefault("evaluate", {})
             ev.update(n_samples=64, seeds=[0], nfe=[1, 2], teacher_nfe=[1, 3], plots=False, inception_fid=False)
@@ -394,6 +404,17 @@ def test_paper_scale_recipe_at_full_size(recipe, tmp_path):
         assert n.get("dropout") == orig.get("dropout")
     # attention at level 1 (16 px at 32 px, 32 px at 64 px): 8 px at the shrunk 16 px, for every paper-scale recipe
     assert all(n.get("attn_resolutions") == [8] for n, o in nets if o.get("attn_resolutions"))
+    # bf16 autocast: kept in BF16_KEPT's DMD2 stage with its GAN head, fp32 in every other shrunk stage
+
+    def precisions(node) -> list:
+        return [w for k, v in node.items() if isinstance(v, dict)
+                for w in ([(v.get("precision"), node)] if k == "train" else precisions(v))]
+    shrunk = precisions(small["stages"])
+    assert paper_scale(ROOT / "params" / f"{BF16_KEPT}.yaml") and (ROOT / "params" / f"{BF16_KEPT}.yaml").is_file()
+    if recipe.stem == BF16_KEPT:
+        assert any(p == "bf16" and (s.get("method") or {}).get("gan") for p, s in shrunk), shrunk
+    else:
+        assert "bf16" not in {p for p, _ in shrunk}
     p = tmp_path / recipe.name
     p.write_text(yaml.safe_dump(with_test_data(small, tmp_path / "data"), sort_keys=False))
     load_recipe(p)
