@@ -164,9 +164,10 @@ class Tracker:
     """The child run of one stage. Methods are no-ops when tracking is disabled."""
 
     def __init__(self, client=None, run_id: str | None = None, parent_id: str | None = None, uri: str | None = None,
-                 upstream: dict[str, str] | None = None):
+                 upstream: dict[str, str] | None = None, experiment_id: str | None = None):
         self.client, self.run_id, self.parent_id, self.uri = client, run_id, parent_id, uri
         self.upstream = upstream or {}  # input stage -> its MLflow run id
+        self.experiment_id = experiment_id
 
     def log_metrics(self, step: int, metrics: dict[str, float]) -> None:
         if self.client:
@@ -181,9 +182,14 @@ class Tracker:
             self.client.log_artifact(self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: dict) -> None:
+        """In requests of up to 100 tags (MLflow's batch limit), not one per tag: one transaction of a
+        SQL store, one call of a tracking server."""
         if self.client:
-            for k, v in tags.items():
-                self.client.set_tag(self.run_id, k, scrub(v))
+            from mlflow.entities import RunTag
+
+            items = [RunTag(k, scrub(v)) for k, v in tags.items()]
+            for i in range(0, len(items), 100):
+                self.client.log_batch(self.run_id, tags=items[i:i + 100])
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -245,7 +251,7 @@ def start_stage_run(recipe, stage: str, params: dict, tags: dict) -> Tracker:
         client.log_batch(rid, params=[Param(k, scrub(v)) for k, v in items[i:i + 100]])
     pre = "fastgen.upstream_run."
     upstream = {k[len(pre):]: str(v) for k, v in tags.items() if k.startswith(pre) and v not in (None, "None")}
-    return Tracker(client, rid, parent, uri, upstream)
+    return Tracker(client, rid, parent, uri, upstream, exp)
 
 
 FAILURE_TAG = "fastgen.failure"  # why a run ended FAILED or KILLED, in one line
@@ -419,7 +425,7 @@ def log_lineage(tr: Tracker, recipe, stage: str, manifest: dict, folder: str | P
         man.write_text(scrub(json.dumps(manifest, indent=2, sort_keys=True)))
         c.log_artifact(tr.run_id, str(man), "fastgen")
         if all((folder / f).exists() for f in MODEL_FILES):
-            exp = c.get_run(tr.run_id).info.experiment_id
+            exp = tr.experiment_id or c.get_run(tr.run_id).info.experiment_id
             lm = c.create_logged_model(exp, name=f"{recipe.name}-{stage}", source_run_id=tr.run_id,
                                        model_type=manifest["kind"],
                                        tags={k: scrub(v) for k, v in {
