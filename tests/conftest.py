@@ -7,6 +7,7 @@ them make the tiny networks' steps 10-100x slower than one thread.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
@@ -43,6 +44,7 @@ pytest_plugins = ["servers"]
 # Units go out in collection order (xdist's reordering by test count is switched off), the longest
 # first (LONG_FIRST, from a measured run): the long ones start early and the many short ones fill the
 # gaps at the end, instead of one process finishing a long unit alone.
+_SHARED_PREFECT = pytest.StashKey[tuple]()
 LONG_FIRST = ("test_deploy.py", "ray", "recipe-digits_msd", "recipe-digits_crosspaper", "test_dvc.py",
               "test_faults.py", "test_dvc_exp.py", "test_s3_storage.py", "recipe-digits_guided", "test_gan.py",
               "recipe-imagenet64_msd", "recipe-toy_dmd", "recipe-digits_bits", "recipe-digits_consistency",
@@ -52,6 +54,27 @@ LONG_FIRST = ("test_deploy.py", "ray", "recipe-digits_msd", "recipe-digits_cross
 def pytest_configure(config):
     if hasattr(config.option, "loadscopereorder"):
         config.option.loadscopereorder = False
+    # pytest-xdist's controller (test processes to come, none of its own tests): one Prefect API for
+    # them all, started now in the background (see `prefect_harness`)
+    if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput") \
+            and not config.option.collectonly:
+        import tempfile
+
+        import servers
+
+        d = Path(tempfile.mkdtemp(prefix="fastgen-prefect-"))
+        proc, api = servers.start_prefect_api(d)
+        config.stash[_SHARED_PREFECT] = (proc, d)
+        os.environ[servers.SHARED_PREFECT_API] = api  # the test processes inherit it
+
+
+def pytest_unconfigure(config):
+    shared = config.stash.get(_SHARED_PREFECT, None)
+    if shared:
+        import servers
+
+        servers.stop(shared[0])
+        shutil.rmtree(shared[1], ignore_errors=True)
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups
@@ -216,15 +239,35 @@ def stage_forkserver(tmp_path_factory):
     proc.wait()
 
 
+@contextlib.contextmanager
+def _shared_prefect_api(api: str):
+    """Prefect's settings pointing at `api`, as Prefect's test harness points them at its own server:
+    in this context and, as the process-global settings, in threads started later (a new thread
+    starts with an empty `contextvars` context, and without an API URL it would start an ephemeral
+    server of its own)."""
+    import prefect.context
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api}), \
+            prefect.context._temporary_global_settings_context(prefect.context.get_settings_context()):
+        yield
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
-    """Prefect's test harness (a throwaway API server and database), once per session."""
+    """A throwaway Prefect API server and database for the session: under pytest-xdist the one the
+    controller started for every test process (tests/servers.py `start_prefect_api`, the way
+    Prefect's test harness starts its server), else Prefect's test harness itself."""
     from prefect.testing.utilities import prefect_test_harness
 
+    import servers
     from prefect import flow
 
+    api = os.environ.get(servers.SHARED_PREFECT_API)
+    if api:
+        servers.wait_prefect_api(api)
     # the API server is a subprocess: generous start-up time on a loaded 2-core machine
-    with prefect_test_harness(server_startup_timeout=180):
+    with _shared_prefect_api(api) if api else prefect_test_harness(server_startup_timeout=180):
         # Prefect's console log handler takes the sys.stderr of the first flow run: run one here, so
         # that it is the session's, not the stream of a test's capfd (closed when that test ends)
         flow(name="warm-up")(lambda: None)()

@@ -80,6 +80,44 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+# pytest-xdist's controller starts one Prefect API for its test processes (tests/conftest.py) and
+# names it to them in this variable: one server's start-up (imports, ~10 s of CPU in database
+# migrations) and idle load (~2 % of a core) instead of one per process
+SHARED_PREFECT_API = "FASTGEN_TEST_PREFECT_API"
+
+
+def start_prefect_api(d: Path) -> tuple[subprocess.Popen, str]:
+    """A Prefect API server as Prefect's test harness starts one (uvicorn on the server app in
+    ephemeral mode: no UI, the background services an ephemeral server runs), on 127.0.0.1 with its
+    SQLite database and log in `d`; returns (process, API url). Not waited for: see `wait_prefect_api`."""
+    import prefect
+
+    port = free_port()
+    env = {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1",
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_HOME": str(d / ".prefect"),
+           "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{d / 'prefect.db'}"}
+    env.pop("PREFECT_API_URL", None)
+    proc = start([sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                  "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+                  "--log-level", "error", "--lifespan", "on"], d / "prefect-api.log", env)
+    return proc, f"http://127.0.0.1:{port}/api"
+
+
+def wait_prefect_api(api: str, timeout: float = 180) -> None:
+    """Poll the shared Prefect API (started by another process) until it answers."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.3)
+    raise RuntimeError(f"the shared Prefect API {api} not up after {timeout:.0f}s (its log: prefect-api.log in "
+                       f"the fastgen-prefect-* folder of the temporary directory)")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """moto_server on 127.0.0.1, bucket `fastgen-test`, AWS variables set for the session."""
