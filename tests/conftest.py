@@ -65,7 +65,8 @@ def pytest_configure(config):
         d = Path(tempfile.mkdtemp(prefix="fastgen-prefect-"))
         proc, api = servers.start_prefect_api(d)
         config.stash[_SHARED_PREFECT] = (proc, d)
-        os.environ[servers.SHARED_PREFECT_API] = api  # the test processes inherit it
+        os.environ[servers.SHARED_PREFECT_API] = api  # the test processes inherit these
+        os.environ[servers.SHARED_PREFECT_LOG] = str(d / "prefect-api.log")
 
 
 def pytest_unconfigure(config):
@@ -265,7 +266,7 @@ def prefect_harness():
 
     api = os.environ.get(servers.SHARED_PREFECT_API)
     if api:
-        servers.wait_prefect_api(api)
+        servers.wait_http(f"{api}/health", None, Path(os.environ[servers.SHARED_PREFECT_LOG]), timeout=180)
     # the API server is a subprocess: generous start-up time on a loaded 2-core machine
     with _shared_prefect_api(api) if api else prefect_test_harness(server_startup_timeout=180):
         # Prefect's console log handler takes the sys.stderr of the first flow run: run one here, so

@@ -33,11 +33,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
-    """Poll `url` until it answers 200; fail with the server's log if it dies or never does."""
+def wait_http(url: str, proc: subprocess.Popen | None, log: Path, timeout: float) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it dies (`proc`: the server's
+    process, None when another process started it) or never does."""
     t0 = time.time()
     while time.time() - t0 < timeout:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
@@ -46,7 +47,8 @@ def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> No
         except OSError:
             pass
         time.sleep(0.3)
-    raise RuntimeError(f"{url} not up after {timeout:.0f}s:\n{log.read_text()[-3000:]}")
+    said = log.read_text()[-3000:] if log.exists() else f"(no {log})"
+    raise RuntimeError(f"{url} not up after {timeout:.0f}s:\n{said}")
 
 
 def prefect_env(project: Path, api: str) -> dict:
@@ -81,15 +83,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 # pytest-xdist's controller starts one Prefect API for its test processes (tests/conftest.py) and
-# names it to them in this variable: one server's start-up (imports, ~10 s of CPU in database
-# migrations) and idle load (~2 % of a core) instead of one per process
-SHARED_PREFECT_API = "FASTGEN_TEST_PREFECT_API"
+# names it and its log to them in these variables: one server's start-up (imports, ~10 s of CPU in
+# database migrations) and idle load (~2 % of a core) instead of one per process
+SHARED_PREFECT_API, SHARED_PREFECT_LOG = "FASTGEN_TEST_PREFECT_API", "FASTGEN_TEST_PREFECT_LOG"
 
 
 def start_prefect_api(d: Path) -> tuple[subprocess.Popen, str]:
     """A Prefect API server as Prefect's test harness starts one (uvicorn on the server app in
     ephemeral mode: no UI, the background services an ephemeral server runs), on 127.0.0.1 with its
-    SQLite database and log in `d`; returns (process, API url). Not waited for: see `wait_prefect_api`."""
+    SQLite database and log (`prefect-api.log`) in `d`; returns (process, API url), not waiting for it."""
     import prefect
 
     port = free_port()
@@ -101,21 +103,6 @@ def start_prefect_api(d: Path) -> tuple[subprocess.Popen, str]:
                   "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
                   "--log-level", "error", "--lifespan", "on"], d / "prefect-api.log", env)
     return proc, f"http://127.0.0.1:{port}/api"
-
-
-def wait_prefect_api(api: str, timeout: float = 180) -> None:
-    """Poll the shared Prefect API (started by another process) until it answers."""
-    t0 = time.time()
-    while time.time() - t0 < timeout:
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"the shared Prefect API {api} not up after {timeout:.0f}s (its log: prefect-api.log in "
-                       f"the fastgen-prefect-* folder of the temporary directory)")
 
 
 @pytest.fixture(scope="session")
