@@ -187,9 +187,15 @@ class Tracker:
         if self.client:
             from mlflow.entities import RunTag
 
-            items = [RunTag(k, scrub(v)) for k, v in tags.items()]
-            for i in range(0, len(items), 100):
-                self.client.log_batch(self.run_id, tags=items[i:i + 100])
+            log_batches(self.client, self.run_id, tags=[RunTag(k, scrub(v)) for k, v in tags.items()])
+
+
+def log_batches(client, run_id: str, *, params: list = (), tags: list = ()) -> None:
+    """`client.log_batch` in requests of at most 100 params or tags (MLflow's limit per request)."""
+    for i in range(0, len(params), 100):
+        client.log_batch(run_id, params=params[i:i + 100])
+    for i in range(0, len(tags), 100):
+        client.log_batch(run_id, tags=tags[i:i + 100])
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
@@ -243,12 +249,9 @@ def start_stage_run(recipe, stage: str, params: dict, tags: dict) -> Tracker:
         "fastgen.recipe": recipe.name, "fastgen.stage": stage, "fastgen.recipe_digest": recipe.digest(),
         "fastgen.process": process_id(), **{k: scrub(v) for k, v in tags.items()}})
     rid = run.info.run_id
-    flat = flatten(params)
-    items = list(flat.items())
     from mlflow.entities import Param
 
-    for i in range(0, len(items), 100):
-        client.log_batch(rid, params=[Param(k, scrub(v)) for k, v in items[i:i + 100]])
+    log_batches(client, rid, params=[Param(k, scrub(v)) for k, v in flatten(params).items()])
     pre = "fastgen.upstream_run."
     upstream = {k[len(pre):]: str(v) for k, v in tags.items() if k.startswith(pre) and v not in (None, "None")}
     return Tracker(client, rid, parent, uri, upstream, exp)
@@ -425,8 +428,7 @@ def log_lineage(tr: Tracker, recipe, stage: str, manifest: dict, folder: str | P
         man.write_text(scrub(json.dumps(manifest, indent=2, sort_keys=True)))
         c.log_artifact(tr.run_id, str(man), "fastgen")
         if all((folder / f).exists() for f in MODEL_FILES):
-            exp = tr.experiment_id or c.get_run(tr.run_id).info.experiment_id
-            lm = c.create_logged_model(exp, name=f"{recipe.name}-{stage}", source_run_id=tr.run_id,
+            lm = c.create_logged_model(tr.experiment_id, name=f"{recipe.name}-{stage}", source_run_id=tr.run_id,
                                        model_type=manifest["kind"],
                                        tags={k: scrub(v) for k, v in {
                                            "fastgen.recipe": recipe.name, "fastgen.stage": stage,

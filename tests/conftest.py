@@ -11,6 +11,7 @@ import contextlib
 import copy
 import os
 import shutil
+import tempfile
 import uuid
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ import yaml  # noqa: E402
 # Prefect sets up its console log handler on import, bound to the sys.stderr of that moment: import
 # it here, under the session's capture, not inside a test whose capsys/capfd stream closes after it
 import prefect.main  # noqa: E402,F401
+import servers  # noqa: E402
 
 PROJECT = Path(__file__).resolve().parent.parent
 
@@ -58,10 +60,6 @@ def pytest_configure(config):
     # them all, started now in the background (see `prefect_harness`)
     if getattr(config.option, "numprocesses", None) and not hasattr(config, "workerinput") \
             and not config.option.collectonly:
-        import tempfile
-
-        import servers
-
         d = Path(tempfile.mkdtemp(prefix="fastgen-prefect-"))
         proc, api = servers.start_prefect_api(d)
         config.stash[_SHARED_PREFECT] = (proc, d)
@@ -72,8 +70,6 @@ def pytest_configure(config):
 def pytest_unconfigure(config):
     shared = config.stash.get(_SHARED_PREFECT, None)
     if shared:
-        import servers
-
         servers.stop(shared[0])
         shutil.rmtree(shared[1], ignore_errors=True)
 
@@ -261,7 +257,6 @@ def prefect_harness():
     Prefect's test harness starts its server), else Prefect's test harness itself."""
     from prefect.testing.utilities import prefect_test_harness
 
-    import servers
     from prefect import flow
 
     api = os.environ.get(servers.SHARED_PREFECT_API)
