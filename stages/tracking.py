@@ -191,11 +191,9 @@ class Tracker:
 
 
 def log_batches(client, run_id: str, *, params: list = (), tags: list = ()) -> None:
-    """`client.log_batch` in requests of at most 100 params or tags (MLflow's limit per request)."""
-    for i in range(0, len(params), 100):
-        client.log_batch(run_id, params=params[i:i + 100])
-    for i in range(0, len(tags), 100):
-        client.log_batch(run_id, tags=tags[i:i + 100])
+    """`client.log_batch` in requests of at most 100 params and 100 tags (MLflow's limits per request)."""
+    for i in range(0, max(len(params), len(tags)), 100):
+        client.log_batch(run_id, params=params[i:i + 100], tags=tags[i:i + 100])
 
 
 def artifact_location(uri: str, experiment: str) -> str | None:
