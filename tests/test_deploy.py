@@ -124,8 +124,9 @@ def cluster(tmp_path_factory, mlflow_template):
         yield SimpleNamespace(root=d, base=base, env=env, sh=sh, deployed=deployed.stdout + deployed.stderr,
                               worker_log=d / "worker.log", workers=workers, start_worker=start_worker)
     finally:
-        for w in workers:
-            stop(w)
+        for w in workers:  # every flow run has ended; a worker given SIGTERM took the whole 15 s grace
+            if w.poll() is None:
+                kill_tree(w)
         stop(server)
 
 
