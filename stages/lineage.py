@@ -56,7 +56,9 @@ def _node(m: dict, path: str, source: str) -> dict:
     """One artifact of the tree, from its manifest."""
     st = m["params"]["stage"]
     guide = st.get("guide") if m["kind"] == "weak_snapshot" else None
-    trained = m["kind"] in ("teacher", "distill", "feature_net") or (guide or {}).get("mode") == "smaller"
+    # a router (MSD, docs/methods.md §8) is a `distill` stage that trains nothing: no train line
+    router = (st.get("method") or {}).get("name") == "router"
+    trained = (m["kind"] in ("teacher", "distill", "feature_net") and not router) or (guide or {}).get("mode") == "smaller"
     return {
         "stage": m["stage"], "kind": m["kind"], "recipe": m["recipe"], "path": path, "source": source,
         "digest": m["digest"], "params_digest": m["params_digest"],

@@ -104,6 +104,9 @@ def test_crosspaper_lineage_shows_guide_teacher_dmd2_and_every_msd_student(prefe
         m = by_stage[s][0]["method"]
         assert (m["name"], m["guidance"], m["real_guidance"]) == ("dmd2", "auto", 2.0), s
     assert by_stage["msd"][0]["method"]["classes"] == [[0, 1], [2, 3, 4], [5, 6, 7], [8, 9]]
+    # the router trains nothing, so its node has no train settings; its students and the teacher do
+    assert by_stage["msd"][0]["train"] is None and by_stage["msds"][0]["train"] is None
+    assert all(by_stage[s][0]["train"]["steps"] > 0 for s in (*students, "teacher", "msds_tsm_0"))
     # the same tree of the router from MLflow alone (tags and logged manifests; no files read)
     ml = lineage.MlflowLineage(f"sqlite:///{root / 'mlflow.db'}")
     router = next(n for n in nodes if n["stage"] == "msd")
