@@ -56,9 +56,9 @@ def _node(m: dict, path: str, source: str) -> dict:
     """One artifact of the tree, from its manifest."""
     st = m["params"]["stage"]
     guide = st.get("guide") if m["kind"] == "weak_snapshot" else None
-    # a router (MSD, docs/methods.md §8) is a `distill` stage that trains nothing: no train line
-    router = (st.get("method") or {}).get("name") == "router"
-    trained = (m["kind"] in ("teacher", "distill", "feature_net") and not router) or (guide or {}).get("mode") == "smaller"
+    # a stage of zero steps (an MSD router, stages/students.py) trains nothing: no train line
+    trained = ((m["kind"] in ("teacher", "distill", "feature_net") or (guide or {}).get("mode") == "smaller")
+               and (st.get("train") or {}).get("steps") != 0)
     return {
         "stage": m["stage"], "kind": m["kind"], "recipe": m["recipe"], "path": path, "source": source,
         "digest": m["digest"], "params_digest": m["params_digest"],
