@@ -65,8 +65,7 @@ def _node(m: dict, path: str, source: str) -> dict:
         "code": m.get("code"), "data_digest": (m.get("data") or {}).get("digest"),
         "method": (st.get("method") or guide or None),
         "train": st.get("train") if trained else None,
-        "settings": {k: m["params"]["stage"][k] for k in SETTINGS.get(m["kind"], ())
-                     if m["params"]["stage"].get(k) is not None},
+        "settings": {k: st[k] for k in SETTINGS.get(m["kind"], ()) if st.get(k) is not None},
         "seed": m["params"].get("seed"),
         "mlflow_run_id": (m.get("mlflow") or {}).get("run_id"), "inputs": [],
     }
